@@ -1,0 +1,24 @@
+//! Wire types and pure state machines of Loom.
+//!
+//! Nothing in this crate does I/O, reads a clock or draws randomness: time (`now_ms`), random
+//! values and input come in as arguments and actions come out, so every machine here can be driven
+//! by a real node, by an in-process simulation or by a test on virtual time.
+
+pub mod backoff;
+pub mod connection;
+pub mod membership;
+pub mod probe;
+pub mod wire;
+
+pub use backoff::Backoff;
+pub use connection::{ConnectionKind, NatStatus, NatTracker, RelayPlanner};
+pub use membership::{
+    Heartbeat, HeartbeatRejected, MemberState, MembershipConfig, MembershipEvent, MembershipView,
+    SignedHeartbeat,
+};
+pub use probe::{Probe, ProbeLog};
+pub use wire::{WireError, decode_bounded, encode};
+
+/// An ed25519 public key: the identity of a peer inside the protocols (the network layer maps it
+/// to and from a libp2p `PeerId`).
+pub type PeerKey = [u8; 32];
