@@ -1,1 +1,40 @@
-//! stub
+//! The ractor actors of one Loom peer.
+//!
+//! Each actor is a thin shell around a state machine from `loom-protocols`: it owns the state,
+//! feeds it time and input, and carries out the actions it returns. Actors never touch the libp2p
+//! swarm directly: they talk to the network through the [`NetworkPort`] the node hands them, which
+//! is a bounded queue in front of the swarm task.
+
+pub mod membership;
+pub mod ports;
+pub mod supervisor;
+
+pub use membership::{MemberSummary, MembershipActor, MembershipArgs, MembershipMsg};
+pub use ports::{HeartbeatSigner, NetworkPort, PortError, Topic};
+pub use supervisor::{ChildSpec, ChildStatus, PeerSupervisor, SupervisorMsg, SupervisorPolicy};
+
+/// Registry names of the actors of one peer.
+pub mod names {
+    /// The root supervisor.
+    pub const SUPERVISOR: &str = "loom.supervisor";
+    /// The network actor (owns the swarm task).
+    pub const NETWORK: &str = "loom.network";
+    /// The membership actor (live view).
+    pub const MEMBERSHIP: &str = "loom.membership";
+}
+
+/// Milliseconds since the unix epoch from the system clock.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Microseconds since the unix epoch from the system clock.
+pub fn unix_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}

@@ -292,7 +292,10 @@ mod tests {
         let mut p = RelayPlanner::new(2, 1_000, 5);
         p.on_relay_usable("r1", 0);
         assert!(p.poll(NatStatus::Unknown, 999).is_empty());
-        assert_eq!(p.poll(NatStatus::Unknown, 1_000), vec![RelayAction::Reserve("r1")]);
+        assert_eq!(
+            p.poll(NatStatus::Unknown, 1_000),
+            vec![RelayAction::Reserve("r1")]
+        );
         // Pending: not requested twice.
         assert!(p.poll(NatStatus::Unknown, 2_000).is_empty());
     }
@@ -318,7 +321,10 @@ mod tests {
         assert_eq!(p.poll(NatStatus::Private, 0).len(), 1);
         p.on_reservation_failed(&"a", 0, 0.0);
         assert!(p.poll(NatStatus::Private, 999).is_empty());
-        assert_eq!(p.poll(NatStatus::Private, 1_000), vec![RelayAction::Reserve("a")]);
+        assert_eq!(
+            p.poll(NatStatus::Private, 1_000),
+            vec![RelayAction::Reserve("a")]
+        );
         p.on_reservation_failed(&"a", 1_000, 0.0);
         // Second failure reaches max_attempts: never again.
         assert!(p.poll(NatStatus::Private, 100_000).is_empty());
@@ -329,8 +335,14 @@ mod tests {
         let mut p = RelayPlanner::new(1, 0, 3);
         p.on_relay_usable("a", 0);
         p.on_relay_usable("b", 0);
-        assert_eq!(p.poll(NatStatus::Private, 0), vec![RelayAction::Reserve("a")]);
+        assert_eq!(
+            p.poll(NatStatus::Private, 0),
+            vec![RelayAction::Reserve("a")]
+        );
         p.on_relay_gone(&"a");
-        assert_eq!(p.poll(NatStatus::Private, 1), vec![RelayAction::Reserve("b")]);
+        assert_eq!(
+            p.poll(NatStatus::Private, 1),
+            vec![RelayAction::Reserve("b")]
+        );
     }
 }

@@ -16,7 +16,7 @@ pub use membership::{
     Heartbeat, HeartbeatRejected, MemberState, MembershipConfig, MembershipEvent, MembershipView,
     SignedHeartbeat,
 };
-pub use probe::{Probe, ProbeLog};
+pub use probe::{Probe, ProbeLog, ProbeSample, quantile};
 pub use wire::{WireError, decode_bounded, encode};
 
 /// An ed25519 public key: the identity of a peer inside the protocols (the network layer maps it

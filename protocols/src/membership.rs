@@ -63,7 +63,11 @@ impl Heartbeat {
         if self.addrs.len() > MAX_ADVERTISED_ADDRS {
             return Err(HeartbeatRejected::TooManyAddrs(self.addrs.len()));
         }
-        if self.addrs.iter().any(|a| a.len() > MAX_ADDR_BYTES || a.is_empty()) {
+        if self
+            .addrs
+            .iter()
+            .any(|a| a.len() > MAX_ADDR_BYTES || a.is_empty())
+        {
             return Err(HeartbeatRejected::BadAddr);
         }
         if self.agent.len() > MAX_AGENT_BYTES {
@@ -93,8 +97,8 @@ impl SignedHeartbeat {
         let signed: SignedHeartbeat = decode_bounded(bytes, MAX_HEARTBEAT_BYTES)?;
         let heartbeat: Heartbeat = decode_bounded(&signed.body, MAX_HEARTBEAT_BYTES)?;
         heartbeat.validate_fields()?;
-        let key = VerifyingKey::from_bytes(&heartbeat.peer_key)
-            .map_err(|_| HeartbeatRejected::BadKey)?;
+        let key =
+            VerifyingKey::from_bytes(&heartbeat.peer_key).map_err(|_| HeartbeatRejected::BadKey)?;
         let signature = Signature::from_slice(&signed.signature)
             .map_err(|_| HeartbeatRejected::BadSignature)?;
         key.verify_strict(&Heartbeat::signing_bytes(&signed.body), &signature)

@@ -36,18 +36,19 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 /// Decodes a `T` from `bytes`, refusing inputs over `limit_bytes` and inputs with trailing bytes.
-pub fn decode_bounded<T: DeserializeOwned>(bytes: &[u8], limit_bytes: usize) -> Result<T, WireError> {
+pub fn decode_bounded<T: DeserializeOwned>(
+    bytes: &[u8],
+    limit_bytes: usize,
+) -> Result<T, WireError> {
     if bytes.len() > limit_bytes {
         return Err(WireError::TooLarge {
             size_bytes: bytes.len(),
             limit_bytes,
         });
     }
-    let (value, read) = bincode::serde::decode_from_slice::<T, _>(
-        bytes,
-        config().with_limit::<{ 1 << 20 }>(),
-    )
-    .map_err(|e| WireError::Malformed(e.to_string()))?;
+    let (value, read) =
+        bincode::serde::decode_from_slice::<T, _>(bytes, config().with_limit::<{ 1 << 20 }>())
+            .map_err(|e| WireError::Malformed(e.to_string()))?;
     if read != bytes.len() {
         return Err(WireError::Trailing(bytes.len() - read));
     }
@@ -74,7 +75,10 @@ mod tests {
     fn trailing_bytes_are_an_error() {
         let mut bytes = encode(&7u32);
         bytes.push(1);
-        assert_eq!(decode_bounded::<u32>(&bytes, 64), Err(WireError::Trailing(1)));
+        assert_eq!(
+            decode_bounded::<u32>(&bytes, 64),
+            Err(WireError::Trailing(1))
+        );
     }
 
     #[test]

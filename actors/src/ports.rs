@@ -1,0 +1,56 @@
+//! The interfaces through which actors reach the outside world.
+//!
+//! The node implements [`NetworkPort`] with a bounded channel into the swarm task and
+//! [`HeartbeatSigner`] with the peer's libp2p identity; tests and the in-process simulation
+//! implement them with in-memory buses.
+
+use loom_protocols::PeerKey;
+
+/// Gossip topics of the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// Signed membership heartbeats.
+    Membership,
+    /// Latency probes.
+    Probe,
+}
+
+impl Topic {
+    /// The gossipsub topic string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Topic::Membership => "loom/membership/1",
+            Topic::Probe => "loom/probe/1",
+        }
+    }
+
+    /// Every topic a peer subscribes to.
+    pub const ALL: [Topic; 2] = [Topic::Membership, Topic::Probe];
+}
+
+/// Why a request to the network was not accepted.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PortError {
+    /// The network's command queue is full; the request was dropped.
+    #[error("network command queue is full")]
+    Full,
+    /// The network task is gone (restarting or shut down).
+    #[error("network task is not running")]
+    Closed,
+}
+
+/// Requests an actor can make of the network. Implementations never block.
+pub trait NetworkPort: Send + Sync + 'static {
+    /// Publishes `data` on `topic`.
+    fn publish(&self, topic: Topic, data: Vec<u8>) -> Result<(), PortError>;
+    /// Suggests connecting to `peer` on `addrs` (learned from its heartbeat).
+    fn connect_hint(&self, peer: PeerKey, addrs: Vec<String>) -> Result<(), PortError>;
+}
+
+/// Signs with this peer's identity key.
+pub trait HeartbeatSigner: Send + Sync + 'static {
+    /// This peer's ed25519 public key.
+    fn public_key(&self) -> PeerKey;
+    /// An ed25519 signature over `message`.
+    fn sign(&self, message: &[u8]) -> Vec<u8>;
+}

@@ -1,0 +1,151 @@
+//! Command-line interface of `loom-peer`.
+//!
+//! Every option of `run` can also come from the environment (`LOOM_*`) or from the TOML file given
+//! with `--config`; flags win over the environment, which wins over the file (see `config.rs`).
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// loom-peer: join a peer-to-peer training mesh.
+#[derive(Debug, Parser)]
+#[command(name = "loom-peer", version, about, long_about = None)]
+pub struct Cli {
+    /// Directory for the identity key, control token and state
+    /// [default: the user's data directory, e.g. ~/.local/share/loom]
+    #[arg(long, env = "LOOM_DATA_DIR", global = true, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the peer: join the mesh and serve the local control API.
+    Run(Box<RunArgs>),
+    /// Print this peer's PeerId (creating the identity if there is none).
+    Id,
+    /// Show the running peer's connections, NAT status, addresses and relay reservations.
+    Status(StatusArgs),
+    /// Start a local mesh of peers on loopback and show them finding each other.
+    Demo(DemoArgs),
+}
+
+/// Options of `loom-peer status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `loom-peer demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of local peers.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(2..=64))]
+    pub peers: u16,
+    /// Seconds to keep the mesh running after it formed.
+    #[arg(long, default_value_t = 5)]
+    pub linger_secs: u64,
+}
+
+/// Options of `loom-peer run`. All are optional here: defaults live in `config.rs`.
+#[derive(Debug, Args, Default)]
+pub struct RunArgs {
+    /// TOML configuration file (flags and LOOM_* variables override it).
+    #[arg(long, env = "LOOM_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Listen address, repeatable [default: /ip4/0.0.0.0/tcp/4001 and /ip4/0.0.0.0/udp/4001/quic-v1].
+    #[arg(
+        long,
+        env = "LOOM_LISTEN",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
+    pub listen: Vec<String>,
+
+    /// Bootstrap peer to join through, repeatable (e.g. /ip4/1.2.3.4/tcp/4001/p2p/12D3Koo...).
+    #[arg(
+        long,
+        env = "LOOM_BOOTSTRAP",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
+    pub bootstrap: Vec<String>,
+
+    /// An address this peer is known to be reachable on (public IP, port forward), repeatable.
+    #[arg(
+        long,
+        env = "LOOM_EXTERNAL_ADDRESS",
+        value_delimiter = ',',
+        value_name = "MULTIADDR"
+    )]
+    pub external_address: Vec<String>,
+
+    /// Disable mDNS discovery on the local network.
+    #[arg(long, env = "LOOM_NO_MDNS")]
+    pub no_mdns: bool,
+
+    /// Serve as a relay for peers behind NATs (needs --external-address).
+    #[arg(long, env = "LOOM_RELAY_SERVER")]
+    pub relay_server: bool,
+
+    /// Prometheus metrics endpoint, or "off" [default: 127.0.0.1:9464].
+    #[arg(long, env = "LOOM_METRICS_ADDR", value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
+
+    /// Local control API address; port 0 picks a free port, written to <data-dir>/api.addr
+    /// [default: 127.0.0.1:0].
+    #[arg(long, env = "LOOM_API_ADDR", value_name = "ADDR")]
+    pub api_addr: Option<String>,
+
+    /// Most established connections in total [default: 256].
+    #[arg(long, env = "LOOM_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<u32>,
+
+    /// Most established connections per peer [default: 4].
+    #[arg(long, env = "LOOM_MAX_CONNECTIONS_PER_PEER", value_name = "N")]
+    pub max_connections_per_peer: Option<u32>,
+
+    /// Peer refused at connection time, repeatable.
+    #[arg(
+        long,
+        env = "LOOM_BLOCK",
+        value_delimiter = ',',
+        value_name = "PEER_ID"
+    )]
+    pub block: Vec<String>,
+
+    /// Interval between membership heartbeats, e.g. 1s or 500ms [default: 1s].
+    #[arg(long, env = "LOOM_HEARTBEAT_INTERVAL", value_name = "DURATION")]
+    pub heartbeat_interval: Option<String>,
+
+    /// Relays to hold a reservation on when not publicly reachable [default: 2].
+    #[arg(long, env = "LOOM_MAX_RELAY_RESERVATIONS", value_name = "N")]
+    pub max_relay_reservations: Option<u32>,
+
+    /// How long to wait for AutoNAT to confirm a public address before reserving relay slots
+    /// [default: 3s].
+    #[arg(long, env = "LOOM_RELAY_GRACE", value_name = "DURATION")]
+    pub relay_grace: Option<String>,
+
+    /// Relay server: longest circuit, e.g. 1h [default: 1h].
+    #[arg(long, env = "LOOM_RELAY_MAX_CIRCUIT_DURATION", value_name = "DURATION")]
+    pub relay_max_circuit_duration: Option<String>,
+
+    /// Relay server: most bytes per circuit [default: 1073741824].
+    #[arg(long, env = "LOOM_RELAY_MAX_CIRCUIT_BYTES", value_name = "BYTES")]
+    pub relay_max_circuit_bytes: Option<u64>,
+
+    /// Relay server: most reservations held [default: 512].
+    #[arg(long, env = "LOOM_RELAY_MAX_RESERVATIONS", value_name = "N")]
+    pub relay_max_reservations: Option<u32>,
+
+    /// Relay server: most circuits at once [default: 256].
+    #[arg(long, env = "LOOM_RELAY_MAX_CIRCUITS", value_name = "N")]
+    pub relay_max_circuits: Option<u32>,
+}

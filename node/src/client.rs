@@ -1,0 +1,155 @@
+//! A client of the local control API, used by `loom-peer status`, the demo and the harnesses.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use serde::de::DeserializeOwned;
+
+use crate::{
+    control::{ADDR_FILE, DialRequest, ProbeRecord, ProbeSent, TOKEN_FILE},
+    status::StatusReport,
+};
+
+/// Why the control API could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The node's address or token file is missing: it is not running on this data dir.
+    #[error("no running loom-peer found in {dir} ({file} missing); start one with `loom-peer run`")]
+    NotRunning {
+        /// The data directory.
+        dir: PathBuf,
+        /// The missing file.
+        file: &'static str,
+    },
+    /// The request failed.
+    #[error("control API at {addr}: {message}")]
+    Request {
+        /// API address.
+        addr: String,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+/// A connection to one node's control API.
+#[derive(Debug, Clone)]
+pub struct ControlClient {
+    addr: String,
+    token: String,
+    agent: ureq::Agent,
+}
+
+impl ControlClient {
+    /// Finds the running node of `data_dir`.
+    pub fn from_data_dir(data_dir: &Path) -> Result<Self, ClientError> {
+        let read = |file: &'static str| {
+            std::fs::read_to_string(data_dir.join(file))
+                .map(|s| s.trim().to_owned())
+                .map_err(|_| ClientError::NotRunning {
+                    dir: data_dir.to_owned(),
+                    file,
+                })
+        };
+        let addr = read(ADDR_FILE)?;
+        let token = read(TOKEN_FILE)?;
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(5)))
+            .http_status_as_error(false)
+            .build()
+            .into();
+        Ok(Self { addr, token, agent })
+    }
+
+    /// Waits up to `timeout` for the node of `data_dir` to publish its API address.
+    pub fn wait_for(data_dir: &Path, timeout: Duration) -> Result<Self, ClientError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match Self::from_data_dir(data_dir) {
+                Ok(c) => return Ok(c),
+                Err(e) if Instant::now() >= deadline => return Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    }
+
+    fn error(&self, message: impl ToString) -> ClientError {
+        ClientError::Request {
+            addr: self.addr.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    fn decode<T: DeserializeOwned>(
+        &self,
+        response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+    ) -> Result<T, ClientError> {
+        let mut response = response.map_err(|e| self.error(e))?;
+        if !response.status().is_success() {
+            let status = response.status();
+            let body = response.body_mut().read_to_string().unwrap_or_default();
+            return Err(self.error(format!("{status}: {}", body.trim())));
+        }
+        response
+            .body_mut()
+            .read_json::<T>()
+            .map_err(|e| self.error(e))
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn bearer(&self) -> String {
+        format!("Bearer {}", self.token)
+    }
+
+    /// The node's status report.
+    pub fn status(&self) -> Result<StatusReport, ClientError> {
+        let r = self
+            .agent
+            .get(&self.url("/v1/status"))
+            .header("Authorization", &self.bearer())
+            .call();
+        self.decode(r)
+    }
+
+    /// Publishes a latency probe.
+    pub fn send_probe(&self) -> Result<u64, ClientError> {
+        let r = self
+            .agent
+            .post(&self.url("/v1/probe"))
+            .header("Authorization", &self.bearer())
+            .send_empty();
+        self.decode::<ProbeSent>(r).map(|p| p.seq)
+    }
+
+    /// Probes received by the node.
+    pub fn probes(&self) -> Result<Vec<ProbeRecord>, ClientError> {
+        let r = self
+            .agent
+            .get(&self.url("/v1/probes"))
+            .header("Authorization", &self.bearer())
+            .call();
+        self.decode(r)
+    }
+
+    /// Asks the node to dial `addr`.
+    pub fn dial(&self, addr: &str) -> Result<(), ClientError> {
+        let mut r = self
+            .agent
+            .post(&self.url("/v1/dial"))
+            .header("Authorization", &self.bearer())
+            .send_json(DialRequest {
+                addr: addr.to_owned(),
+            })
+            .map_err(|e| self.error(e))?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            let body = r.body_mut().read_to_string().unwrap_or_default();
+            Err(self.error(body.trim()))
+        }
+    }
+}

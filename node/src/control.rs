@@ -1,0 +1,271 @@
+//! The local control API: a small HTTP server on loopback, protected by a bearer token.
+//!
+//! The token is kept in `<data-dir>/control.token` (mode 0600) and the bound address in
+//! `<data-dir>/api.addr`, so `loom-peer status` and scripts on the same machine find the running
+//! node. Request bodies are capped; every call into an actor has a timeout.
+
+use std::{net::SocketAddr, path::Path, sync::Arc, time::Instant};
+
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, State},
+    http::{HeaderMap, StatusCode},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use loom_actors::{MembershipMsg, SupervisorMsg, names};
+use ractor::ActorRef;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    identity::write_atomic,
+    network::{NetCommand, NetworkHandle, NetworkMsg, peer_id_of},
+    status::{ActorStatus, MemberStatus, StatusReport},
+};
+
+/// File holding the bearer token.
+pub const TOKEN_FILE: &str = "control.token";
+/// File holding the bound address of the API.
+pub const ADDR_FILE: &str = "api.addr";
+/// Timeout of one call into an actor, in milliseconds.
+const ACTOR_CALL_MS: u64 = 2_000;
+
+/// Why the control API could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The token or address file could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The address could not be bound.
+    #[error("cannot listen on control API address {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone)]
+struct ApiState {
+    token: Arc<String>,
+    started: Instant,
+    network: NetworkHandle,
+}
+
+/// A probe publication result.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProbeSent {
+    /// Sequence number of the probe.
+    pub seq: u64,
+}
+
+/// One received probe, for the harness.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeRecord {
+    /// Origin PeerId.
+    pub origin: String,
+    /// Sequence number at the origin.
+    pub seq: u64,
+    /// One-way latency in µs (same-machine clocks).
+    pub latency_us: u64,
+}
+
+/// Body of `POST /v1/dial`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DialRequest {
+    /// Multiaddr to dial.
+    pub addr: String,
+}
+
+/// Binds the API, writes the token and address files, and serves until the process ends.
+pub async fn serve(
+    data_dir: &Path,
+    addr: SocketAddr,
+    network: NetworkHandle,
+) -> Result<SocketAddr, ControlError> {
+    let token = load_or_create_token(data_dir)?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ControlError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| ControlError::Bind { addr, source })?;
+    if !bound.ip().is_loopback() {
+        tracing::warn!(%bound, "control API is not on loopback; it is protected only by its token");
+    }
+    let addr_path = data_dir.join(ADDR_FILE);
+    write_atomic(&addr_path, bound.to_string().as_bytes(), 0o600).map_err(|source| {
+        ControlError::Write {
+            path: addr_path.display().to_string(),
+            source,
+        }
+    })?;
+    let state = ApiState {
+        token: Arc::new(token),
+        started: Instant::now(),
+        network,
+    };
+    let app = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/probe", post(send_probe))
+        .route("/v1/probes", get(probes))
+        .route("/v1/dial", post(dial))
+        .layer(DefaultBodyLimit::max(16 * 1024))
+        .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
+        .with_state(state);
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "control API stopped");
+        }
+    });
+    tracing::info!(%bound, "control API listening");
+    Ok(bound)
+}
+
+fn load_or_create_token(data_dir: &Path) -> Result<String, ControlError> {
+    let path = data_dir.join(TOKEN_FILE);
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let token = text.trim().to_owned();
+        if token.len() >= 32 {
+            return Ok(token);
+        }
+    }
+    let bytes: [u8; 32] = rand::random();
+    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    write_atomic(&path, token.as_bytes(), 0o600).map_err(|source| ControlError::Write {
+        path: path.display().to_string(),
+        source,
+    })?;
+    Ok(token)
+}
+
+async fn authorize(
+    State(state): State<ApiState>,
+    headers: HeaderMap,
+    request: axum::extract::Request,
+    next: Next,
+) -> Response {
+    let offered = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    if !constant_time_eq(offered.as_bytes(), state.token.as_bytes()) {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong bearer token\n").into_response();
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Response {
+    (StatusCode::SERVICE_UNAVAILABLE, format!("{what}: {e}\n")).into_response()
+}
+
+fn actor<M: ractor::Message>(name: &str) -> Option<ActorRef<M>> {
+    ractor::registry::where_is(name).map(Into::into)
+}
+
+async fn status(State(state): State<ApiState>) -> Response {
+    let Some(network) = actor::<NetworkMsg>(names::NETWORK) else {
+        return unavailable("network", "restarting");
+    };
+    let network = match ractor::call_t!(network, NetworkMsg::Status, ACTOR_CALL_MS) {
+        Ok(s) => s,
+        Err(e) => return unavailable("network", e),
+    };
+    let members = match actor::<MembershipMsg>(names::MEMBERSHIP) {
+        Some(m) => ractor::call_t!(m, MembershipMsg::LiveView, ACTOR_CALL_MS).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    let actors = match actor::<SupervisorMsg>(names::SUPERVISOR) {
+        Some(s) => ractor::call_t!(s, SupervisorMsg::Children, ACTOR_CALL_MS).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    Json(StatusReport {
+        agent: crate::agent(),
+        uptime_secs: state.started.elapsed().as_secs(),
+        network,
+        members: members
+            .into_iter()
+            .map(|m| MemberStatus {
+                peer_id: peer_id_of(&m.peer_key)
+                    .map(|p| p.to_string())
+                    .unwrap_or_default(),
+                state: m.state,
+                silent_ms: m.silent_ms,
+                nat: m.nat,
+                addrs: m.addrs,
+            })
+            .collect(),
+        actors: actors
+            .into_iter()
+            .map(|c| ActorStatus {
+                name: c.name,
+                running: c.running,
+                restarts: c.restarts,
+            })
+            .collect(),
+    })
+    .into_response()
+}
+
+async fn send_probe() -> Response {
+    let Some(m) = actor::<MembershipMsg>(names::MEMBERSHIP) else {
+        return unavailable("membership", "restarting");
+    };
+    match ractor::call_t!(m, MembershipMsg::SendProbe, ACTOR_CALL_MS) {
+        Ok(Ok(seq)) => Json(ProbeSent { seq }).into_response(),
+        Ok(Err(e)) => unavailable("publish", e),
+        Err(e) => unavailable("membership", e),
+    }
+}
+
+async fn probes() -> Response {
+    let Some(m) = actor::<MembershipMsg>(names::MEMBERSHIP) else {
+        return unavailable("membership", "restarting");
+    };
+    match ractor::call_t!(m, MembershipMsg::ProbeSamples, ACTOR_CALL_MS) {
+        Ok(samples) => Json(
+            samples
+                .into_iter()
+                .map(|s| ProbeRecord {
+                    origin: peer_id_of(&s.origin)
+                        .map(|p| p.to_string())
+                        .unwrap_or_default(),
+                    seq: s.seq,
+                    latency_us: s.latency_us,
+                })
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => unavailable("membership", e),
+    }
+}
+
+async fn dial(State(state): State<ApiState>, Json(request): Json<DialRequest>) -> Response {
+    let addr: libp2p::Multiaddr = match request.addr.parse() {
+        Ok(a) => a,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("bad multiaddr: {e}\n")).into_response();
+        }
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if let Err(e) = state.network.send(NetCommand::Dial(addr, tx)) {
+        return unavailable("network", e);
+    }
+    match tokio::time::timeout(std::time::Duration::from_millis(ACTOR_CALL_MS), rx).await {
+        Ok(Ok(Ok(()))) => StatusCode::ACCEPTED.into_response(),
+        Ok(Ok(Err(e))) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+        _ => unavailable("network", "no answer"),
+    }
+}

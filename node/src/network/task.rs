@@ -1,0 +1,787 @@
+//! The swarm task: drives the libp2p swarm, classifies connections, plans relay reservations,
+//! validates gossip and hands verified messages to the actors.
+//!
+//! It owns every piece of network state (connection table, RTTs, NAT tracker, relay planner,
+//! dial backoff) and is the only code that touches the swarm. Everything it keeps per remote peer
+//! is bounded: by the connection limits, or by explicit caps on the maps below.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use libp2p::{
+    Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, mdns,
+    multiaddr::Protocol,
+    ping, relay,
+    swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts, dial_opts::PeerCondition},
+};
+use loom_actors::{MembershipMsg, Topic, names};
+use loom_protocols::{
+    Backoff, ConnectionKind, NatTracker, Probe, RelayPlanner, SignedHeartbeat,
+    connection::RelayAction,
+};
+use ractor::ActorRef;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Behaviour, NetCommand, PeerBytes, behaviour::BehaviourEvent};
+use crate::{
+    config::NodeConfig,
+    status::{
+        ConnectionStatus, HolePunchStats, NetworkStatus, PeerStatus, RelayServerStatus,
+        ReservationStatus,
+    },
+};
+
+/// Peers we keep dial backoff state for.
+const MAX_DIAL_BACKOFF_ENTRIES: usize = 1024;
+/// Dial attempts per peer before we stop trying (until it is hinted again after a success).
+const MAX_DIAL_ATTEMPTS: u32 = 8;
+/// Recently hole-punched connection ids remembered before their establishment event arrives.
+const MAX_PENDING_PUNCHED: usize = 256;
+/// Agent strings remembered (one per connected peer at most).
+const MAX_AGENTS: usize = 4096;
+
+struct Connection {
+    peer: PeerId,
+    kind: ConnectionKind,
+    remote_addr: Multiaddr,
+    outbound: bool,
+    since: Instant,
+    rtt: Option<Duration>,
+}
+
+struct DialState {
+    backoff: Backoff,
+    next_at: Instant,
+}
+
+/// The swarm task.
+pub struct SwarmTask {
+    swarm: Swarm<Behaviour>,
+    config: NodeConfig,
+    peer_bytes: PeerBytes,
+    started: Instant,
+    connections: HashMap<ConnectionId, Connection>,
+    punched: HashSet<ConnectionId>,
+    nat: NatTracker,
+    planner: RelayPlanner<PeerId>,
+    relay_addrs: HashMap<PeerId, Multiaddr>,
+    circuit_listeners: HashMap<libp2p::core::transport::ListenerId, PeerId>,
+    circuit_addrs: BTreeMap<PeerId, Vec<Multiaddr>>,
+    dial_state: HashMap<PeerId, DialState>,
+    agents: HashMap<PeerId, String>,
+    hole_punch: HolePunchStats,
+    relay_server: Option<RelayServerStatus>,
+    bootstrap_peers: Vec<(PeerId, Multiaddr)>,
+    advertised: Vec<String>,
+    kad_server: bool,
+    loopback_only: bool,
+}
+
+impl SwarmTask {
+    /// A task around an already listening swarm.
+    pub fn new(swarm: Swarm<Behaviour>, config: NodeConfig, peer_bytes: PeerBytes) -> Self {
+        let bootstrap_peers = config
+            .bootstrap
+            .iter()
+            .filter_map(|a| match a.iter().last() {
+                Some(Protocol::P2p(peer)) => Some((peer, a.clone())),
+                _ => None,
+            })
+            .collect();
+        let relay_server = config
+            .relay_server
+            .as_ref()
+            .map(|_| RelayServerStatus::default());
+        let loopback_only = config.listen.iter().all(is_loopback);
+        let mut nat = NatTracker::default();
+        for addr in &config.external_addresses {
+            nat.on_confirmed(&addr.to_string());
+        }
+        Self {
+            planner: RelayPlanner::new(
+                config.max_relay_reservations,
+                config.relay_grace.as_millis() as u64,
+                MAX_DIAL_ATTEMPTS,
+            ),
+            swarm,
+            peer_bytes,
+            started: Instant::now(),
+            connections: HashMap::new(),
+            punched: HashSet::new(),
+            nat,
+            relay_addrs: HashMap::new(),
+            circuit_listeners: HashMap::new(),
+            circuit_addrs: BTreeMap::new(),
+            dial_state: HashMap::new(),
+            agents: HashMap::new(),
+            hole_punch: HolePunchStats::default(),
+            relay_server,
+            bootstrap_peers,
+            advertised: Vec::new(),
+            kad_server: false,
+            loopback_only,
+            config,
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// Runs until `shutdown` fires or the command channel closes.
+    pub async fn run(
+        mut self,
+        mut commands: mpsc::Receiver<NetCommand>,
+        mut shutdown: oneshot::Receiver<()>,
+    ) {
+        if self.relay_server.is_some() && self.config.external_addresses.is_empty() {
+            tracing::warn!(
+                "--relay-server without --external-address: the relay cannot advertise itself and reservations will fail"
+            );
+        }
+        for addr in self.config.bootstrap.clone() {
+            if let Some(Protocol::P2p(peer)) = addr.iter().last() {
+                self.swarm
+                    .behaviour_mut()
+                    .kad
+                    .add_address(&peer, addr.clone());
+            }
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::warn!(%addr, error = %e, "bootstrap dial failed");
+            }
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut slow_tick = tokio::time::interval(Duration::from_secs(10));
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                command = commands.recv() => match command {
+                    Some(command) => self.on_command(command),
+                    None => break,
+                },
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                _ = tick.tick() => self.on_tick(),
+                _ = slow_tick.tick() => self.on_slow_tick(),
+            }
+        }
+        tracing::debug!("swarm task stopping");
+    }
+
+    fn on_command(&mut self, command: NetCommand) {
+        match command {
+            NetCommand::Publish { topic, data } => {
+                let topic_hash = gossipsub::IdentTopic::new(topic.as_str());
+                match self.swarm.behaviour_mut().gossipsub.publish(topic_hash, data) {
+                    Ok(_) => {
+                        metrics::counter!("loom_gossip_messages_total", "direction" => "out", "topic" => topic.as_str()).increment(1)
+                    }
+                    Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                        metrics::counter!("loom_gossip_unsent_total", "reason" => "no-peers").increment(1)
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "publish failed");
+                        metrics::counter!("loom_gossip_unsent_total", "reason" => "error").increment(1)
+                    }
+                }
+            }
+            NetCommand::ConnectHint { peer, addrs } => self.connect_hint(peer, addrs),
+            NetCommand::Dial(addr, reply) => {
+                let result = self.swarm.dial(addr).map_err(|e| e.to_string());
+                let _ = reply.send(result);
+            }
+            NetCommand::Status(reply) => {
+                let _ = reply.send(self.status());
+            }
+        }
+    }
+
+    /// Dials a peer we learned of from its heartbeat, unless connected or backing off.
+    fn connect_hint(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if peer == *self.swarm.local_peer_id() || self.swarm.is_connected(&peer) {
+            return;
+        }
+        let connected_peers = self.swarm.connected_peers().count();
+        if connected_peers >= self.config.max_connections as usize / 2 {
+            return;
+        }
+        let now = Instant::now();
+        if let Some(state) = self.dial_state.get(&peer) {
+            if now < state.next_at || state.backoff.attempt() >= MAX_DIAL_ATTEMPTS {
+                return;
+            }
+        }
+        let addrs: Vec<Multiaddr> = addrs
+            .into_iter()
+            .filter(|a| self.loopback_only || !is_loopback(a))
+            .filter(|a| !is_unspecified(a))
+            .take(loom_protocols::membership::MAX_ADVERTISED_ADDRS)
+            .collect();
+        if addrs.is_empty() {
+            return;
+        }
+        if self.dial_state.len() >= MAX_DIAL_BACKOFF_ENTRIES && !self.dial_state.contains_key(&peer)
+        {
+            return;
+        }
+        let state = self.dial_state.entry(peer).or_insert_with(|| DialState {
+            backoff: Backoff::new(1_000, 60_000),
+            next_at: now,
+        });
+        state.next_at = now + Duration::from_millis(state.backoff.next_delay_ms(rand::random()));
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            tracing::debug!(%peer, error = %e, "hinted dial failed");
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now_ms = self.now_ms();
+        let nat = self.nat.status();
+        for action in self.planner.poll(nat, now_ms) {
+            let RelayAction::Reserve(relay) = action;
+            let Some(addr) = self.relay_addrs.get(&relay).cloned() else {
+                continue;
+            };
+            let circuit = strip_p2p(addr)
+                .with(Protocol::P2p(relay))
+                .with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(id) => {
+                    tracing::info!(%relay, "requesting relay reservation");
+                    metrics::counter!("loom_relay_reservations_total", "outcome" => "requested")
+                        .increment(1);
+                    self.circuit_listeners.insert(id, relay);
+                }
+                Err(e) => {
+                    tracing::warn!(%circuit, error = %e, "cannot listen on relay circuit");
+                    self.planner
+                        .on_reservation_failed(&relay, now_ms, rand::random());
+                }
+            }
+        }
+        // Kademlia answers queries only when reachable.
+        let public = nat == loom_protocols::NatStatus::Public;
+        if public != self.kad_server {
+            self.kad_server = public;
+            let mode = if public {
+                kad::Mode::Server
+            } else {
+                kad::Mode::Client
+            };
+            self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+            tracing::info!(?mode, "kademlia mode");
+        }
+        self.advertise();
+    }
+
+    fn on_slow_tick(&mut self) {
+        // Keep a connection to the bootstrap peers (they are usually our relays too).
+        for (peer, addr) in self.bootstrap_peers.clone() {
+            if !self.swarm.is_connected(&peer) {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(vec![addr])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                let _ = self.swarm.dial(opts);
+            }
+        }
+        if self.swarm.connected_peers().next().is_some() {
+            let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        }
+        let swarm = &self.swarm;
+        self.peer_bytes.retain(|p| swarm.is_connected(p));
+        self.dial_state
+            .retain(|_, s| s.next_at + Duration::from_secs(600) > Instant::now());
+    }
+
+    /// Publishes the addresses we can be reached on to the Membership actor when they change.
+    fn advertise(&mut self) {
+        let mut addrs: Vec<String> = self.nat.confirmed().map(str::to_owned).collect();
+        for circuits in self.circuit_addrs.values() {
+            addrs.extend(circuits.iter().map(|a| a.to_string()));
+        }
+        // LAN/loopback listen addresses help peers on the same network.
+        for addr in self.swarm.listeners() {
+            if is_unspecified(addr) || addr.iter().any(|p| p == Protocol::P2pCircuit) {
+                continue;
+            }
+            if is_loopback(addr) && !self.loopback_only {
+                continue;
+            }
+            addrs.push(addr.to_string());
+        }
+        addrs.sort();
+        addrs.dedup();
+        addrs.truncate(loom_protocols::membership::MAX_ADVERTISED_ADDRS);
+        if addrs == self.advertised {
+            return;
+        }
+        self.advertised = addrs.clone();
+        if let Some(membership) = membership() {
+            let _ = membership.cast(MembershipMsg::Advertise {
+                addrs,
+                nat: self.nat.status(),
+            });
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr {
+                listener_id,
+                address,
+            } => {
+                tracing::info!(%address, "listening");
+                if let Some(relay) = self.circuit_listeners.get(&listener_id) {
+                    self.circuit_addrs
+                        .entry(*relay)
+                        .or_default()
+                        .push(address.with(Protocol::P2p(*self.swarm.local_peer_id())));
+                }
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                if let Some(relay) = self.circuit_listeners.remove(&listener_id) {
+                    tracing::info!(%relay, ?reason, "relay listener closed");
+                    self.circuit_addrs.remove(&relay);
+                    let now = self.now_ms();
+                    self.planner
+                        .on_reservation_failed(&relay, now, rand::random());
+                    metrics::counter!("loom_relay_reservations_total", "outcome" => "closed")
+                        .increment(1);
+                }
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                let remote_addr = endpoint.get_remote_address().clone();
+                let relayed = remote_addr.iter().any(|p| p == Protocol::P2pCircuit);
+                let has_relayed = self
+                    .connections
+                    .values()
+                    .any(|c| c.peer == peer_id && c.kind == ConnectionKind::Relayed);
+                let kind = if relayed {
+                    ConnectionKind::Relayed
+                } else if self.punched.remove(&connection_id) || has_relayed {
+                    // Made by DCUtR, or a direct connection that appeared while we only met this
+                    // peer through a relay (the other side of a punch).
+                    ConnectionKind::HolePunched
+                } else {
+                    ConnectionKind::Direct
+                };
+                tracing::info!(peer = %peer_id, kind = kind.as_str(), addr = %remote_addr, "connected");
+                self.connections.insert(
+                    connection_id,
+                    Connection {
+                        peer: peer_id,
+                        kind,
+                        remote_addr,
+                        outbound: endpoint.is_dialer(),
+                        since: Instant::now(),
+                        rtt: None,
+                    },
+                );
+                if let Some(state) = self.dial_state.get_mut(&peer_id) {
+                    state.backoff.reset();
+                }
+                self.update_peer_gauges();
+            }
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                connection_id,
+                num_established,
+                ..
+            } => {
+                self.connections.remove(&connection_id);
+                if num_established == 0 {
+                    self.agents.remove(&peer_id);
+                    if self.relay_addrs.remove(&peer_id).is_some() {
+                        self.planner.on_relay_gone(&peer_id);
+                        self.circuit_addrs.remove(&peer_id);
+                    }
+                }
+                self.update_peer_gauges();
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(?peer_id, error = %error, "dial failed");
+                metrics::counter!("loom_dial_failures_total").increment(1);
+            }
+            SwarmEvent::ExternalAddrConfirmed { address } => {
+                tracing::info!(%address, "external address confirmed");
+                self.nat.on_confirmed(&address.to_string());
+            }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                self.nat.on_expired(&address.to_string());
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                connection_id,
+            }) => {
+                if self.agents.len() < MAX_AGENTS || self.agents.contains_key(&peer_id) {
+                    let mut agent = info.agent_version.clone();
+                    agent.truncate(64);
+                    self.agents.insert(peer_id, agent);
+                }
+                let kad_capable = info
+                    .protocols
+                    .iter()
+                    .any(|p| *p == super::behaviour::KAD_PROTOCOL);
+                for addr in info.listen_addrs.iter().take(16) {
+                    if kad_capable && (self.loopback_only || !is_loopback(addr)) {
+                        self.swarm
+                            .behaviour_mut()
+                            .kad
+                            .add_address(&peer_id, addr.clone());
+                    }
+                }
+                let offers_relay = info
+                    .protocols
+                    .iter()
+                    .any(|p| *p == relay::HOP_PROTOCOL_NAME);
+                if offers_relay && !self.relay_addrs.contains_key(&peer_id) {
+                    // Reserve through the address we reached it on, if direct.
+                    // Reserve through the address we dialed it on, or one it listens on.
+                    let addr = self.connections.get(&connection_id).and_then(|conn| {
+                        if conn.kind == ConnectionKind::Relayed {
+                            None
+                        } else if conn.outbound {
+                            Some(conn.remote_addr.clone())
+                        } else {
+                            info.listen_addrs
+                                .iter()
+                                .find(|a| {
+                                    !is_unspecified(a)
+                                        && (self.loopback_only || !is_loopback(a))
+                                        && !a.iter().any(|p| p == Protocol::P2pCircuit)
+                                })
+                                .cloned()
+                        }
+                    });
+                    if let Some(addr) = addr {
+                        tracing::info!(relay = %peer_id, %addr, "relay available");
+                        self.relay_addrs.insert(peer_id, addr);
+                        let now = self.now_ms();
+                        self.planner.on_relay_usable(peer_id, now);
+                    }
+                }
+            }
+            BehaviourEvent::Ping(ping::Event {
+                connection,
+                result: Ok(rtt),
+                ..
+            }) => {
+                if let Some(conn) = self.connections.get_mut(&connection) {
+                    conn.rtt = Some(rtt);
+                    metrics::histogram!("loom_ping_rtt_seconds", "kind" => conn.kind.as_str())
+                        .record(rtt.as_secs_f64());
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => self.on_gossip(propagation_source, message_id, message),
+            BehaviourEvent::AutonatClient(autonat::v2::client::Event {
+                tested_addr,
+                result,
+                ..
+            }) => match result {
+                Ok(()) => {
+                    tracing::info!(addr = %tested_addr, "autonat: reachable");
+                    metrics::counter!("loom_autonat_probes_total", "outcome" => "reachable")
+                        .increment(1);
+                }
+                Err(e) => {
+                    tracing::info!(addr = %tested_addr, error = %e, "autonat: not reachable");
+                    metrics::counter!("loom_autonat_probes_total", "outcome" => "unreachable")
+                        .increment(1);
+                    self.nat.on_probe_failed(&tested_addr.to_string());
+                }
+            },
+            BehaviourEvent::RelayClient(event) => match event {
+                relay::client::Event::ReservationReqAccepted {
+                    relay_peer_id,
+                    renewal,
+                    ..
+                } => {
+                    tracing::info!(relay = %relay_peer_id, renewal, "relay reservation accepted");
+                    self.planner.on_reservation_accepted(&relay_peer_id);
+                    metrics::counter!("loom_relay_reservations_total", "outcome" => "accepted")
+                        .increment(1);
+                }
+                relay::client::Event::OutboundCircuitEstablished { .. } => {
+                    metrics::counter!("loom_relay_circuits_total", "direction" => "out")
+                        .increment(1);
+                }
+                relay::client::Event::InboundCircuitEstablished { .. } => {
+                    metrics::counter!("loom_relay_circuits_total", "direction" => "in")
+                        .increment(1);
+                }
+            },
+            BehaviourEvent::RelayServer(event) => self.on_relay_server_event(event),
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => {
+                self.hole_punch.attempts += 1;
+                metrics::counter!("loom_hole_punch_attempts_total").increment(1);
+                match result {
+                    Ok(connection_id) => {
+                        tracing::info!(peer = %remote_peer_id, "hole punch succeeded");
+                        self.hole_punch.successes += 1;
+                        metrics::counter!("loom_hole_punch_successes_total").increment(1);
+                        match self.connections.get_mut(&connection_id) {
+                            Some(conn) => conn.kind = ConnectionKind::HolePunched,
+                            None => {
+                                if self.punched.len() < MAX_PENDING_PUNCHED {
+                                    self.punched.insert(connection_id);
+                                }
+                            }
+                        }
+                        self.update_peer_gauges();
+                    }
+                    Err(e) => {
+                        tracing::info!(peer = %remote_peer_id, error = %e, "hole punch failed");
+                        self.hole_punch.failures += 1;
+                        metrics::counter!("loom_hole_punch_failures_total").increment(1);
+                    }
+                }
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found.into_iter().take(32) {
+                    self.connect_hint(peer, vec![addr]);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_relay_server_event(&mut self, event: relay::Event) {
+        let Some(stats) = self.relay_server.as_mut() else {
+            return;
+        };
+        let (name, delta_res, delta_circ): (&str, i64, i64) = match event {
+            relay::Event::ReservationReqAccepted { renewed, .. } => {
+                ("reservation-accepted", if renewed { 0 } else { 1 }, 0)
+            }
+            relay::Event::ReservationReqDenied { .. } => ("reservation-denied", 0, 0),
+            relay::Event::ReservationTimedOut { .. } => ("reservation-timed-out", -1, 0),
+            relay::Event::ReservationClosed { .. } => ("reservation-closed", -1, 0),
+            relay::Event::CircuitReqAccepted { .. } => ("circuit-accepted", 0, 1),
+            relay::Event::CircuitReqDenied { .. } => ("circuit-denied", 0, 0),
+            relay::Event::CircuitClosed { .. } => ("circuit-closed", 0, -1),
+            _ => ("other", 0, 0),
+        };
+        tracing::debug!(event = name, "relay server");
+        metrics::counter!("loom_relay_server_events_total", "event" => name).increment(1);
+        stats.reservations = stats.reservations.saturating_add_signed(delta_res);
+        stats.circuits = stats.circuits.saturating_add_signed(delta_circ);
+        metrics::gauge!("loom_relay_server_reservations").set(stats.reservations as f64);
+        metrics::gauge!("loom_relay_server_circuits").set(stats.circuits as f64);
+    }
+
+    fn on_gossip(
+        &mut self,
+        source: PeerId,
+        message_id: gossipsub::MessageId,
+        message: gossipsub::Message,
+    ) {
+        let topic =
+            if message.topic == gossipsub::IdentTopic::new(Topic::Membership.as_str()).hash() {
+                Topic::Membership
+            } else if message.topic == gossipsub::IdentTopic::new(Topic::Probe.as_str()).hash() {
+                Topic::Probe
+            } else {
+                self.report(&message_id, &source, Err("unknown-topic"));
+                return;
+            };
+        let author = message.source;
+        let verdict = match topic {
+            Topic::Membership => match SignedHeartbeat::open(&message.data) {
+                Ok(hb) if super::peer_id_of(&hb.peer_key) == author => {
+                    if let Some(m) = membership() {
+                        let _ = m.cast(MembershipMsg::Heartbeat(hb));
+                    }
+                    Ok(())
+                }
+                Ok(_) => Err("heartbeat-author-mismatch"),
+                Err(e) => {
+                    tracing::debug!(%source, error = %e, "invalid heartbeat");
+                    Err("invalid-heartbeat")
+                }
+            },
+            Topic::Probe => match Probe::from_bytes(&message.data) {
+                Ok(probe) if super::peer_id_of(&probe.origin) == author => {
+                    if let Some(m) = membership() {
+                        let _ = m.cast(MembershipMsg::Probe(probe));
+                    }
+                    Ok(())
+                }
+                Ok(_) => Err("probe-author-mismatch"),
+                Err(_) => Err("invalid-probe"),
+            },
+        };
+        if verdict.is_ok() {
+            metrics::counter!("loom_gossip_messages_total", "direction" => "in", "topic" => topic.as_str()).increment(1);
+        }
+        self.report(&message_id, &source, verdict);
+    }
+
+    fn report(
+        &mut self,
+        id: &gossipsub::MessageId,
+        source: &PeerId,
+        verdict: Result<(), &'static str>,
+    ) {
+        let acceptance = match verdict {
+            Ok(()) => gossipsub::MessageAcceptance::Accept,
+            Err(reason) => {
+                metrics::counter!("loom_gossip_rejected_total", "reason" => reason).increment(1);
+                gossipsub::MessageAcceptance::Reject
+            }
+        };
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .report_message_validation_result(id, source, acceptance);
+    }
+
+    fn peer_kind(&self, peer: &PeerId) -> Option<ConnectionKind> {
+        self.connections
+            .values()
+            .filter(|c| c.peer == *peer)
+            .map(|c| c.kind)
+            .max_by_key(|k| match k {
+                ConnectionKind::HolePunched => 2,
+                ConnectionKind::Direct => 1,
+                ConnectionKind::Relayed => 0,
+            })
+    }
+
+    fn update_peer_gauges(&self) {
+        let mut counts: BTreeMap<ConnectionKind, u64> = BTreeMap::new();
+        for peer in self.swarm.connected_peers() {
+            if let Some(kind) = self.peer_kind(peer) {
+                *counts.entry(kind).or_default() += 1;
+            }
+        }
+        for kind in ConnectionKind::ALL {
+            metrics::gauge!("loom_peers", "kind" => kind.as_str())
+                .set(counts.get(&kind).copied().unwrap_or(0) as f64);
+        }
+    }
+
+    fn status(&self) -> NetworkStatus {
+        let mut peers: Vec<PeerStatus> = self
+            .swarm
+            .connected_peers()
+            .filter_map(|peer| {
+                let kind = self.peer_kind(peer)?;
+                let conns: Vec<&Connection> = self
+                    .connections
+                    .values()
+                    .filter(|c| c.peer == *peer)
+                    .collect();
+                // RTT of the best connection with a measurement.
+                let rtt_ms = conns
+                    .iter()
+                    .filter(|c| c.kind == kind)
+                    .find_map(|c| c.rtt)
+                    .or_else(|| conns.iter().find_map(|c| c.rtt))
+                    .map(|d| d.as_secs_f64() * 1e3);
+                let (bytes_in, bytes_out) = self.peer_bytes.get(peer);
+                Some(PeerStatus {
+                    peer_id: peer.to_string(),
+                    kind,
+                    connections: conns
+                        .iter()
+                        .map(|c| ConnectionStatus {
+                            kind: c.kind,
+                            remote_addr: c.remote_addr.to_string(),
+                            outbound: c.outbound,
+                            age_secs: c.since.elapsed().as_secs(),
+                        })
+                        .collect(),
+                    rtt_ms,
+                    bytes_in,
+                    bytes_out,
+                    agent: self.agents.get(peer).cloned(),
+                })
+            })
+            .collect();
+        peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        NetworkStatus {
+            peer_id: self.swarm.local_peer_id().to_string(),
+            nat_status: self.nat.status(),
+            listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
+            external_addrs: self
+                .swarm
+                .external_addresses()
+                .map(|a| a.to_string())
+                .collect(),
+            relay_reservations: self
+                .planner
+                .active()
+                .map(|relay| ReservationStatus {
+                    relay: relay.to_string(),
+                    circuit_addrs: self
+                        .circuit_addrs
+                        .get(relay)
+                        .map(|v| v.iter().map(|a| a.to_string()).collect())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            relay_server: self.relay_server.clone(),
+            peers,
+            hole_punch: self.hole_punch.clone(),
+        }
+    }
+}
+
+fn membership() -> Option<ActorRef<MembershipMsg>> {
+    ractor::registry::where_is(names::MEMBERSHIP).map(Into::into)
+}
+
+fn is_loopback(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_loopback(),
+        Protocol::Ip6(ip) => ip.is_loopback(),
+        _ => false,
+    })
+}
+
+fn is_unspecified(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+/// The address without a trailing `/p2p/<id>`.
+fn strip_p2p(mut addr: Multiaddr) -> Multiaddr {
+    if matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+        addr.pop();
+    }
+    addr
+}
