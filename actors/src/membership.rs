@@ -134,12 +134,15 @@ impl MembershipState {
             MembershipEvent::Suspected(k) => ("suspected", k),
             MembershipEvent::Failed(k) => ("failed", k),
             MembershipEvent::Restarted(k) => ("restarted", k),
+            MembershipEvent::AddrsChanged(k) => ("addrs-changed", k),
         };
         tracing::info!(peer = %hex8(key), event = what, "membership");
         metrics::counter!("loom_membership_events_total", "event" => what).increment(1);
         if matches!(
             event,
-            MembershipEvent::Joined(_) | MembershipEvent::Restarted(_)
+            MembershipEvent::Joined(_)
+                | MembershipEvent::Restarted(_)
+                | MembershipEvent::AddrsChanged(_)
         ) {
             if let Some(member) = self.view.get(key) {
                 let _ = self

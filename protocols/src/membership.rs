@@ -191,6 +191,8 @@ pub enum MembershipEvent {
     Failed(PeerKey),
     /// A peer restarted (its incarnation grew).
     Restarted(PeerKey),
+    /// A peer advertises a different set of addresses (e.g. it got a relay reservation).
+    AddrsChanged(PeerKey),
 }
 
 /// The live view of the mesh.
@@ -230,6 +232,7 @@ impl MembershipView {
                 }
                 let restarted = heartbeat.incarnation > member.heartbeat.incarnation;
                 let was_suspect = member.state == MemberState::Suspect;
+                let addrs_changed = heartbeat.addrs != member.heartbeat.addrs;
                 member.heartbeat = heartbeat;
                 member.last_heard_ms = now_ms;
                 member.state = MemberState::Alive;
@@ -237,6 +240,8 @@ impl MembershipView {
                     Some(MembershipEvent::Restarted(key))
                 } else if was_suspect {
                     Some(MembershipEvent::Recovered(key))
+                } else if addrs_changed {
+                    Some(MembershipEvent::AddrsChanged(key))
                 } else {
                     None
                 })
@@ -385,6 +390,22 @@ mod tests {
         assert_eq!(view.tick(449), vec![MembershipEvent::Suspected(ka)]);
         assert_eq!(view.tick(450), vec![MembershipEvent::Failed(ka)]);
         assert_eq!(view.members().count(), 0);
+    }
+
+    #[test]
+    fn a_change_of_advertised_addresses_is_an_event() {
+        let mut view = MembershipView::new([0; 32], MembershipConfig::default());
+        let a = key(1);
+        view.on_heartbeat(heartbeat(&a, 1, 1), 0).ok();
+        assert_eq!(view.on_heartbeat(heartbeat(&a, 1, 2), 1), Ok(None));
+        let mut moved = heartbeat(&a, 1, 3);
+        moved.addrs.push("/ip4/1.2.3.4/tcp/1/p2p-circuit".into());
+        assert_eq!(
+            view.on_heartbeat(moved, 2),
+            Ok(Some(MembershipEvent::AddrsChanged(
+                a.verifying_key().to_bytes()
+            )))
+        );
     }
 
     #[test]

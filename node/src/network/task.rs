@@ -55,6 +55,7 @@ struct Connection {
 struct DialState {
     backoff: Backoff,
     next_at: Instant,
+    addrs: Vec<Multiaddr>,
 }
 
 /// The swarm task.
@@ -208,11 +209,6 @@ impl SwarmTask {
             return;
         }
         let now = Instant::now();
-        if let Some(state) = self.dial_state.get(&peer) {
-            if now < state.next_at || state.backoff.attempt() >= MAX_DIAL_ATTEMPTS {
-                return;
-            }
-        }
         let addrs: Vec<Multiaddr> = addrs
             .into_iter()
             .filter(|a| self.loopback_only || !is_loopback(a))
@@ -229,14 +225,46 @@ impl SwarmTask {
         let state = self.dial_state.entry(peer).or_insert_with(|| DialState {
             backoff: Backoff::new(1_000, 60_000),
             next_at: now,
+            addrs: Vec::new(),
         });
+        if state.addrs != addrs {
+            // New addresses (say, a fresh relay reservation): worth a try at once.
+            state.addrs = addrs.clone();
+            state.backoff.reset();
+            state.next_at = now;
+        }
+        if now < state.next_at || state.backoff.attempt() >= MAX_DIAL_ATTEMPTS {
+            return;
+        }
         state.next_at = now + Duration::from_millis(state.backoff.next_delay_ms(rand::random()));
+        // `Disconnected`, not `...AndNotDialing`: a dial still pending on stale addresses must
+        // not hold back one on fresh addresses.
+        tracing::debug!(%peer, ?addrs, "dialing hinted peer");
         let opts = DialOpts::peer_id(peer)
             .addresses(addrs)
-            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .condition(PeerCondition::Disconnected)
             .build();
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, error = %e, "hinted dial failed");
+        }
+    }
+
+    /// Retries hinted peers we are still not connected to, once their backoff elapsed.
+    fn retry_hinted_dials(&mut self) {
+        let now = Instant::now();
+        let due: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .dial_state
+            .iter()
+            .filter(|(peer, s)| {
+                now >= s.next_at
+                    && s.backoff.attempt() < MAX_DIAL_ATTEMPTS
+                    && !self.swarm.is_connected(peer)
+            })
+            .take(8)
+            .map(|(peer, s)| (*peer, s.addrs.clone()))
+            .collect();
+        for (peer, addrs) in due {
+            self.connect_hint(peer, addrs);
         }
     }
 
@@ -277,6 +305,7 @@ impl SwarmTask {
             self.swarm.behaviour_mut().kad.set_mode(Some(mode));
             tracing::info!(?mode, "kademlia mode");
         }
+        self.retry_hinted_dials();
         self.advertise();
     }
 
@@ -308,7 +337,7 @@ impl SwarmTask {
         }
         // LAN/loopback listen addresses help peers on the same network.
         for addr in self.swarm.listeners() {
-            if is_unspecified(addr) || addr.iter().any(|p| p == Protocol::P2pCircuit) {
+            if is_unspecified(addr) || is_circuit(addr) {
                 continue;
             }
             if is_loopback(addr) && !self.loopback_only {
@@ -342,7 +371,7 @@ impl SwarmTask {
                     self.circuit_addrs
                         .entry(*relay)
                         .or_default()
-                        .push(address.with(Protocol::P2p(*self.swarm.local_peer_id())));
+                        .push(with_p2p(address, *self.swarm.local_peer_id()));
                 }
             }
             SwarmEvent::ListenerClosed {
@@ -367,7 +396,10 @@ impl SwarmTask {
                 ..
             } => {
                 let remote_addr = endpoint.get_remote_address().clone();
-                let relayed = remote_addr.iter().any(|p| p == Protocol::P2pCircuit);
+                // The listening side of a circuit sees only `/p2p/<src>` as remote address; its
+                // local address is the circuit listen address.
+                let relayed = is_circuit(&remote_addr)
+                    || matches!(&endpoint, libp2p::core::ConnectedPoint::Listener { local_addr, .. } if is_circuit(local_addr));
                 let has_relayed = self
                     .connections
                     .values()
@@ -419,8 +451,11 @@ impl SwarmTask {
                 metrics::counter!("loom_dial_failures_total").increment(1);
             }
             SwarmEvent::ExternalAddrConfirmed { address } => {
-                tracing::info!(%address, "external address confirmed");
-                self.nat.on_confirmed(&address.to_string());
+                // A relay reservation confirms our circuit address: reachable, but not public.
+                if !is_circuit(&address) {
+                    tracing::info!(%address, "external address confirmed");
+                    self.nat.on_confirmed(&address.to_string());
+                }
             }
             SwarmEvent::ExternalAddrExpired { address } => {
                 self.nat.on_expired(&address.to_string());
@@ -472,7 +507,7 @@ impl SwarmTask {
                                 .find(|a| {
                                     !is_unspecified(a)
                                         && (self.loopback_only || !is_loopback(a))
-                                        && !a.iter().any(|p| p == Protocol::P2pCircuit)
+                                        && !is_circuit(a)
                                 })
                                 .cloned()
                         }
@@ -515,7 +550,9 @@ impl SwarmTask {
                     tracing::info!(addr = %tested_addr, error = %e, "autonat: not reachable");
                     metrics::counter!("loom_autonat_probes_total", "outcome" => "unreachable")
                         .increment(1);
-                    self.nat.on_probe_failed(&tested_addr.to_string());
+                    if has_ip(&tested_addr) && !is_circuit(&tested_addr) {
+                        self.nat.on_probe_failed(&tested_addr.to_string());
+                    }
                 }
             },
             BehaviourEvent::RelayClient(event) => match event {
@@ -737,6 +774,7 @@ impl SwarmTask {
             external_addrs: self
                 .swarm
                 .external_addresses()
+                .filter(|a| !is_circuit(a))
                 .map(|a| a.to_string())
                 .collect(),
             relay_reservations: self
@@ -770,12 +808,29 @@ fn is_loopback(addr: &Multiaddr) -> bool {
     })
 }
 
+fn is_circuit(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| p == Protocol::P2pCircuit)
+}
+
+fn has_ip(addr: &Multiaddr) -> bool {
+    addr.iter()
+        .any(|p| matches!(p, Protocol::Ip4(_) | Protocol::Ip6(_)))
+}
+
 fn is_unspecified(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| match p {
         Protocol::Ip4(ip) => ip.is_unspecified(),
         Protocol::Ip6(ip) => ip.is_unspecified(),
         _ => false,
     })
+}
+
+/// The address ending in `/p2p/<peer>` (added unless already there).
+fn with_p2p(addr: Multiaddr, peer: PeerId) -> Multiaddr {
+    match addr.iter().last() {
+        Some(Protocol::P2p(p)) if p == peer => addr,
+        _ => addr.with(Protocol::P2p(peer)),
+    }
 }
 
 /// The address without a trailing `/p2p/<id>`.

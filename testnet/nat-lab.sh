@@ -1,0 +1,227 @@
+#!/usr/bin/env bash
+# NAT lab: real loom-peer processes in network namespaces behind NAT routers.
+#
+# Topology (all addresses exist only inside namespaces this script creates):
+#
+#   WAN 198.51.100.0/24 (a bridge in namespace <p>wan)
+#     relay   198.51.100.10   bootstrap + relay server (+ AutoNAT server)
+#     pub     198.51.100.20   a peer with a public address
+#     r1      198.51.100.101  endpoint-independent NAT  -> LAN 10.0.1.0/24 -> peer a 10.0.1.2
+#     r2      198.51.100.102  endpoint-independent NAT  -> LAN 10.0.2.0/24 -> peer b 10.0.2.2
+#     r3      198.51.100.103  symmetric NAT (fully-random) -> LAN 10.0.3.0/24 -> peer c 10.0.3.2
+#
+# Routers SNAT their LAN to their WAN address and drop new inbound connections on the WAN side
+# (what a home router does); r3 randomises the source port per mapping, so hole punching must
+# fail there. Every router WAN link has `tc netem delay`. No namespace has a default route out of
+# the lab, so no packet leaves it.
+#
+# The lab asserts from what the nodes themselves report (`loom-peer status --json`):
+#   (a) a and b end up with a direct hole-punched connection (its RTT is printed);
+#   (b) c, behind the symmetric NAT, stays reachable through the relay;
+#   (c) pub has a public address and connects directly.
+#
+# Usage: nat-lab.sh [--bin PATH] [--repeat N] [--timeout SECS] [--delay-ms MS] [--keep]
+# Exit status: 0 when every run passed, 1 when any failed, 77 when it cannot run here (not root,
+# tools missing): callers must report that as skipped, never as passed.
+set -euo pipefail
+
+BIN=""
+REPEAT=1
+TIMEOUT=45
+DELAY_MS=10
+KEEP=0
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bin) BIN="$2"; shift 2 ;;
+    --repeat) REPEAT="$2"; shift 2 ;;
+    --timeout) TIMEOUT="$2"; shift 2 ;;
+    --delay-ms) DELAY_MS="$2"; shift 2 ;;
+    --keep) KEEP=1; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "nat-lab: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+[ -n "$BIN" ] || BIN="$HERE/../target/debug/loom-peer"
+BIN="$(realpath "$BIN" 2>/dev/null || echo "$BIN")"
+
+skip() { echo "nat-lab: SKIPPED: $*" >&2; exit 77; }
+[ "$(id -u)" -eq 0 ] || skip "needs root (CAP_NET_ADMIN) to create network namespaces"
+for tool in ip nft tc python3; do
+  command -v "$tool" >/dev/null || skip "missing $tool (run scripts/setup.sh)"
+done
+[ -x "$BIN" ] || { echo "nat-lab: no loom-peer binary at $BIN (cargo build first)" >&2; exit 2; }
+ip netns add loomlab-probe-$$ 2>/dev/null || skip "cannot create network namespaces here"
+ip netns del loomlab-probe-$$
+
+P="ll$$-"           # namespace prefix, unique per invocation
+WORK=""
+NAMESPACES=()
+PIDS=()
+
+cleanup() {
+  for pid in "${PIDS[@]:-}"; do [ -n "$pid" ] && kill -9 "$pid" 2>/dev/null || true; done
+  for ns in "${NAMESPACES[@]:-}"; do [ -n "$ns" ] && ip netns del "$ns" 2>/dev/null || true; done
+  if [ -n "$WORK" ] && [ "$KEEP" -eq 0 ] && [ "${FAILED:-0}" -eq 0 ]; then rm -rf "$WORK"; fi
+  PIDS=(); NAMESPACES=()
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+nsx() { local ns="$1"; shift; ip netns exec "$P$ns" "$@"; }
+
+mkns() {
+  ip netns add "$P$1"
+  NAMESPACES+=("$P$1")
+  nsx "$1" ip link set lo up
+}
+
+# Connect namespace $1 to the WAN bridge with address $2 (/24), interface "wan".
+wan_link() {
+  local ns="$1" addr="$2" idx="$3"
+  ip link add "wan" netns "$P$ns" type veth peer name "p$idx" netns "${P}wan"
+  nsx wan ip link set "p$idx" master br0 up
+  nsx "$ns" ip addr add "$addr/24" dev wan
+  nsx "$ns" ip link set wan up
+}
+
+# Router $1 with WAN address $2, LAN prefix $3 (e.g. 10.0.1), NAT kind $4 (eim|symmetric), peer ns $5.
+router() {
+  local r="$1" wan_ip="$2" lan="$3" kind="$4" peer="$5" idx="$6"
+  mkns "$r"
+  mkns "$peer"
+  wan_link "$r" "$wan_ip" "$idx"
+  ip link add "lan" netns "$P$r" type veth peer name "eth0" netns "$P$peer"
+  nsx "$r" ip addr add "$lan.1/24" dev lan
+  nsx "$r" ip link set lan up
+  nsx "$peer" ip addr add "$lan.2/24" dev eth0
+  nsx "$peer" ip link set eth0 up
+  nsx "$peer" ip route add default via "$lan.1"
+  nsx "$r" sysctl -qw net.ipv4.ip_forward=1
+  local flags=""
+  [ "$kind" = symmetric ] && flags="fully-random"
+  nsx "$r" nft -f - <<EOF
+table ip nat {
+  chain postrouting {
+    type nat hook postrouting priority 100;
+    ip saddr $lan.0/24 oifname "wan" snat to $wan_ip $flags
+  }
+}
+table ip filter {
+  chain input {
+    type filter hook input priority 0;
+    iifname "wan" ct state new drop
+  }
+  chain forward {
+    type filter hook forward priority 0;
+    iifname "wan" ct state new drop
+  }
+}
+EOF
+  delay_link "$r" "$DELAY_MS"
+}
+
+# netem is optional: some kernels are built without it (CONFIG_NET_SCH_NETEM).
+NETEM=unknown
+delay_link() {
+  local ns="$1" ms="$2"
+  [ "$ms" -gt 0 ] || return 0
+  if [ "$NETEM" = missing ]; then return 0; fi
+  if nsx "$ns" tc qdisc add dev wan root netem delay "${ms}ms" 2>/dev/null; then
+    NETEM=yes
+  else
+    NETEM=missing
+    echo "nat-lab: WARNING: this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): links are NOT delayed" >&2
+  fi
+}
+
+build_lab() {
+  mkns wan
+  nsx wan ip link add br0 type bridge
+  nsx wan ip link set br0 up
+  mkns relay
+  wan_link relay 198.51.100.10 1
+  delay_link relay "$((DELAY_MS / 2))"
+  mkns pub
+  wan_link pub 198.51.100.20 2
+  delay_link pub "$((DELAY_MS / 2))"
+  router r1 198.51.100.101 10.0.1 eim a 3
+  router r2 198.51.100.102 10.0.2 eim b 4
+  router r3 198.51.100.103 10.0.3 symmetric c 5
+}
+
+# start_peer NS extra-args...
+start_peer() {
+  local ns="$1"; shift
+  local dir="$WORK/$ns"
+  mkdir -p "$dir"
+  nsx "$ns" env RUST_LOG="${LOOM_LAB_LOG:-info}" "$BIN" --data-dir "$dir" run \
+    --listen /ip4/0.0.0.0/tcp/4001,/ip4/0.0.0.0/udp/4001/quic-v1 \
+    --no-mdns --metrics-addr off --api-addr 127.0.0.1:0 --heartbeat-interval 500ms \
+    --relay-grace 1s "$@" >"$dir/peer.log" 2>&1 &
+  PIDS+=("$!")
+  disown "$!"
+}
+
+status_json() { nsx "$1" "$BIN" --data-dir "$WORK/$1" status --json 2>/dev/null || echo '{}'; }
+
+run_once() {
+  local run="$1" t0 deadline
+  t0=$(date +%s.%N)
+  WORK="$(mktemp -d /tmp/loom-nat-lab.XXXXXX)"
+  build_lab
+  declare -A ID
+  for ns in relay pub a b c; do
+    mkdir -p "$WORK/$ns"
+    ID[$ns]="$("$BIN" --data-dir "$WORK/$ns" id)"
+  done
+  local relay_addr="/ip4/198.51.100.10/tcp/4001/p2p/${ID[relay]}"
+  start_peer relay --relay-server \
+    --external-address /ip4/198.51.100.10/tcp/4001,/ip4/198.51.100.10/udp/4001/quic-v1
+  for ns in pub a b c; do start_peer "$ns" --bootstrap "$relay_addr"; done
+  local ids
+  ids=$(printf '{"relay":"%s","pub":"%s","a":"%s","b":"%s","c":"%s"}' \
+    "${ID[relay]}" "${ID[pub]}" "${ID[a]}" "${ID[b]}" "${ID[c]}")
+  deadline=$(( $(date +%s) + TIMEOUT ))
+  local verdict="" result=1
+  while :; do
+    sleep 1
+    verdict=$(python3 "$HERE/lab_check.py" "$ids" "$(status_json a)" "$(status_json b)" "$(status_json c)" \
+      "$(status_json pub)" "$(status_json relay)") && result=0 || result=$?
+    if [ "$result" -eq 0 ]; then
+      # Hold for a few seconds: c must stay connected through the relay, a<->b stay direct.
+      sleep 3
+      verdict=$(python3 "$HERE/lab_check.py" "$ids" "$(status_json a)" "$(status_json b)" "$(status_json c)" \
+        "$(status_json pub)" "$(status_json relay)") && result=0 || result=$?
+      [ "$result" -eq 0 ] && break
+    fi
+    [ "$(date +%s)" -ge "$deadline" ] && break
+  done
+  local secs
+  secs=$(python3 -c "import time; print(f'{time.time() - $t0:.1f}')")
+  echo "$verdict" | sed "s/^/  run $run: /"
+  if [ "$result" -eq 0 ]; then
+    echo "run $run: PASS in ${secs}s (links delayed: $NETEM)"
+  else
+    echo "run $run: FAIL after ${secs}s (logs in $WORK)"
+    for ns in relay pub a b c; do
+      echo "--- $ns: last log lines"; tail -n 15 "$WORK/$ns/peer.log" | sed 's/^/    /'
+    done
+    FAILED=1   # keep the failed run's logs
+  fi
+  return "$result"
+}
+
+passed=0
+for run in $(seq 1 "$REPEAT"); do
+  # Each run in a subshell with `set -e` in force (it is ignored inside `if`), and its own
+  # cleanup trap, so a failed set-up step fails the run and nothing is left behind.
+  set +e
+  ( set -e; trap cleanup EXIT; run_once "$run" )
+  rc=$?
+  set -e
+  [ "$rc" -eq 0 ] && passed=$((passed + 1))
+done
+echo "nat-lab: $passed/$REPEAT runs passed"
+[ "$passed" -eq "$REPEAT" ]
