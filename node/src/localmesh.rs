@@ -104,6 +104,13 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+impl LocalPeer {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
 impl LocalMesh {
     /// Launches the peers.
     pub fn start(options: &MeshOptions) -> Result<Self, MeshError> {

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs what Loom needs on a fresh Debian machine: the system packages used by the build, the
+# NAT lab and the tests. Safe to run again. Run as root (or with sudo available).
+set -euo pipefail
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+PACKAGES=(build-essential pkg-config iproute2 nftables iptables python3 iputils-ping)
+missing=()
+for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "setup: installing ${missing[*]}"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "setup: cargo (Rust 1.95) is required: https://rustup.rs" >&2; exit 1; }
+echo "setup: ok"

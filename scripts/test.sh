@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The project's test command: set-up, build, lints, the whole test suite (unit, integration,
+# the loopback mesh harness, and the NAT lab in network namespaces when run as root).
+# LOOM_NAT_LAB_REPEAT=N repeats the NAT lab N times.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo fmt --all -- --check
+cargo build --workspace --bins --locked
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked -- --nocapture 2>&1 | tee target/test.log
