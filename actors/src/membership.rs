@@ -143,13 +143,12 @@ impl MembershipState {
             MembershipEvent::Joined(_)
                 | MembershipEvent::Restarted(_)
                 | MembershipEvent::AddrsChanged(_)
-        ) {
-            if let Some(member) = self.view.get(key) {
-                let _ = self
-                    .args
-                    .network
-                    .connect_hint(*key, member.heartbeat.addrs.clone());
-            }
+        ) && let Some(member) = self.view.get(key)
+        {
+            let _ = self
+                .args
+                .network
+                .connect_hint(*key, member.heartbeat.addrs.clone());
         }
     }
 }

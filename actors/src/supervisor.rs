@@ -310,7 +310,7 @@ mod tests {
         .expect("supervisor starts");
         assert_eq!(starts.load(Ordering::SeqCst), 1);
         for round in 1..=3 {
-            let child: ActorRef<()> = ractor::registry::where_is("test.flaky".into())
+            let child: ActorRef<()> = ractor::registry::where_is("test.flaky")
                 .expect("child registered")
                 .into();
             child.cast(()).expect("cast");
@@ -318,7 +318,7 @@ mod tests {
             wait_for(move || s.load(Ordering::SeqCst) == round + 1).await;
             let status = ractor::call_t!(sup, SupervisorMsg::Children, 1_000).expect("status");
             assert_eq!(status[0].restarts, round as u64);
-            wait_for(|| ractor::registry::where_is("test.flaky".into()).is_some()).await;
+            wait_for(|| ractor::registry::where_is("test.flaky").is_some()).await;
         }
         sup.stop(None);
         handle.await.ok();

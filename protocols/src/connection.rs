@@ -226,14 +226,13 @@ impl<R: Ord + Clone> RelayPlanner<R> {
         }
         // Retry failed slots whose backoff elapsed.
         for (relay, slot) in self.slots.iter_mut() {
-            if let SlotState::Failed { retry_at_ms } = slot.state {
-                if now_ms >= retry_at_ms
-                    && slot.failures < self.max_attempts
-                    && self.usable.contains(relay)
-                {
-                    slot.state = SlotState::Pending;
-                    actions.push(RelayAction::Reserve(relay.clone()));
-                }
+            if let SlotState::Failed { retry_at_ms } = slot.state
+                && now_ms >= retry_at_ms
+                && slot.failures < self.max_attempts
+                && self.usable.contains(relay)
+            {
+                slot.state = SlotState::Pending;
+                actions.push(RelayAction::Reserve(relay.clone()));
             }
         }
         let held = self

@@ -10,7 +10,7 @@ fn five_peers_form_a_mesh_and_deliver_every_probe() {
     let report = run_mesh(&MeshScenario {
         peers: 5,
         probes_per_peer: 4,
-        probe_interval: Duration::from_millis(50),
+        probe_interval: Duration::from_millis(20),
         timeout: Duration::from_secs(60),
         bin: default_peer_bin(),
     })

@@ -30,7 +30,9 @@ fn nat_lab_hole_punches_and_falls_back_to_the_relay() {
     match output.status.code() {
         Some(0) => assert!(stdout.contains(&format!("{repeat}/{repeat} runs passed"))),
         Some(loom_testnet::SKIPPED_EXIT) => {
-            eprintln!("SKIPPED: NAT lab cannot run here (needs root / CAP_NET_ADMIN and ip, nft, tc)");
+            eprintln!(
+                "SKIPPED: NAT lab cannot run here (needs root / CAP_NET_ADMIN and ip, nft, tc)"
+            );
             if std::env::var_os("CI").is_some() {
                 panic!("the NAT lab must run in CI, which runs as root");
             }

@@ -450,12 +450,10 @@ impl SwarmTask {
                 tracing::debug!(?peer_id, error = %error, "dial failed");
                 metrics::counter!("loom_dial_failures_total").increment(1);
             }
-            SwarmEvent::ExternalAddrConfirmed { address } => {
-                // A relay reservation confirms our circuit address: reachable, but not public.
-                if !is_circuit(&address) {
-                    tracing::info!(%address, "external address confirmed");
-                    self.nat.on_confirmed(&address.to_string());
-                }
+            // A relay reservation confirms our circuit address: reachable, but not public.
+            SwarmEvent::ExternalAddrConfirmed { address } if !is_circuit(&address) => {
+                tracing::info!(%address, "external address confirmed");
+                self.nat.on_confirmed(&address.to_string());
             }
             SwarmEvent::ExternalAddrExpired { address } => {
                 self.nat.on_expired(&address.to_string());
@@ -477,10 +475,7 @@ impl SwarmTask {
                     agent.truncate(64);
                     self.agents.insert(peer_id, agent);
                 }
-                let kad_capable = info
-                    .protocols
-                    .iter()
-                    .any(|p| *p == super::behaviour::KAD_PROTOCOL);
+                let kad_capable = info.protocols.contains(&super::behaviour::KAD_PROTOCOL);
                 for addr in info.listen_addrs.iter().take(16) {
                     if kad_capable && (self.loopback_only || !is_loopback(addr)) {
                         self.swarm
@@ -489,10 +484,7 @@ impl SwarmTask {
                             .add_address(&peer_id, addr.clone());
                     }
                 }
-                let offers_relay = info
-                    .protocols
-                    .iter()
-                    .any(|p| *p == relay::HOP_PROTOCOL_NAME);
+                let offers_relay = info.protocols.contains(&relay::HOP_PROTOCOL_NAME);
                 if offers_relay && !self.relay_addrs.contains_key(&peer_id) {
                     // Reserve through the address we reached it on, if direct.
                     // Reserve through the address we dialed it on, or one it listens on.
@@ -652,31 +644,20 @@ impl SwarmTask {
                 self.report(&message_id, &source, Err("unknown-topic"));
                 return;
             };
-        let author = message.source;
-        let verdict = match topic {
-            Topic::Membership => match SignedHeartbeat::open(&message.data) {
-                Ok(hb) if super::peer_id_of(&hb.peer_key) == author => {
-                    if let Some(m) = membership() {
-                        let _ = m.cast(MembershipMsg::Heartbeat(hb));
-                    }
-                    Ok(())
+        let verdict = match validate_gossip(topic, &message.data, message.source) {
+            Ok(payload) => {
+                if let Some(m) = membership() {
+                    let _ = m.cast(match payload {
+                        GossipPayload::Heartbeat(hb) => MembershipMsg::Heartbeat(hb),
+                        GossipPayload::Probe(probe) => MembershipMsg::Probe(probe),
+                    });
                 }
-                Ok(_) => Err("heartbeat-author-mismatch"),
-                Err(e) => {
-                    tracing::debug!(%source, error = %e, "invalid heartbeat");
-                    Err("invalid-heartbeat")
-                }
-            },
-            Topic::Probe => match Probe::from_bytes(&message.data) {
-                Ok(probe) if super::peer_id_of(&probe.origin) == author => {
-                    if let Some(m) = membership() {
-                        let _ = m.cast(MembershipMsg::Probe(probe));
-                    }
-                    Ok(())
-                }
-                Ok(_) => Err("probe-author-mismatch"),
-                Err(_) => Err("invalid-probe"),
-            },
+                Ok(())
+            }
+            Err(reason) => {
+                tracing::debug!(%source, reason, "gossip rejected");
+                Err(reason)
+            }
         };
         if verdict.is_ok() {
             metrics::counter!("loom_gossip_messages_total", "direction" => "in", "topic" => topic.as_str()).increment(1);
@@ -796,6 +777,41 @@ impl SwarmTask {
     }
 }
 
+/// A gossip message that passed validation.
+#[derive(Debug, PartialEq)]
+pub enum GossipPayload {
+    /// A verified heartbeat signed by the message's author.
+    Heartbeat(loom_protocols::Heartbeat),
+    /// A probe from the message's author.
+    Probe(Probe),
+}
+
+/// Validates a gossip message: bounded decode, signature, and the payload's key must be the
+/// gossip author's (no relaying someone else's heartbeat as your own). Returns the reason label
+/// used in `loom_gossip_rejected_total` on failure.
+pub fn validate_gossip(
+    topic: Topic,
+    data: &[u8],
+    author: Option<PeerId>,
+) -> Result<GossipPayload, &'static str> {
+    match topic {
+        Topic::Membership => {
+            let hb = SignedHeartbeat::open(data).map_err(|_| "invalid-heartbeat")?;
+            if super::peer_id_of(&hb.peer_key) != author {
+                return Err("heartbeat-author-mismatch");
+            }
+            Ok(GossipPayload::Heartbeat(hb))
+        }
+        Topic::Probe => {
+            let probe = Probe::from_bytes(data).map_err(|_| "invalid-probe")?;
+            if super::peer_id_of(&probe.origin) != author {
+                return Err("probe-author-mismatch");
+            }
+            Ok(GossipPayload::Probe(probe))
+        }
+    }
+}
+
 fn membership() -> Option<ActorRef<MembershipMsg>> {
     ractor::registry::where_is(names::MEMBERSHIP).map(Into::into)
 }
@@ -839,4 +855,68 @@ fn strip_p2p(mut addr: Multiaddr) -> Multiaddr {
         addr.pop();
     }
     addr
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::identity::Keypair;
+    use loom_protocols::{Heartbeat, NatStatus};
+
+    fn heartbeat(keypair: &Keypair) -> Vec<u8> {
+        let key = keypair
+            .public()
+            .try_into_ed25519()
+            .expect("ed25519")
+            .to_bytes();
+        Heartbeat {
+            peer_key: key,
+            incarnation: 1,
+            seq: 1,
+            sent_at_unix_ms: 0,
+            addrs: vec![],
+            nat: NatStatus::Unknown,
+            agent: "test".into(),
+        }
+        .seal(|m| keypair.sign(m).expect("sign"))
+        .to_bytes()
+    }
+
+    #[test]
+    fn a_heartbeat_from_its_author_is_accepted() {
+        let k = Keypair::generate_ed25519();
+        let author = Some(k.public().to_peer_id());
+        assert!(matches!(
+            validate_gossip(Topic::Membership, &heartbeat(&k), author),
+            Ok(GossipPayload::Heartbeat(_))
+        ));
+    }
+
+    #[test]
+    fn a_heartbeat_republished_by_another_author_is_rejected() {
+        let k = Keypair::generate_ed25519();
+        let other = Some(Keypair::generate_ed25519().public().to_peer_id());
+        assert_eq!(
+            validate_gossip(Topic::Membership, &heartbeat(&k), other),
+            Err("heartbeat-author-mismatch")
+        );
+    }
+
+    #[test]
+    fn garbage_and_oversize_payloads_are_rejected() {
+        let author = Some(Keypair::generate_ed25519().public().to_peer_id());
+        assert_eq!(
+            validate_gossip(Topic::Membership, b"garbage", author),
+            Err("invalid-heartbeat")
+        );
+        let huge = vec![7u8; 200 * 1024];
+        assert_eq!(
+            validate_gossip(Topic::Membership, &huge, author),
+            Err("invalid-heartbeat")
+        );
+        assert_eq!(
+            validate_gossip(Topic::Probe, &huge, author),
+            Err("invalid-probe")
+        );
+    }
 }

@@ -31,6 +31,9 @@ enum Scenario {
         /// Probes each peer publishes.
         #[arg(long, default_value_t = 10)]
         probes_per_peer: usize,
+        /// Pause after each probe, in ms (probes go out one at a time, round-robin).
+        #[arg(long, default_value_t = 20)]
+        probe_interval_ms: u64,
         /// Formation timeout in seconds.
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
@@ -50,6 +53,7 @@ fn main() -> ExitCode {
         Scenario::Mesh {
             peers,
             probes_per_peer,
+            probe_interval_ms,
             timeout_secs,
         } => {
             if peers < 2 {
@@ -59,7 +63,7 @@ fn main() -> ExitCode {
             run_mesh(&MeshScenario {
                 peers,
                 probes_per_peer,
-                probe_interval: Duration::from_millis(100),
+                probe_interval: Duration::from_millis(probe_interval_ms),
                 timeout: Duration::from_secs(timeout_secs),
                 bin,
             })
@@ -73,11 +77,11 @@ fn main() -> ExitCode {
         Ok(value) => {
             let text = serde_json::to_string_pretty(&value).unwrap_or_default();
             println!("{text}");
-            if let Some(path) = cli.json {
-                if let Err(e) = std::fs::write(&path, text + "\n") {
-                    eprintln!("error: cannot write {}: {e}", path.display());
-                    return ExitCode::FAILURE;
-                }
+            if let Some(path) = cli.json
+                && let Err(e) = std::fs::write(&path, text + "\n")
+            {
+                eprintln!("error: cannot write {}: {e}", path.display());
+                return ExitCode::FAILURE;
             }
             ExitCode::SUCCESS
         }

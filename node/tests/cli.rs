@@ -1,0 +1,165 @@
+//! The `loom-peer` binary end to end: bad input gives one clear line and a non-zero exit, the
+//! identity persists, and a running node answers `status` and stops on SIGTERM.
+
+use std::{
+    net::TcpListener,
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_loom-peer");
+
+fn loom(data_dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("loom-peer runs")
+}
+
+/// Asserts a failure with exactly one line on stderr starting with `prefix`.
+fn assert_one_line_error(out: &std::process::Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "expected failure, got success");
+    assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {stderr}");
+    assert!(lines[0].starts_with("error: "), "{stderr}");
+    assert!(lines[0].contains(needle), "expected {needle:?} in {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+fn run_args(port: u16) -> Vec<String> {
+    vec![
+        "run".into(),
+        "--listen".into(),
+        format!("/ip4/127.0.0.1/tcp/{port}"),
+        "--no-mdns".into(),
+        "--metrics-addr".into(),
+        "off".into(),
+    ]
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+#[test]
+fn the_identity_is_created_once_and_kept() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let a = loom(dir.path(), &["id"]);
+    let b = loom(dir.path(), &["id"]);
+    assert!(a.status.success());
+    assert_eq!(a.stdout, b.stdout);
+    assert!(String::from_utf8_lossy(&a.stdout).starts_with("12D3KooW"));
+}
+
+#[test]
+fn a_malformed_multiaddr_is_one_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = loom(dir.path(), &["run", "--listen", "/ip4/300.1.1.1/tcp/1"]);
+    assert_one_line_error(&out, "invalid --listen");
+    let out = loom(dir.path(), &["run", "--bootstrap", "not-an-address"]);
+    assert_one_line_error(&out, "invalid --bootstrap");
+}
+
+#[test]
+fn a_corrupt_identity_file_is_one_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(dir.path().join("identity.key"), b"not a key").expect("write");
+    let mut perms = std::fs::metadata(dir.path().join("identity.key"))
+        .expect("meta")
+        .permissions();
+    std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o600);
+    std::fs::set_permissions(dir.path().join("identity.key"), perms).expect("chmod");
+    let out = loom(dir.path(), &["id"]);
+    assert_one_line_error(&out, "is corrupt");
+}
+
+#[test]
+fn a_port_in_use_is_one_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let args = run_args(port);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = loom(dir.path(), &args);
+    assert_one_line_error(&out, "in use");
+}
+
+#[test]
+fn a_bad_config_file_is_one_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("loom.toml");
+    std::fs::write(&config, "max_connections = \"many\"\n").expect("write");
+    let out = loom(
+        dir.path(),
+        &["run", "--config", config.to_str().expect("utf8")],
+    );
+    assert_one_line_error(&out, "bad config file");
+    let out = loom(dir.path(), &["run", "--config", "/nonexistent/loom.toml"]);
+    assert_one_line_error(&out, "cannot read config file");
+}
+
+#[test]
+fn status_without_a_running_node_says_so() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = loom(dir.path(), &["status"]);
+    assert_one_line_error(&out, "no running loom-peer");
+}
+
+#[test]
+fn a_running_node_reports_status_and_stops_on_sigterm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(run_args(port))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let report = loop {
+        let out = loom(dir.path(), &["status", "--json"]);
+        if out.status.success() {
+            break serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("json");
+        }
+        assert!(Instant::now() < deadline, "status never answered");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let listen = report["network"]["listen_addrs"].to_string();
+    assert!(listen.contains(&format!("/tcp/{port}")), "{report}");
+    assert_eq!(report["network"]["nat_status"], "unknown");
+    let actors = report["actors"].as_array().expect("actors");
+    assert!(actors.iter().all(|a| a["running"] == true), "{report}");
+    let table = loom(dir.path(), &["status"]);
+    assert!(String::from_utf8_lossy(&table.stdout).contains("LIVE VIEW"));
+    // A wrong token is refused.
+    std::fs::write(dir.path().join("control.token"), "0".repeat(64)).expect("write");
+    let out = loom(dir.path(), &["status"]);
+    assert_one_line_error(&out, "401");
+    // SIGTERM: clean exit.
+    let pid = child.id().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
