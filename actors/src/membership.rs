@@ -158,7 +158,7 @@ fn hex8(key: &PeerKey) -> String {
 }
 
 /// The Membership actor.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct MembershipActor;
 
 impl Actor for MembershipActor {

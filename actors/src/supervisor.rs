@@ -29,6 +29,29 @@ pub struct ChildSpec {
     pub spawn: Arc<dyn Fn(ActorCell) -> SpawnFuture + Send + Sync>,
 }
 
+impl ChildSpec {
+    /// A child that is `actor` started with a clone of `args`, registered as `registry_name`.
+    pub fn actor<A>(name: &str, registry_name: &'static str, actor: A, args: A::Arguments) -> Self
+    where
+        A: Actor + Clone + Sync,
+        A::Arguments: Clone + Sync,
+    {
+        Self {
+            name: name.to_owned(),
+            spawn: Arc::new(move |supervisor| {
+                let (actor, args) = (actor.clone(), args.clone());
+                Box::pin(async move {
+                    let (actor_ref, _) =
+                        Actor::spawn_linked(Some(registry_name.into()), actor, args, supervisor)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    Ok(actor_ref.get_cell())
+                })
+            }),
+        }
+    }
+}
+
 impl std::fmt::Debug for ChildSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ChildSpec")

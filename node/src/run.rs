@@ -90,36 +90,13 @@ async fn run_async(config: NodeConfig, keypair: Keypair) -> anyhow::Result<()> {
         agent: crate::agent(),
     };
     let children = vec![
-        ChildSpec {
-            name: "network".into(),
-            spawn: Arc::new(move |sup| {
-                let args = network_args.clone();
-                Box::pin(async move {
-                    let (actor, _) =
-                        Actor::spawn_linked(Some(names::NETWORK.into()), NetworkActor, args, sup)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    Ok(actor.get_cell())
-                })
-            }),
-        },
-        ChildSpec {
-            name: "membership".into(),
-            spawn: Arc::new(move |sup| {
-                let args = membership_args.clone();
-                Box::pin(async move {
-                    let (actor, _) = Actor::spawn_linked(
-                        Some(names::MEMBERSHIP.into()),
-                        MembershipActor,
-                        args,
-                        sup,
-                    )
-                    .await
-                    .map_err(|e| e.to_string())?;
-                    Ok(actor.get_cell())
-                })
-            }),
-        },
+        ChildSpec::actor("network", names::NETWORK, NetworkActor, network_args),
+        ChildSpec::actor(
+            "membership",
+            names::MEMBERSHIP,
+            MembershipActor,
+            membership_args,
+        ),
     ];
     let (supervisor, supervisor_done) = Actor::spawn(
         Some(names::SUPERVISOR.into()),

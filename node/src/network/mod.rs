@@ -198,7 +198,7 @@ pub struct NetworkState {
 }
 
 /// The Network actor.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct NetworkActor;
 
 impl Actor for NetworkActor {

@@ -79,37 +79,11 @@ pub fn build(
     relay_transport: relay::client::Transport,
     peer_bytes: PeerBytes,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, TransportError> {
-    let tcp = tcp::tokio::Transport::new(tcp::Config::new().nodelay(true))
-        .upgrade(Version::V1Lazy)
-        .authenticate(noise::Config::new(keypair)?)
-        .multiplex(yamux::Config::default())
-        .timeout(Duration::from_secs(20));
-    let quic = quic::tokio::Transport::new(quic::Config::new(keypair));
-    let direct = quic.or_transport(tcp).map(|either, _| match either {
-        futures::future::Either::Left((peer, conn)) => (peer, StreamMuxerBox::new(conn)),
-        futures::future::Either::Right((peer, muxer)) => (peer, StreamMuxerBox::new(muxer)),
-    });
-    let direct = match dns::tokio::Transport::system(direct) {
+    let direct = match dns::tokio::Transport::system(direct_transport(keypair)?) {
         Ok(with_dns) => with_dns.boxed(),
         Err(e) => {
             tracing::warn!(error = %e, "no system DNS configuration: /dns addresses will not resolve");
-            // Rebuild without DNS: the inner transport was moved into the failed constructor.
-            let tcp = tcp::tokio::Transport::new(tcp::Config::new().nodelay(true))
-                .upgrade(Version::V1Lazy)
-                .authenticate(noise::Config::new(keypair)?)
-                .multiplex(yamux::Config::default())
-                .timeout(Duration::from_secs(20));
-            quic::tokio::Transport::new(quic::Config::new(keypair))
-                .or_transport(tcp)
-                .map(|either, _| match either {
-                    futures::future::Either::Left((peer, conn)) => {
-                        (peer, StreamMuxerBox::new(conn))
-                    }
-                    futures::future::Either::Right((peer, muxer)) => {
-                        (peer, StreamMuxerBox::new(muxer))
-                    }
-                })
-                .boxed()
+            direct_transport(keypair)?
         }
     };
     let relayed = relay_transport
@@ -132,6 +106,22 @@ pub fn build(
                     counters,
                 }),
             )
+        })
+        .boxed())
+}
+
+/// QUIC or TCP + Noise + Yamux, both yielding a boxed muxer.
+fn direct_transport(keypair: &Keypair) -> Result<Boxed<(PeerId, StreamMuxerBox)>, TransportError> {
+    let tcp = tcp::tokio::Transport::new(tcp::Config::new().nodelay(true))
+        .upgrade(Version::V1Lazy)
+        .authenticate(noise::Config::new(keypair)?)
+        .multiplex(yamux::Config::default())
+        .timeout(Duration::from_secs(20));
+    Ok(quic::tokio::Transport::new(quic::Config::new(keypair))
+        .or_transport(tcp)
+        .map(|either, _| match either {
+            futures::future::Either::Left((peer, conn)) => (peer, StreamMuxerBox::new(conn)),
+            futures::future::Either::Right((peer, muxer)) => (peer, StreamMuxerBox::new(muxer)),
         })
         .boxed())
 }
