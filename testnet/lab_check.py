@@ -40,7 +40,11 @@ def main() -> int:
 
     pp = peers("pub")
     nat = st["pub"].get("network", {}).get("nat_status")
-    direct = [w for w in ("relay", "a", "b", "c") if ids[w] in pp and pp[ids[w]]["kind"] == "direct"]
+    # Direct paths: dialed directly, or first met through the relay and upgraded by DCUtR (which
+    # happens when the NATed side learned of pub before AutoNAT had confirmed pub as public).
+    direct = [
+        w for w in ("relay", "a", "b", "c") if ids[w] in pp and pp[ids[w]]["kind"] in ("direct", "hole-punched")
+    ]
     pub_ok = nat == "public" and "relay" in direct and len(direct) >= 2
     print(f"(c) pub public and directly connected: {pub_ok} nat={nat} direct-to={direct}")
     ok &= pub_ok

@@ -145,10 +145,11 @@ impl MembershipState {
                 | MembershipEvent::AddrsChanged(_)
         ) && let Some(member) = self.view.get(key)
         {
-            let _ = self
-                .args
-                .network
-                .connect_hint(*key, member.heartbeat.addrs.clone());
+            let _ = self.args.network.connect_hint(
+                *key,
+                member.heartbeat.addrs.clone(),
+                member.heartbeat.nat,
+            );
         }
     }
 }

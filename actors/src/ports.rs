@@ -4,7 +4,7 @@
 //! [`HeartbeatSigner`] with the peer's libp2p identity; tests and the in-process simulation
 //! implement them with in-memory buses.
 
-use loom_protocols::PeerKey;
+use loom_protocols::{NatStatus, PeerKey};
 
 /// Gossip topics of the mesh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -43,8 +43,14 @@ pub enum PortError {
 pub trait NetworkPort: Send + Sync + 'static {
     /// Publishes `data` on `topic`.
     fn publish(&self, topic: Topic, data: Vec<u8>) -> Result<(), PortError>;
-    /// Suggests connecting to `peer` on `addrs` (learned from its heartbeat).
-    fn connect_hint(&self, peer: PeerKey, addrs: Vec<String>) -> Result<(), PortError>;
+    /// Suggests connecting to `peer` on `addrs`, learned from its heartbeat together with its
+    /// own view of its reachability `nat`.
+    fn connect_hint(
+        &self,
+        peer: PeerKey,
+        addrs: Vec<String>,
+        nat: NatStatus,
+    ) -> Result<(), PortError>;
 }
 
 /// Signs with this peer's identity key.

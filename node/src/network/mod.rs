@@ -44,6 +44,8 @@ pub enum NetCommand {
         peer: PeerId,
         /// Its advertised addresses.
         addrs: Vec<Multiaddr>,
+        /// Whether it says it is publicly reachable.
+        public: bool,
     },
     /// Dial an address now.
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
@@ -81,12 +83,21 @@ impl NetworkPort for NetworkHandle {
         self.send(NetCommand::Publish { topic, data })
     }
 
-    fn connect_hint(&self, peer: PeerKey, addrs: Vec<String>) -> Result<(), PortError> {
+    fn connect_hint(
+        &self,
+        peer: PeerKey,
+        addrs: Vec<String>,
+        nat: loom_protocols::NatStatus,
+    ) -> Result<(), PortError> {
         let Some(peer) = peer_id_of(&peer) else {
             return Ok(());
         };
         let addrs = addrs.iter().filter_map(|a| a.parse().ok()).collect();
-        self.send(NetCommand::ConnectHint { peer, addrs })
+        self.send(NetCommand::ConnectHint {
+            peer,
+            addrs,
+            public: nat == loom_protocols::NatStatus::Public,
+        })
     }
 }
 

@@ -40,6 +40,8 @@ const MAX_DIAL_BACKOFF_ENTRIES: usize = 1024;
 const MAX_DIAL_ATTEMPTS: u32 = 8;
 /// Recently hole-punched connection ids remembered before their establishment event arrives.
 const MAX_PENDING_PUNCHED: usize = 256;
+/// How long the larger PeerId of a pair waits before dialing a newly learned address itself.
+const YIELD_DIAL: Duration = Duration::from_secs(5);
 /// Agent strings remembered (one per connected peer at most).
 const MAX_AGENTS: usize = 4096;
 
@@ -188,7 +190,11 @@ impl SwarmTask {
                     }
                 }
             }
-            NetCommand::ConnectHint { peer, addrs } => self.connect_hint(peer, addrs),
+            NetCommand::ConnectHint {
+                peer,
+                addrs,
+                public,
+            } => self.connect_hint(peer, addrs, public),
             NetCommand::Dial(addr, reply) => {
                 let result = self.swarm.dial(addr).map_err(|e| e.to_string());
                 let _ = reply.send(result);
@@ -200,7 +206,9 @@ impl SwarmTask {
     }
 
     /// Dials a peer we learned of from its heartbeat, unless connected or backing off.
-    fn connect_hint(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+    /// `remote_public`: the peer says it is publicly reachable (or is on our LAN), so we can
+    /// dial it directly.
+    fn connect_hint(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, remote_public: bool) {
         if peer == *self.swarm.local_peer_id() || self.swarm.is_connected(&peer) {
             return;
         }
@@ -228,10 +236,17 @@ impl SwarmTask {
             addrs: Vec::new(),
         });
         if state.addrs != addrs {
-            // New addresses (say, a fresh relay reservation): worth a try at once.
+            // New addresses (say, a fresh relay reservation): worth a try soon. Both sides learn
+            // each other's addresses at about the same time, and two relayed connections dialed
+            // at once make DCUtR race itself and fail. So: a public peer is dialed at once
+            // (directly); a public peer lets private peers dial it; between two private peers
+            // the smaller PeerId dials first. The one that yields still dials after `YIELD_DIAL`
+            // if nobody connected.
+            let local_public = self.nat.status() == loom_protocols::NatStatus::Public;
+            let dial_first = remote_public || (!local_public && *self.swarm.local_peer_id() < peer);
             state.addrs = addrs.clone();
             state.backoff.reset();
-            state.next_at = now;
+            state.next_at = if dial_first { now } else { now + YIELD_DIAL };
         }
         if now < state.next_at || state.backoff.attempt() >= MAX_DIAL_ATTEMPTS {
             return;
@@ -264,7 +279,8 @@ impl SwarmTask {
             .map(|(peer, s)| (*peer, s.addrs.clone()))
             .collect();
         for (peer, addrs) in due {
-            self.connect_hint(peer, addrs);
+            // Same addresses as before: the dial-order rule does not apply again.
+            self.connect_hint(peer, addrs, false);
         }
     }
 
@@ -598,7 +614,7 @@ impl SwarmTask {
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found.into_iter().take(32) {
-                    self.connect_hint(peer, vec![addr]);
+                    self.connect_hint(peer, vec![addr], true);
                 }
             }
             _ => {}
