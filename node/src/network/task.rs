@@ -40,6 +40,9 @@ const MAX_DIAL_BACKOFF_ENTRIES: usize = 1024;
 const MAX_DIAL_ATTEMPTS: u32 = 8;
 /// Recently hole-punched connection ids remembered before their establishment event arrives.
 const MAX_PENDING_PUNCHED: usize = 256;
+/// Redundant connections younger than this are left alone (an AutoNAT dial-back or a DCUtR
+/// upgrade may still be using them).
+const DEDUP_AFTER: Duration = Duration::from_secs(5);
 /// How long the larger PeerId of a pair waits before dialing a newly learned address itself.
 const YIELD_DIAL: Duration = Duration::from_secs(5);
 /// Agent strings remembered (one per connected peer at most).
@@ -81,6 +84,7 @@ pub struct SwarmTask {
     advertised: Vec<String>,
     kad_server: bool,
     loopback_only: bool,
+    ticks: u64,
 }
 
 impl SwarmTask {
@@ -126,6 +130,7 @@ impl SwarmTask {
             advertised: Vec::new(),
             kad_server: false,
             loopback_only,
+            ticks: 0,
             config,
         }
     }
@@ -264,6 +269,43 @@ impl SwarmTask {
         }
     }
 
+    /// Keeps one connection per peer. Crossing dials and AutoNAT dial-backs (which gossipsub
+    /// then keeps alive) leave pairs of peers with several connections, each costing timers,
+    /// keep-alives and duplicate gossip. Only the larger PeerId of a pair closes, so the two
+    /// sides never close different connections: it keeps the oldest direct connection, and
+    /// drops relayed ones once a direct path exists (freeing the relay's circuit).
+    fn close_redundant_connections(&mut self) {
+        let local = *self.swarm.local_peer_id();
+        let mut by_peer: HashMap<PeerId, Vec<(ConnectionId, &Connection)>> = HashMap::new();
+        for (id, conn) in &self.connections {
+            if conn.peer < local {
+                by_peer.entry(conn.peer).or_default().push((*id, conn));
+            }
+        }
+        let mut to_close = Vec::new();
+        for conns in by_peer.values_mut() {
+            if conns.len() < 2 || conns.iter().any(|(_, c)| c.since.elapsed() < DEDUP_AFTER) {
+                continue;
+            }
+            conns.sort_by_key(|(_, c)| c.since);
+            let keep = conns
+                .iter()
+                .find(|(_, c)| c.kind != ConnectionKind::Relayed)
+                .or_else(|| conns.first())
+                .map(|(id, _)| *id);
+            to_close.extend(
+                conns
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .filter(|id| Some(*id) != keep),
+            );
+        }
+        for id in to_close {
+            metrics::counter!("loom_redundant_connections_closed_total").increment(1);
+            self.swarm.close_connection(id);
+        }
+    }
+
     /// Retries hinted peers we are still not connected to, once their backoff elapsed.
     fn retry_hinted_dials(&mut self) {
         let now = Instant::now();
@@ -323,6 +365,10 @@ impl SwarmTask {
         }
         self.retry_hinted_dials();
         self.advertise();
+        self.ticks += 1;
+        if self.ticks.is_multiple_of(8) {
+            self.close_redundant_connections();
+        }
     }
 
     fn on_slow_tick(&mut self) {
