@@ -43,6 +43,22 @@ fn run_args(port: u16) -> Vec<String> {
     ]
 }
 
+/// A plain HTTP/1.0 GET on loopback; returns the body.
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("write");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read");
+    response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default()
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -118,10 +134,14 @@ fn status_without_a_running_node_says_so() {
 fn a_running_node_reports_status_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let port = free_port();
+    let metrics_port = free_port();
+    let mut args = run_args(port);
+    args.retain(|a| a != "--metrics-addr" && a != "off");
+    args.extend(["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")]);
     let mut child = Command::new(BIN)
         .arg("--data-dir")
         .arg(dir.path())
-        .args(run_args(port))
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -143,6 +163,18 @@ fn a_running_node_reports_status_and_stops_on_sigterm() {
     assert!(actors.iter().all(|a| a["running"] == true), "{report}");
     let table = loom(dir.path(), &["status"]);
     assert!(String::from_utf8_lossy(&table.stdout).contains("LIVE VIEW"));
+    // Prometheus metrics: peers by kind from the start, heartbeats once the first tick ran.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let body = http_get(metrics_port, "/metrics");
+        if body.contains("loom_peers{kind=\"hole-punched\"} 0")
+            && body.contains("loom_heartbeats_sent_total")
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "metrics never showed up: {body}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // A wrong token is refused.
     std::fs::write(dir.path().join("control.token"), "0".repeat(64)).expect("write");
     let out = loom(dir.path(), &["status"]);

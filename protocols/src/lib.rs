@@ -8,6 +8,7 @@ pub mod backoff;
 pub mod connection;
 pub mod membership;
 pub mod probe;
+pub mod ratelimit;
 pub mod wire;
 
 pub use backoff::Backoff;
@@ -17,6 +18,7 @@ pub use membership::{
     SignedHeartbeat,
 };
 pub use probe::{Probe, ProbeLog, ProbeSample, quantile};
+pub use ratelimit::RateLimiter;
 pub use wire::{WireError, decode_bounded, encode};
 
 /// An ed25519 public key: the identity of a peer inside the protocols (the network layer maps it

@@ -19,7 +19,7 @@ use libp2p::{
 };
 use loom_actors::{MembershipMsg, Topic, names};
 use loom_protocols::{
-    Backoff, ConnectionKind, NatTracker, Probe, RelayPlanner, SignedHeartbeat,
+    Backoff, ConnectionKind, NatTracker, Probe, RateLimiter, RelayPlanner, SignedHeartbeat,
     connection::RelayAction,
 };
 use ractor::ActorRef;
@@ -40,6 +40,11 @@ const MAX_DIAL_BACKOFF_ENTRIES: usize = 1024;
 const MAX_DIAL_ATTEMPTS: u32 = 8;
 /// Recently hole-punched connection ids remembered before their establishment event arrives.
 const MAX_PENDING_PUNCHED: usize = 256;
+/// Gossip messages accepted per author per second (heartbeats and probes together), and burst.
+const GOSSIP_RATE_PER_AUTHOR: f64 = 20.0;
+const GOSSIP_BURST_PER_AUTHOR: u32 = 40;
+/// Authors the rate limiter tracks at once.
+const MAX_RATE_LIMITED_AUTHORS: usize = 8192;
 /// Redundant connections younger than this are left alone (an AutoNAT dial-back or a DCUtR
 /// upgrade may still be using them).
 const DEDUP_AFTER: Duration = Duration::from_secs(5);
@@ -85,6 +90,7 @@ pub struct SwarmTask {
     kad_server: bool,
     loopback_only: bool,
     ticks: u64,
+    gossip_limiter: RateLimiter<PeerId>,
 }
 
 impl SwarmTask {
@@ -131,6 +137,11 @@ impl SwarmTask {
             kad_server: false,
             loopback_only,
             ticks: 0,
+            gossip_limiter: RateLimiter::new(
+                GOSSIP_RATE_PER_AUTHOR,
+                GOSSIP_BURST_PER_AUTHOR,
+                MAX_RATE_LIMITED_AUTHORS,
+            ),
             config,
         }
     }
@@ -161,6 +172,7 @@ impl SwarmTask {
                 tracing::warn!(%addr, error = %e, "bootstrap dial failed");
             }
         }
+        self.update_peer_gauges();
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         let mut slow_tick = tokio::time::interval(Duration::from_secs(10));
         loop {
@@ -706,6 +718,23 @@ impl SwarmTask {
                 self.report(&message_id, &source, Err("unknown-topic"));
                 return;
             };
+        // Valid messages are cheap to make: cap each author's rate before anything reaches an
+        // actor's mailbox. Over the rate the message is ignored (not forwarded, not penalised).
+        let now_ms = self.now_ms();
+        if let Some(author) = message.source
+            && !self.gossip_limiter.allow(&author, now_ms)
+        {
+            metrics::counter!("loom_gossip_rate_limited_total").increment(1);
+            self.swarm
+                .behaviour_mut()
+                .gossipsub
+                .report_message_validation_result(
+                    &message_id,
+                    &source,
+                    gossipsub::MessageAcceptance::Ignore,
+                );
+            return;
+        }
         let verdict = match validate_gossip(topic, &message.data, message.source) {
             Ok(payload) => {
                 if let Some(m) = membership() {
