@@ -5,6 +5,7 @@
 //! by a real node, by an in-process simulation or by a test on virtual time.
 
 pub mod backoff;
+pub mod compress;
 pub mod connection;
 pub mod membership;
 pub mod probe;
