@@ -7,7 +7,9 @@
 pub mod backoff;
 pub mod compress;
 pub mod connection;
+pub mod contribution;
 pub mod membership;
+pub mod outer;
 pub mod probe;
 pub mod ratelimit;
 pub mod wire;
