@@ -195,3 +195,88 @@ fn a_running_node_reports_status_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+fn spawn_node(dir: &Path, args: &[String]) -> std::process::Child {
+    Command::new(BIN)
+        .arg("--data-dir")
+        .arg(dir)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn")
+}
+
+fn status_json(dir: &Path) -> Option<serde_json::Value> {
+    let out = loom(dir, &["status", "--json"]);
+    out.status
+        .success()
+        .then(|| serde_json::from_slice(&out.stdout).expect("json"))
+}
+
+fn connected_to(report: &serde_json::Value, peer: &str) -> bool {
+    report["network"]["peers"]
+        .as_array()
+        .is_some_and(|peers| peers.iter().any(|p| p["peer_id"] == peer))
+}
+
+#[test]
+fn a_blocked_peer_is_refused_and_others_are_not() {
+    let (hub_dir, ok_dir, bad_dir) = (
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+        tempfile::tempdir().expect("tempdir"),
+    );
+    let id = |dir: &Path| {
+        String::from_utf8_lossy(&loom(dir, &["id"]).stdout)
+            .trim()
+            .to_owned()
+    };
+    let (hub_id, ok_id, bad_id) = (id(hub_dir.path()), id(ok_dir.path()), id(bad_dir.path()));
+    let hub_port = free_port();
+    let mut hub_args = run_args(hub_port);
+    hub_args.extend(["--block".into(), bad_id.clone()]);
+    let mut hub = spawn_node(hub_dir.path(), &hub_args);
+    let bootstrap = format!("/ip4/127.0.0.1/tcp/{hub_port}/p2p/{hub_id}");
+    let mut others = Vec::new();
+    for dir in [ok_dir.path(), bad_dir.path()] {
+        let mut args = run_args(free_port());
+        args.extend(["--bootstrap".into(), bootstrap.clone()]);
+        others.push(spawn_node(dir, &args));
+    }
+    // The allowed peer connects; by then the blocked one has tried too.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(report) = status_json(hub_dir.path())
+            && connected_to(&report, &ok_id)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the allowed peer never connected"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Give the blocked peer's bootstrap dials (immediate, then every 10 s) time to be refused.
+    let settle = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < settle {
+        let hub_view = status_json(hub_dir.path()).expect("hub status");
+        assert!(
+            !connected_to(&hub_view, &bad_id),
+            "blocked peer got in: {hub_view}"
+        );
+        if let Some(bad_view) = status_json(bad_dir.path()) {
+            assert!(
+                !connected_to(&bad_view, &hub_id),
+                "blocked peer sees the hub: {bad_view}"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for child in others.iter_mut().chain(std::iter::once(&mut hub)) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
