@@ -138,15 +138,7 @@ fn a_running_node_reports_status_and_stops_on_sigterm() {
     let mut args = run_args(port);
     args.retain(|a| a != "--metrics-addr" && a != "off");
     args.extend(["--metrics-addr".into(), format!("127.0.0.1:{metrics_port}")]);
-    let mut child = Command::new(BIN)
-        .arg("--data-dir")
-        .arg(dir.path())
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut node = spawn_node(dir.path(), &args);
     let deadline = Instant::now() + Duration::from_secs(30);
     let report = loop {
         let out = loom(dir.path(), &["status", "--json"]);
@@ -180,14 +172,14 @@ fn a_running_node_reports_status_and_stops_on_sigterm() {
     let out = loom(dir.path(), &["status"]);
     assert_one_line_error(&out, "401");
     // SIGTERM: clean exit.
-    let pid = child.id().to_string();
+    let pid = node.0.id().to_string();
     Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .expect("kill");
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        if let Some(status) = child.try_wait().expect("wait") {
+        if let Some(status) = node.0.try_wait().expect("wait") {
             assert!(status.success(), "exit status {status}");
             break;
         }
@@ -196,16 +188,28 @@ fn a_running_node_reports_status_and_stops_on_sigterm() {
     }
 }
 
-fn spawn_node(dir: &Path, args: &[String]) -> std::process::Child {
-    Command::new(BIN)
-        .arg("--data-dir")
-        .arg(dir)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn")
+/// A node process that is killed when the guard drops, also when a test fails half-way.
+struct Node(std::process::Child);
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_node(dir: &Path, args: &[String]) -> Node {
+    Node(
+        Command::new(BIN)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn"),
+    )
 }
 
 fn status_json(dir: &Path) -> Option<serde_json::Value> {
@@ -237,13 +241,13 @@ fn a_blocked_peer_is_refused_and_others_are_not() {
     let hub_port = free_port();
     let mut hub_args = run_args(hub_port);
     hub_args.extend(["--block".into(), bad_id.clone()]);
-    let mut hub = spawn_node(hub_dir.path(), &hub_args);
+    let _hub = spawn_node(hub_dir.path(), &hub_args);
     let bootstrap = format!("/ip4/127.0.0.1/tcp/{hub_port}/p2p/{hub_id}");
-    let mut others = Vec::new();
+    let mut peers = Vec::new();
     for dir in [ok_dir.path(), bad_dir.path()] {
         let mut args = run_args(free_port());
         args.extend(["--bootstrap".into(), bootstrap.clone()]);
-        others.push(spawn_node(dir, &args));
+        peers.push(spawn_node(dir, &args));
     }
     // The allowed peer connects; by then the blocked one has tried too.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -274,9 +278,5 @@ fn a_blocked_peer_is_refused_and_others_are_not() {
             );
         }
         std::thread::sleep(Duration::from_millis(200));
-    }
-    for child in others.iter_mut().chain(std::iter::once(&mut hub)) {
-        let _ = child.kill();
-        let _ = child.wait();
     }
 }
