@@ -8,6 +8,8 @@ pub mod backoff;
 pub mod compress;
 pub mod connection;
 pub mod contribution;
+pub mod credits;
+pub mod ledger;
 pub mod membership;
 pub mod outer;
 pub mod probe;

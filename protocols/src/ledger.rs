@@ -1,0 +1,521 @@
+//! The replicated ledger's data: signed entries, hash-chained blocks, quorum certificates, and
+//! the verification every replica runs on what it receives.
+//!
+//! A block is final when a quorum certificate carries signatures of more than two thirds of the
+//! committee over its hash. Replicas verify, for each block: the height follows, `prev_hash` is the
+//! hash of the previous block, every entry is signed by its author, and the certificate is a valid
+//! quorum of distinct committee members. Agreement on *which* block is final at a height comes
+//! from the consensus engine; this module only checks what it produced.
+
+use std::collections::BTreeSet;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::{PeerKey, WireError, contribution::BlobHash, decode_bounded, encode};
+
+/// Largest encoded block accepted from the wire, in bytes.
+pub const MAX_BLOCK_BYTES: usize = 4 * 1024 * 1024;
+/// Most entries in one block.
+pub const MAX_ENTRIES_PER_BLOCK: usize = 10_000;
+/// Longest free-text reason in an entry, in bytes.
+pub const MAX_REASON_BYTES: usize = 256;
+const ENTRY_DOMAIN: &[u8] = b"loom/ledger-entry/v1\0";
+const VOTE_DOMAIN: &[u8] = b"loom/ledger-vote/v1\0";
+
+/// Credits, in the smallest unit.
+pub type Credits = u64;
+/// A job's id (hash of its manifest).
+pub type JobId = [u8; 32];
+
+/// What an entry records. The author of the signed entry is the actor of the record (the
+/// submitter of a job, the sender of a transfer, the coordinator of a round, the verifier).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Entry {
+    /// Genesis only: credits created for `to`.
+    Mint {
+        /// Receiver.
+        to: PeerKey,
+        /// Amount.
+        amount: Credits,
+    },
+    /// A peer joined (fleet enrollment or open mesh).
+    Enroll {
+        /// The peer.
+        peer: PeerKey,
+    },
+    /// A job was submitted; `escrow` credits move from the author into the job's escrow.
+    JobSubmitted {
+        /// The job.
+        job: JobId,
+        /// Credits put in escrow.
+        escrow: Credits,
+    },
+    /// A round's outcome, proposed by its coordinator: payouts from the job's escrow to accepted
+    /// contributors, and rejected contributors (slashed).
+    RoundResult {
+        /// The job.
+        job: JobId,
+        /// The round.
+        round: u64,
+        /// Hash of the model after the round.
+        model_hash: BlobHash,
+        /// (contributor, credits) for accepted contributions.
+        accepted: Vec<(PeerKey, Credits)>,
+        /// Contributors whose contribution was rejected.
+        rejected: Vec<PeerKey>,
+    },
+    /// A verifier's verdict on a contribution; the verifier is paid `fee` from the job's escrow.
+    Verdict {
+        /// The job.
+        job: JobId,
+        /// The round.
+        round: u64,
+        /// Whose contribution.
+        subject: PeerKey,
+        /// Accepted or not.
+        accepted: bool,
+        /// Why (empty when accepted).
+        reason: String,
+        /// Credits paid to the verifier.
+        fee: Credits,
+    },
+    /// Credits from the author to `to`.
+    Transfer {
+        /// Receiver.
+        to: PeerKey,
+        /// Amount.
+        amount: Credits,
+    },
+    /// A checkpoint was published.
+    CheckpointPublished {
+        /// The job.
+        job: JobId,
+        /// The round it follows.
+        round: u64,
+        /// Its blake3 hash.
+        hash: BlobHash,
+    },
+    /// A peer is banned until `until_unix_ms` (0: for good), or revoked.
+    Ban {
+        /// The peer.
+        peer: PeerKey,
+        /// End of the ban.
+        until_unix_ms: u64,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// An entry with its author's signature.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignedEntry {
+    /// The record.
+    pub entry: Entry,
+    /// Its author.
+    pub author: PeerKey,
+    /// ed25519 over the domain tag, the author and the encoded entry.
+    pub signature: Vec<u8>,
+}
+
+fn entry_signing_bytes(entry: &Entry, author: &PeerKey) -> Vec<u8> {
+    let mut out = ENTRY_DOMAIN.to_vec();
+    out.extend_from_slice(author);
+    out.extend_from_slice(&encode(entry));
+    out
+}
+
+fn verify(key: &PeerKey, message: &[u8], signature: &[u8]) -> bool {
+    let (Ok(key), Ok(signature)) = (
+        VerifyingKey::from_bytes(key),
+        Signature::from_slice(signature),
+    ) else {
+        return false;
+    };
+    key.verify_strict(message, &signature).is_ok()
+}
+
+impl SignedEntry {
+    /// Signs `entry` as `author` with `sign`.
+    pub fn sign(entry: Entry, author: PeerKey, sign: impl FnOnce(&[u8]) -> Vec<u8>) -> Self {
+        let signature = sign(&entry_signing_bytes(&entry, &author));
+        Self {
+            entry,
+            author,
+            signature,
+        }
+    }
+
+    /// Whether the signature is the author's and free-text fields are within bounds.
+    pub fn is_valid(&self) -> bool {
+        let reason_ok = match &self.entry {
+            Entry::Verdict { reason, .. } | Entry::Ban { reason, .. } => {
+                reason.len() <= MAX_REASON_BYTES
+            }
+            _ => true,
+        };
+        reason_ok
+            && verify(
+                &self.author,
+                &entry_signing_bytes(&self.entry, &self.author),
+                &self.signature,
+            )
+    }
+}
+
+/// A block of entries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Block {
+    /// Height (genesis is 0).
+    pub height: u64,
+    /// Hash of the previous block (zeros for genesis).
+    pub prev_hash: BlobHash,
+    /// The proposer.
+    pub proposer: PeerKey,
+    /// Proposer's clock (unix ms), informative only.
+    pub timestamp_unix_ms: u64,
+    /// The entries, in order.
+    pub entries: Vec<SignedEntry>,
+}
+
+impl Block {
+    /// The block's hash: blake3 of its encoding.
+    pub fn hash(&self) -> BlobHash {
+        *blake3::hash(&encode(self)).as_bytes()
+    }
+
+    /// Wire bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Decodes a block from the network (bounded).
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
+        decode_bounded(bytes, MAX_BLOCK_BYTES)
+    }
+}
+
+/// Signatures of committee members over a block hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuorumCertificate {
+    /// The height.
+    pub height: u64,
+    /// The certified block.
+    pub block_hash: BlobHash,
+    /// (member, signature over the vote bytes).
+    pub votes: Vec<(PeerKey, Vec<u8>)>,
+}
+
+/// The bytes a committee member signs to vote for `block_hash` at `height`.
+pub fn vote_bytes(height: u64, block_hash: &BlobHash) -> Vec<u8> {
+    let mut out = VOTE_DOMAIN.to_vec();
+    out.extend_from_slice(&height.to_le_bytes());
+    out.extend_from_slice(block_hash);
+    out
+}
+
+/// Why a block or chain was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LedgerError {
+    /// The height does not follow the previous block.
+    #[error("block at height {got}, expected {expected}")]
+    Height {
+        /// Expected height.
+        expected: u64,
+        /// Height found.
+        got: u64,
+    },
+    /// `prev_hash` is not the previous block's hash.
+    #[error("block {height} does not chain to the previous block")]
+    Chain {
+        /// The height.
+        height: u64,
+    },
+    /// Too many entries.
+    #[error("block {height} has {count} entries")]
+    TooManyEntries {
+        /// The height.
+        height: u64,
+        /// Entries.
+        count: usize,
+    },
+    /// An entry's signature does not verify.
+    #[error("block {height}: entry {index} is not validly signed by its author")]
+    BadEntry {
+        /// The height.
+        height: u64,
+        /// Entry position.
+        index: usize,
+    },
+    /// A mint outside the genesis block.
+    #[error("block {height}: mint outside genesis")]
+    MintAfterGenesis {
+        /// The height.
+        height: u64,
+    },
+    /// The certificate is for another block.
+    #[error("certificate does not match block {height}")]
+    CertificateMismatch {
+        /// The height.
+        height: u64,
+    },
+    /// Not enough distinct, valid committee votes.
+    #[error("block {height}: {valid} valid votes of a committee of {committee}, need {needed}")]
+    NoQuorum {
+        /// The height.
+        height: u64,
+        /// Valid distinct votes.
+        valid: usize,
+        /// Committee size.
+        committee: usize,
+        /// Votes needed.
+        needed: usize,
+    },
+}
+
+/// Votes needed for a quorum of a committee of `n`: more than two thirds.
+pub fn quorum(n: usize) -> usize {
+    n * 2 / 3 + 1
+}
+
+/// Checks a certificate against a block and a committee.
+pub fn verify_certificate(
+    block: &Block,
+    certificate: &QuorumCertificate,
+    committee: &BTreeSet<PeerKey>,
+) -> Result<(), LedgerError> {
+    let hash = block.hash();
+    if certificate.height != block.height || certificate.block_hash != hash {
+        return Err(LedgerError::CertificateMismatch {
+            height: block.height,
+        });
+    }
+    let message = vote_bytes(block.height, &hash);
+    let voters: BTreeSet<&PeerKey> = certificate
+        .votes
+        .iter()
+        .filter(|(member, sig)| committee.contains(member) && verify(member, &message, sig))
+        .map(|(member, _)| member)
+        .collect();
+    let needed = quorum(committee.len());
+    if voters.len() < needed {
+        return Err(LedgerError::NoQuorum {
+            height: block.height,
+            valid: voters.len(),
+            committee: committee.len(),
+            needed,
+        });
+    }
+    Ok(())
+}
+
+/// Checks that `block` may follow `previous` (or be genesis when `previous` is `None`) and that
+/// all its entries are validly signed.
+pub fn verify_block(block: &Block, previous: Option<&Block>) -> Result<(), LedgerError> {
+    let (expected, prev_hash) = match previous {
+        Some(p) => (p.height + 1, p.hash()),
+        None => (0, [0; 32]),
+    };
+    if block.height != expected {
+        return Err(LedgerError::Height {
+            expected,
+            got: block.height,
+        });
+    }
+    if block.prev_hash != prev_hash {
+        return Err(LedgerError::Chain {
+            height: block.height,
+        });
+    }
+    if block.entries.len() > MAX_ENTRIES_PER_BLOCK {
+        return Err(LedgerError::TooManyEntries {
+            height: block.height,
+            count: block.entries.len(),
+        });
+    }
+    for (index, entry) in block.entries.iter().enumerate() {
+        if !entry.is_valid() {
+            return Err(LedgerError::BadEntry {
+                height: block.height,
+                index,
+            });
+        }
+        if block.height > 0 && matches!(entry.entry, Entry::Mint { .. }) {
+            return Err(LedgerError::MintAfterGenesis {
+                height: block.height,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Verifies a whole chain of finalized blocks from genesis.
+pub fn verify_chain(
+    chain: &[(Block, QuorumCertificate)],
+    committee: &BTreeSet<PeerKey>,
+) -> Result<(), LedgerError> {
+    let mut previous: Option<&Block> = None;
+    for (block, certificate) in chain {
+        verify_block(block, previous)?;
+        verify_certificate(block, certificate, committee)?;
+        previous = Some(block);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use ed25519_dalek::{Signer, SigningKey};
+
+    pub(crate) fn key(seed: u8) -> SigningKey {
+        SigningKey::from_bytes(&[seed; 32])
+    }
+
+    pub(crate) fn pk(seed: u8) -> PeerKey {
+        key(seed).verifying_key().to_bytes()
+    }
+
+    pub(crate) fn signed(seed: u8, entry: Entry) -> SignedEntry {
+        let sk = key(seed);
+        SignedEntry::sign(entry, pk(seed), |m| sk.sign(m).to_bytes().to_vec())
+    }
+
+    pub(crate) fn block(height: u64, prev: Option<&Block>, entries: Vec<SignedEntry>) -> Block {
+        Block {
+            height,
+            prev_hash: prev.map(Block::hash).unwrap_or([0; 32]),
+            proposer: pk(1),
+            timestamp_unix_ms: 0,
+            entries,
+        }
+    }
+
+    fn certify(block: &Block, voters: &[u8]) -> QuorumCertificate {
+        let message = vote_bytes(block.height, &block.hash());
+        QuorumCertificate {
+            height: block.height,
+            block_hash: block.hash(),
+            votes: voters
+                .iter()
+                .map(|s| (pk(*s), key(*s).sign(&message).to_bytes().to_vec()))
+                .collect(),
+        }
+    }
+
+    fn committee() -> BTreeSet<PeerKey> {
+        [1, 2, 3, 4].iter().map(|s| pk(*s)).collect()
+    }
+
+    #[test]
+    fn a_certified_chain_verifies() {
+        let genesis = block(
+            0,
+            None,
+            vec![signed(
+                1,
+                Entry::Mint {
+                    to: pk(1),
+                    amount: 100,
+                },
+            )],
+        );
+        let next = block(
+            1,
+            Some(&genesis),
+            vec![signed(
+                1,
+                Entry::Transfer {
+                    to: pk(2),
+                    amount: 5,
+                },
+            )],
+        );
+        let chain = vec![
+            (genesis.clone(), certify(&genesis, &[1, 2, 3])),
+            (next.clone(), certify(&next, &[2, 3, 4])),
+        ];
+        assert_eq!(verify_chain(&chain, &committee()), Ok(()));
+        let bytes = next.to_bytes();
+        assert_eq!(Block::from_bytes(&bytes), Ok(next));
+    }
+
+    #[test]
+    fn a_quorum_needs_more_than_two_thirds_of_distinct_members() {
+        assert_eq!(quorum(4), 3);
+        assert_eq!(quorum(7), 5);
+        let genesis = block(0, None, vec![]);
+        let two = certify(&genesis, &[1, 2]);
+        assert!(matches!(
+            verify_certificate(&genesis, &two, &committee()),
+            Err(LedgerError::NoQuorum { valid: 2, .. })
+        ));
+        let repeated = certify(&genesis, &[1, 1, 2]);
+        assert!(verify_certificate(&genesis, &repeated, &committee()).is_err());
+        let outsider = certify(&genesis, &[1, 2, 9]);
+        assert!(verify_certificate(&genesis, &outsider, &committee()).is_err());
+    }
+
+    #[test]
+    fn tampering_breaks_the_chain_or_the_signatures() {
+        let genesis = block(
+            0,
+            None,
+            vec![signed(
+                1,
+                Entry::Mint {
+                    to: pk(1),
+                    amount: 100,
+                },
+            )],
+        );
+        let next = block(
+            1,
+            Some(&genesis),
+            vec![signed(
+                1,
+                Entry::Transfer {
+                    to: pk(2),
+                    amount: 5,
+                },
+            )],
+        );
+        // A changed amount no longer matches the author's signature.
+        let mut forged = next.clone();
+        if let Entry::Transfer { amount, .. } = &mut forged.entries[0].entry {
+            *amount = 50;
+        }
+        assert_eq!(
+            verify_block(&forged, Some(&genesis)),
+            Err(LedgerError::BadEntry {
+                height: 1,
+                index: 0
+            })
+        );
+        // A changed genesis breaks the link from the next block.
+        let mut other_genesis = genesis.clone();
+        other_genesis.timestamp_unix_ms = 1;
+        assert_eq!(
+            verify_block(&next, Some(&other_genesis)),
+            Err(LedgerError::Chain { height: 1 })
+        );
+        // The certificate of the original block does not certify the forgery.
+        assert!(verify_certificate(&forged, &certify(&next, &[1, 2, 3]), &committee()).is_err());
+        // Minting is for genesis only.
+        let mint = block(
+            1,
+            Some(&genesis),
+            vec![signed(
+                1,
+                Entry::Mint {
+                    to: pk(1),
+                    amount: 1,
+                },
+            )],
+        );
+        assert_eq!(
+            verify_block(&mint, Some(&genesis)),
+            Err(LedgerError::MintAfterGenesis { height: 1 })
+        );
+    }
+}
