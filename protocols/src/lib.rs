@@ -9,6 +9,7 @@ pub mod compress;
 pub mod connection;
 pub mod contribution;
 pub mod credits;
+pub mod data;
 pub mod ledger;
 pub mod membership;
 pub mod outer;
