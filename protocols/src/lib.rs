@@ -15,6 +15,7 @@ pub mod membership;
 pub mod outer;
 pub mod probe;
 pub mod ratelimit;
+pub mod robust;
 pub mod wire;
 
 pub use backoff::Backoff;
