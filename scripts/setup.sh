@@ -4,7 +4,7 @@
 set -euo pipefail
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-PACKAGES=(build-essential pkg-config iproute2 nftables iptables python3 iputils-ping)
+PACKAGES=(build-essential pkg-config iproute2 nftables iptables ethtool python3 iputils-ping)
 missing=()
 for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ "${#missing[@]}" -gt 0 ]; then

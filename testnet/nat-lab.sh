@@ -12,8 +12,9 @@
 #
 # Routers SNAT their LAN to their WAN address and drop new inbound connections on the WAN side
 # (what a home router does); r3 randomises the source port per mapping, so hole punching must
-# fail there. Every router WAN link has `tc netem delay`. No namespace has a default route out of
-# the lab, so no packet leaves it.
+# fail there. Every WAN link is delayed: `tc netem` where the kernel has it, else the WAN segment
+# is loom-linkem (a user-space switch that delays frames per port) instead of a kernel bridge.
+# No namespace has a default route out of the lab, so no packet leaves it.
 #
 # The lab asserts from what the nodes themselves report (`loom-peer status --json`):
 #   (a) a and b end up with a direct hole-punched connection (its RTT is printed);
@@ -56,6 +57,7 @@ ip netns add loomlab-probe-$$ 2>/dev/null || skip "cannot create network namespa
 ip netns del loomlab-probe-$$
 
 P="ll$$-"           # namespace prefix, unique per invocation
+LINKEM="$(dirname "$BIN")/loom-linkem"
 WORK=""
 NAMESPACES=()
 PIDS=()
@@ -83,13 +85,40 @@ mkns() {
   nsx "$1" ip link set lo up
 }
 
-# Connect namespace $1 to the WAN bridge with address $2 (/24), interface "wan".
+# Link delay: tc netem where the kernel has it; otherwise the WAN segment is loom-linkem, a
+# user-space switch that delays frames per egress port, instead of a kernel bridge.
+NETEM=unknown
+detect_netem() {
+  ip netns add "${P}probe"
+  if ip netns exec "${P}probe" tc qdisc add dev lo root netem delay 1ms 2>/dev/null; then
+    NETEM=yes
+  else
+    NETEM=missing
+  fi
+  ip netns del "${P}probe"
+}
+LINKEM_PORTS=()
+# Segmentation and checksum offloads off: loom-linkem forwards real frames of at most the MTU.
+no_offload() { nsx "$1" ethtool -K "$2" tso off gso off gro off tx off rx off >/dev/null 2>&1 || true; }
+
+# Connect namespace $1 to the WAN segment with address $2 (/24), interface "wan"; $4: the one-way
+# delay in ms of frames travelling towards $1.
 wan_link() {
-  local ns="$1" addr="$2" idx="$3"
+  local ns="$1" addr="$2" idx="$3" delay_ms="$4"
   ip link add "wan" netns "$P$ns" type veth peer name "p$idx" netns "${P}wan"
-  nsx wan ip link set "p$idx" master br0 up
   nsx "$ns" ip addr add "$addr/24" dev wan
   nsx "$ns" ip link set wan up
+  if [ "$LINK_MODE" = linkem ]; then
+    nsx wan ip link set "p$idx" up
+    no_offload wan "p$idx"
+    no_offload "$ns" wan
+    LINKEM_PORTS+=("p$idx:$delay_ms")
+  else
+    nsx wan ip link set "p$idx" master br0 up
+    [ "$LINK_MODE" = netem ] && [ "$delay_ms" -gt 0 ] && \
+      nsx "$ns" tc qdisc add dev wan root netem delay "${delay_ms}ms"
+  fi
+  return 0
 }
 
 # Router $1 with WAN address $2, LAN prefix $3 (e.g. 10.0.1), NAT kind $4 (eim|symmetric), peer ns $5.
@@ -97,7 +126,7 @@ router() {
   local r="$1" wan_ip="$2" lan="$3" kind="$4" peer="$5" idx="$6"
   mkns "$r"
   mkns "$peer"
-  wan_link "$r" "$wan_ip" "$idx"
+  wan_link "$r" "$wan_ip" "$idx" "$DELAY_MS"
   ip link add "lan" netns "$P$r" type veth peer name "eth0" netns "$P$peer"
   nsx "$r" ip addr add "$lan.1/24" dev lan
   nsx "$r" ip link set lan up
@@ -125,36 +154,30 @@ table ip filter {
   }
 }
 EOF
-  delay_link "$r" "$DELAY_MS"
-}
-
-# netem is optional: some kernels are built without it (CONFIG_NET_SCH_NETEM).
-NETEM=unknown
-delay_link() {
-  local ns="$1" ms="$2"
-  [ "$ms" -gt 0 ] || return 0
-  if [ "$NETEM" = missing ]; then return 0; fi
-  if nsx "$ns" tc qdisc add dev wan root netem delay "${ms}ms" 2>/dev/null; then
-    NETEM=yes
-  else
-    NETEM=missing
-    echo "nat-lab: WARNING: this kernel has no netem qdisc (CONFIG_NET_SCH_NETEM): links are NOT delayed" >&2
-  fi
 }
 
 build_lab() {
+  LINKEM_PORTS=()
   mkns wan
-  nsx wan ip link add br0 type bridge
-  nsx wan ip link set br0 up
+  if [ "$LINK_MODE" != linkem ]; then
+    nsx wan ip link add br0 type bridge
+    nsx wan ip link set br0 up
+  fi
   mkns relay
-  wan_link relay 198.51.100.10 1
-  delay_link relay "$((DELAY_MS / 2))"
+  wan_link relay 198.51.100.10 1 "$((DELAY_MS / 2))"
   mkns pub
-  wan_link pub 198.51.100.20 2
-  delay_link pub "$((DELAY_MS / 2))"
+  wan_link pub 198.51.100.20 2 "$((DELAY_MS / 2))"
   router r1 198.51.100.101 10.0.1 eim a 3
   router r2 198.51.100.102 10.0.2 eim b 4
   router r3 198.51.100.103 10.0.3 symmetric c 5
+  if [ "$LINK_MODE" = linkem ]; then
+    # The LAN links too: the routers forward what they receive there onto the WAN.
+    for x in a b c; do no_offload "$x" eth0; done
+    for r in r1 r2 r3; do no_offload "$r" lan; done
+    ip netns exec "${P}wan" "$LINKEM" "${LINKEM_PORTS[@]}" >"$WORK/linkem.log" 2>&1 &
+    PIDS+=("$!")
+    disown "$!"
+  fi
 }
 
 # start_peer NS extra-args...
@@ -211,7 +234,7 @@ run_once() {
   secs=$(python3 -c "import time; print(f'{time.time() - $t0:.1f}')")
   echo "$verdict" | sed "s/^/  run $run: /"
   if [ "$result" -eq 0 ]; then
-    echo "run $run: PASS in ${secs}s (links delayed: $NETEM)"
+    echo "run $run: PASS in ${secs}s"
   else
     echo "run $run: FAIL after ${secs}s (logs in $WORK)"
     for ns in relay pub a b c; do
@@ -221,6 +244,19 @@ run_once() {
   fi
   return "$result"
 }
+
+detect_netem
+if [ "$DELAY_MS" -eq 0 ]; then
+  LINK_MODE=plain
+elif [ "$NETEM" = yes ]; then
+  LINK_MODE=netem
+elif [ -x "$LINKEM" ] && command -v ethtool >/dev/null; then
+  LINK_MODE=linkem
+else
+  LINK_MODE=plain
+  echo "nat-lab: WARNING: no netem in this kernel and no loom-linkem/ethtool: links are NOT delayed" >&2
+fi
+echo "nat-lab: link delay ${DELAY_MS} ms per router link via ${LINK_MODE}"
 
 passed=0
 for run in $(seq 1 "$REPEAT"); do
