@@ -25,6 +25,8 @@ use std::{
 
 /// Frames queued per egress port before tail drop.
 pub const QUEUE_FRAMES: usize = 4096;
+/// Departures closer than this are not slept for (timer granularity).
+const SLEEP_GRANULARITY: Duration = Duration::from_micros(50);
 /// Largest frame handled (standard MTU plus headers, with room for VLAN tags).
 const MAX_FRAME: usize = 2048;
 
@@ -284,15 +286,18 @@ fn sender(port: &RawPort, egress: &Egress, counters: &Counters) -> io::Result<()
                 queue = egress.ready.wait(queue).unwrap_or_else(|e| e.into_inner());
             }
         };
+        // The schedule advances from each frame's planned departure, not from when the sleep
+        // actually ended: timer overshoot is caught up by the next frames instead of adding up
+        // (which would cap the throughput well below the rate).
         let leave = due.max(next_free);
         let now = Instant::now();
-        if leave > now {
+        if leave > now + SLEEP_GRANULARITY {
             thread::sleep(leave - now);
         }
         if egress.spec.rate_bps > 0 {
             let wire_bits = (frame.len() as u64 + 24) * 8; // preamble, FCS, gap
-            next_free = leave.max(Instant::now())
-                + Duration::from_secs_f64(wire_bits as f64 / egress.spec.rate_bps as f64);
+            next_free =
+                leave + Duration::from_secs_f64(wire_bits as f64 / egress.spec.rate_bps as f64);
         }
         match port.send(&frame) {
             Ok(()) => {
