@@ -407,8 +407,8 @@ pub(crate) mod tests {
         [1, 2, 3, 4].iter().map(|s| pk(*s)).collect()
     }
 
-    #[test]
-    fn a_certified_chain_verifies() {
+    /// A genesis minting 100 to peer 1, then a block where peer 1 sends 5 to peer 2.
+    fn genesis_and_transfer() -> (Block, Block) {
         let genesis = block(
             0,
             None,
@@ -431,6 +431,12 @@ pub(crate) mod tests {
                 },
             )],
         );
+        (genesis, next)
+    }
+
+    #[test]
+    fn a_certified_chain_verifies() {
+        let (genesis, next) = genesis_and_transfer();
         let chain = vec![
             (genesis.clone(), certify(&genesis, &[1, 2, 3])),
             (next.clone(), certify(&next, &[2, 3, 4])),
@@ -458,28 +464,7 @@ pub(crate) mod tests {
 
     #[test]
     fn tampering_breaks_the_chain_or_the_signatures() {
-        let genesis = block(
-            0,
-            None,
-            vec![signed(
-                1,
-                Entry::Mint {
-                    to: pk(1),
-                    amount: 100,
-                },
-            )],
-        );
-        let next = block(
-            1,
-            Some(&genesis),
-            vec![signed(
-                1,
-                Entry::Transfer {
-                    to: pk(2),
-                    amount: 5,
-                },
-            )],
-        );
+        let (genesis, next) = genesis_and_transfer();
         // A changed amount no longer matches the author's signature.
         let mut forged = next.clone();
         if let Entry::Transfer { amount, .. } = &mut forged.entries[0].entry {
