@@ -105,14 +105,19 @@ impl ControlClient {
         format!("Bearer {}", self.token)
     }
 
-    /// The node's status report.
-    pub fn status(&self) -> Result<StatusReport, ClientError> {
+    /// An authorised GET of `path`, decoded from JSON.
+    fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let r = self
             .agent
-            .get(&self.url("/v1/status"))
+            .get(&self.url(path))
             .header("Authorization", &self.bearer())
             .call();
         self.decode(r)
+    }
+
+    /// The node's status report.
+    pub fn status(&self) -> Result<StatusReport, ClientError> {
+        self.get_json("/v1/status")
     }
 
     /// Publishes a latency probe.
@@ -127,12 +132,7 @@ impl ControlClient {
 
     /// Probes received by the node.
     pub fn probes(&self) -> Result<Vec<ProbeRecord>, ClientError> {
-        let r = self
-            .agent
-            .get(&self.url("/v1/probes"))
-            .header("Authorization", &self.bearer())
-            .call();
-        self.decode(r)
+        self.get_json("/v1/probes")
     }
 
     /// Asks the node to dial `addr`.
