@@ -5,10 +5,12 @@
 //! swarm directly: they talk to the network through the [`NetworkPort`] the node hands them, which
 //! is a bounded queue in front of the swarm task.
 
+pub mod learner;
 pub mod membership;
 pub mod ports;
 pub mod supervisor;
 
+pub use learner::{Learner, LearnerError, ShardKey, StepReport};
 pub use membership::{MemberSummary, MembershipActor, MembershipArgs, MembershipMsg};
 pub use ports::{HeartbeatSigner, NetworkPort, PortError, Topic};
 pub use supervisor::{ChildSpec, ChildStatus, PeerSupervisor, SupervisorMsg, SupervisorPolicy};
