@@ -5,6 +5,7 @@
 //! by a real node, by an in-process simulation or by a test on virtual time.
 
 pub mod backoff;
+pub mod blobstore;
 pub mod compress;
 pub mod connection;
 pub mod contribution;
@@ -16,6 +17,8 @@ pub mod outer;
 pub mod probe;
 pub mod ratelimit;
 pub mod robust;
+pub mod round;
+pub mod snapshot;
 pub mod wire;
 
 pub use backoff::Backoff;

@@ -43,6 +43,58 @@ pub fn nesterov_step(params: &mut [f32], grad: &[f32], buf: &mut [f32], config: 
     }
 }
 
+/// AdamW settings of the `sync` strategy's shared optimizer (PyTorch's `AdamW`: decoupled weight
+/// decay, bias-corrected moments).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWConfig {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay.
+    pub beta1: f32,
+    /// Second-moment decay.
+    pub beta2: f32,
+    /// Denominator term.
+    pub eps: f32,
+    /// Decoupled weight decay.
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+        }
+    }
+}
+
+/// One AdamW step on `params` with the averaged gradient `grad`; `m` and `v` are the moment
+/// buffers (zeros at first) and `step` the 1-based step count. Plain f32 arithmetic in a fixed
+/// order, so every peer computes the same bits.
+pub fn adamw_step(
+    params: &mut [f32],
+    grad: &[f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    step: u64,
+    config: AdamWConfig,
+) {
+    let step = step.max(1) as i32;
+    let correction1 = 1.0 - config.beta1.powi(step);
+    let correction2 = 1.0 - config.beta2.powi(step);
+    for (((p, &g), m), v) in params.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+        *p *= 1.0 - config.lr * config.weight_decay;
+        *m = config.beta1 * *m + (1.0 - config.beta1) * g;
+        *v = config.beta2 * *v + (1.0 - config.beta2) * g * g;
+        let m_hat = *m / correction1;
+        let v_hat = *v / correction2;
+        *p -= config.lr * m_hat / (v_hat.sqrt() + config.eps);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -63,6 +115,20 @@ mod tests {
         nesterov_step(&mut params, &[1.0, -1.0], &mut buf, config);
         assert!((buf[0] - 1.9).abs() < 1e-6);
         assert!((params[0] - (1.0 - 0.5 * 1.9 - 0.5 * 2.71)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn adamw_first_step_moves_each_coordinate_by_about_lr() {
+        // With bias correction the first step is lr · sign(g) (plus decay).
+        let mut params = vec![1.0f32, -1.0];
+        let (mut m, mut v) = (vec![0.0; 2], vec![0.0; 2]);
+        let config = AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        };
+        adamw_step(&mut params, &[0.5, -2.0], &mut m, &mut v, 1, config);
+        assert!((params[0] - (1.0 - 1e-3)).abs() < 1e-6);
+        assert!((params[1] - (-1.0 + 1e-3)).abs() < 1e-6);
     }
 
     #[test]

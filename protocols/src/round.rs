@@ -1,0 +1,884 @@
+//! One training job's rounds, as a sans-I/O state machine: which contributions count in round r,
+//! who closes the round, when a peer is behind or has diverged.
+//!
+//! A round goes: every contributor trains, gossips a signed [`Commitment`] to its blob, and
+//! serves the blob; every peer fetches the blobs it sees committed. The round's **proposer**
+//! closes it: contributors are ranked by `blake3(job, round, key)` and the first in that order
+//! closes once the peers of the previous round have all committed and their blobs are in hand,
+//! or once the round deadline has passed since the first commitment (stragglers are excluded and
+//! counted as late). If the first proposer stays silent, the next in rank closes after a grace
+//! period, and so on. The [`RoundClose`] lists the signed commitments of the accepted set; every
+//! peer aggregates exactly that set, in canonical order, so every model is bit-identical.
+//!
+//! After applying a round every peer gossips a [`ModelState`]: its model hash and the hash of a
+//! snapshot it serves. A peer whose hash differs from the proposer's has diverged and resyncs
+//! from the proposer's snapshot; a peer that joins, or falls two rounds behind, resyncs from the
+//! newest state it hears of.
+//!
+//! Time comes in as `now_ms`; blob availability is asked of the caller; actions come out.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    PeerKey, WireError,
+    contribution::{BlobHash, Commitment, ContributionRejected, SignedCommitment},
+    decode_bounded, encode,
+};
+
+/// A job's identity: the hash of its manifest.
+pub type JobId = [u8; 32];
+/// A model hash (blake3 over parameters and optimizer state).
+pub type ModelHash = [u8; 32];
+
+/// Largest training gossip message, in bytes (below the gossip limit).
+pub const MAX_TRAIN_MESSAGE_BYTES: usize = 60 * 1024;
+/// Most rounds of model hashes remembered.
+const HASH_HISTORY_ROUNDS: u64 = 16;
+
+/// The proposer closes round `round`: these commitments are the accepted set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoundClose {
+    /// The job.
+    pub job_id: JobId,
+    /// The round closed.
+    pub round: u64,
+    /// Who closed it (must be the gossip author).
+    pub proposer: PeerKey,
+    /// The accepted contributions, each signed by its author.
+    pub commitments: Vec<SignedCommitment>,
+}
+
+/// A peer's model after applying a round, and the snapshot it serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelState {
+    /// The job.
+    pub job_id: JobId,
+    /// The last round applied.
+    pub round: u64,
+    /// Hash of the model after that round.
+    pub model_hash: ModelHash,
+    /// Hash of the snapshot blob the author serves.
+    pub snapshot_hash: BlobHash,
+    /// Its size in bytes.
+    pub snapshot_len: u64,
+    /// The author (must be the gossip author).
+    pub author: PeerKey,
+}
+
+/// What travels on the training gossip topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TrainMessage {
+    /// A contribution's signed commitment.
+    Commit(SignedCommitment),
+    /// A round's accepted set.
+    Close(RoundClose),
+    /// A peer's model hash after a round.
+    State(ModelState),
+}
+
+impl TrainMessage {
+    /// Wire bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Decodes a message from the network, bounded.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
+        decode_bounded(bytes, MAX_TRAIN_MESSAGE_BYTES)
+    }
+
+    /// The job the message belongs to, if it says (commitments say it inside their body).
+    pub fn job_id(&self) -> Option<JobId> {
+        match self {
+            TrainMessage::Commit(signed) => SignedCommitment::open(&signed.to_bytes())
+                .ok()
+                .map(|c| c.job_id),
+            TrainMessage::Close(close) => Some(close.job_id),
+            TrainMessage::State(state) => Some(state.job_id),
+        }
+    }
+
+    /// The key that must have authored the gossip message carrying this.
+    pub fn claimed_author(&self) -> Option<PeerKey> {
+        match self {
+            TrainMessage::Commit(signed) => SignedCommitment::open(&signed.to_bytes())
+                .ok()
+                .map(|c| c.author),
+            TrainMessage::Close(close) => Some(close.proposer),
+            TrainMessage::State(state) => Some(state.author),
+        }
+    }
+}
+
+/// Settings of a job's rounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoundConfig {
+    /// How long after the first commitment a round waits for stragglers.
+    pub round_deadline_ms: u64,
+    /// How long each next-ranked proposer waits for the one before it.
+    pub proposer_grace_ms: u64,
+    /// Fewest contributions for a round to close.
+    pub min_contributors: usize,
+    /// Most contributions accepted in a round (and remembered per round).
+    pub max_contributors: usize,
+    /// Largest contribution blob.
+    pub max_blob_bytes: u64,
+}
+
+impl Default for RoundConfig {
+    fn default() -> Self {
+        Self {
+            round_deadline_ms: 30_000,
+            proposer_grace_ms: 3_000,
+            min_contributors: 1,
+            max_contributors: 64,
+            max_blob_bytes: 64 << 20,
+        }
+    }
+}
+
+/// What the engine asks its driver to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Fetch a blob from one of `from` (in order of preference) and hand it back verified.
+    Fetch {
+        /// Its hash.
+        hash: BlobHash,
+        /// Its committed size.
+        len: u64,
+        /// Peers expected to hold it.
+        from: Vec<PeerKey>,
+    },
+    /// Publish on the training topic.
+    Publish(TrainMessage),
+    /// Aggregate these contributions (sorted by author) into round `round`, then report the
+    /// resulting model hash with [`RoundEngine::applied`].
+    Apply {
+        /// The round.
+        round: u64,
+        /// The accepted set.
+        contributions: Vec<Commitment>,
+        /// Who closed it.
+        proposer: PeerKey,
+    },
+    /// This peer is behind or diverged: load the snapshot, check it, then call
+    /// [`RoundEngine::resynced`].
+    Resync {
+        /// The round the snapshot is after.
+        round: u64,
+        /// The model hash it must have.
+        model_hash: ModelHash,
+        /// Snapshot blob hash.
+        snapshot_hash: BlobHash,
+        /// Snapshot size.
+        snapshot_len: u64,
+        /// Who serves it.
+        from: Vec<PeerKey>,
+    },
+}
+
+/// Why a training message was not taken.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RoundRejected {
+    /// A commitment that does not verify.
+    #[error(transparent)]
+    Contribution(#[from] ContributionRejected),
+    /// Another job's message.
+    #[error("message for another job")]
+    OtherJob,
+    /// For a round already closed here: a straggler.
+    #[error("contribution for round {round} arrived after it closed")]
+    Late {
+        /// Its round.
+        round: u64,
+    },
+    /// Too far ahead of this peer.
+    #[error("message for round {round}, this peer is at round {current}")]
+    Future {
+        /// Its round.
+        round: u64,
+        /// This peer's round.
+        current: u64,
+    },
+    /// Already seen.
+    #[error("duplicate")]
+    Duplicate,
+    /// Round full.
+    #[error("round {0} already has the most contributions allowed")]
+    Full(u64),
+    /// A blob over the size limit.
+    #[error("committed blob of {0} bytes is over the limit")]
+    TooLarge(u64),
+    /// A close whose author is not its proposer, or which lists a contribution twice, or none.
+    #[error("malformed close: {0}")]
+    BadClose(&'static str),
+    /// A state whose author is not the gossip author.
+    #[error("state author is not the sender")]
+    BadState,
+}
+
+#[derive(Debug, Clone)]
+struct Pending {
+    commitment: Commitment,
+    signed: SignedCommitment,
+}
+
+#[derive(Debug, Clone)]
+struct AcceptedClose {
+    proposer: PeerKey,
+    rank: usize,
+    contributions: Vec<Commitment>,
+}
+
+/// Counters of a job's rounds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RoundCounters {
+    /// Contributions that arrived after their round closed.
+    pub late_contributions: u64,
+    /// Model hash mismatches detected.
+    pub hash_mismatches: u64,
+    /// Resyncs requested.
+    pub resyncs: u64,
+}
+
+/// The round state machine of one job on one peer.
+#[derive(Debug)]
+pub struct RoundEngine {
+    config: RoundConfig,
+    job_id: JobId,
+    me: PeerKey,
+    /// The round being collected: the model is the state after `current - 1`.
+    current: u64,
+    synced: bool,
+    commits: BTreeMap<u64, BTreeMap<PeerKey, Pending>>,
+    first_commit_ms: Option<u64>,
+    ready_since_ms: Option<u64>,
+    expected: BTreeSet<PeerKey>,
+    late_authors: BTreeSet<PeerKey>,
+    close: Option<AcceptedClose>,
+    applying: bool,
+    proposers: BTreeMap<u64, PeerKey>,
+    my_hashes: BTreeMap<u64, ModelHash>,
+    latest_state: Option<ModelState>,
+    resync_pending: bool,
+    counters: RoundCounters,
+}
+
+/// The proposer rank key of `peer` in `round` of `job`.
+pub fn proposer_rank_key(job_id: &JobId, round: u64, peer: &PeerKey) -> [u8; 32] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"loom/proposer/v1\0");
+    hasher.update(job_id);
+    hasher.update(&round.to_le_bytes());
+    hasher.update(peer);
+    *hasher.finalize().as_bytes()
+}
+
+impl RoundEngine {
+    /// An engine whose model is the state after round `applied` (0: the initial model). With
+    /// `synced` false it waits for [`RoundEngine::start_fresh`] or a resync before taking part.
+    pub fn new(config: RoundConfig, job_id: JobId, me: PeerKey, applied: u64, synced: bool) -> Self {
+        Self {
+            config,
+            job_id,
+            me,
+            current: applied + 1,
+            synced,
+            commits: BTreeMap::new(),
+            first_commit_ms: None,
+            ready_since_ms: None,
+            expected: BTreeSet::new(),
+            late_authors: BTreeSet::new(),
+            close: None,
+            applying: false,
+            proposers: BTreeMap::new(),
+            my_hashes: BTreeMap::new(),
+            latest_state: None,
+            resync_pending: false,
+            counters: RoundCounters::default(),
+        }
+    }
+
+    /// The round being collected.
+    pub fn current_round(&self) -> u64 {
+        self.current
+    }
+
+    /// Whether this peer holds the mesh's model and takes part in rounds.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Whether the current round is closed (a contribution for it now would be late).
+    pub fn is_closed(&self) -> bool {
+        self.close.is_some()
+    }
+
+    /// Counters so far.
+    pub fn counters(&self) -> RoundCounters {
+        self.counters
+    }
+
+    /// The newest model state heard of from another peer.
+    pub fn latest_state(&self) -> Option<&ModelState> {
+        self.latest_state.as_ref()
+    }
+
+    /// Whether any peer has been heard training this job (a commitment or a state).
+    pub fn heard_others(&self) -> bool {
+        self.latest_state.is_some()
+            || self
+                .commits
+                .values()
+                .any(|round| round.keys().any(|k| *k != self.me))
+    }
+
+    /// Starts from the initial model (no peer was found further along).
+    pub fn start_fresh(&mut self) {
+        self.synced = true;
+    }
+
+    /// A commitment from the network (or this peer's own).
+    pub fn on_commit(
+        &mut self,
+        signed: SignedCommitment,
+        now_ms: u64,
+    ) -> Result<Vec<Action>, RoundRejected> {
+        let commitment = SignedCommitment::open(&signed.to_bytes())?;
+        if commitment.job_id != self.job_id {
+            return Err(RoundRejected::OtherJob);
+        }
+        if commitment.blob_len > self.config.max_blob_bytes {
+            return Err(RoundRejected::TooLarge(commitment.blob_len));
+        }
+        let round = commitment.round;
+        if round < self.current || (round == self.current && self.close.is_some()) {
+            self.counters.late_contributions += 1;
+            if round == self.current && self.late_authors.len() < self.config.max_contributors {
+                // Wait for it next round: it is alive, only slow.
+                self.late_authors.insert(commitment.author);
+            }
+            return Err(RoundRejected::Late { round });
+        }
+        if round > self.current + 1 {
+            return Err(RoundRejected::Future {
+                round,
+                current: self.current,
+            });
+        }
+        let slot = self.commits.entry(round).or_default();
+        if slot.contains_key(&commitment.author) {
+            return Err(RoundRejected::Duplicate);
+        }
+        if slot.len() >= self.config.max_contributors {
+            return Err(RoundRejected::Full(round));
+        }
+        if round == self.current && self.first_commit_ms.is_none() {
+            self.first_commit_ms = Some(now_ms);
+        }
+        let action = Action::Fetch {
+            hash: commitment.blob_hash,
+            len: commitment.blob_len,
+            from: vec![commitment.author],
+        };
+        let mine = commitment.author == self.me;
+        slot.insert(commitment.author, Pending { commitment, signed });
+        Ok(if mine { Vec::new() } else { vec![action] })
+    }
+
+    /// A close from `sender` (the gossip author).
+    pub fn on_close(
+        &mut self,
+        close: RoundClose,
+        sender: PeerKey,
+        have: &dyn Fn(&BlobHash) -> bool,
+        now_ms: u64,
+    ) -> Result<Vec<Action>, RoundRejected> {
+        if close.job_id != self.job_id {
+            return Err(RoundRejected::OtherJob);
+        }
+        if close.proposer != sender {
+            return Err(RoundRejected::BadClose("proposer is not the sender"));
+        }
+        if close.round < self.current {
+            return Ok(Vec::new());
+        }
+        if close.round > self.current {
+            return Err(RoundRejected::Future {
+                round: close.round,
+                current: self.current,
+            });
+        }
+        if close.commitments.is_empty() || close.commitments.len() > self.config.max_contributors
+        {
+            return Err(RoundRejected::BadClose("empty or oversized accepted set"));
+        }
+        let mut contributions = Vec::with_capacity(close.commitments.len());
+        let mut authors = BTreeSet::new();
+        for signed in &close.commitments {
+            let c = SignedCommitment::open(&signed.to_bytes())?;
+            if c.job_id != self.job_id || c.round != close.round {
+                return Err(RoundRejected::BadClose("contribution of another job or round"));
+            }
+            if c.blob_len > self.config.max_blob_bytes {
+                return Err(RoundRejected::TooLarge(c.blob_len));
+            }
+            if !authors.insert(c.author) {
+                return Err(RoundRejected::BadClose("contribution listed twice"));
+            }
+            contributions.push(c);
+        }
+        contributions.sort_by_key(|c| c.author);
+        let rank = self.rank_of(close.round, &close.proposer);
+        if self.applying {
+            return Ok(Vec::new());
+        }
+        if let Some(existing) = &self.close
+            && existing.rank <= rank
+        {
+            return Ok(Vec::new());
+        }
+        self.close = Some(AcceptedClose {
+            proposer: close.proposer,
+            rank,
+            contributions,
+        });
+        Ok(self.poll(now_ms, have))
+    }
+
+    /// A model state from `sender` (the gossip author).
+    pub fn on_state(
+        &mut self,
+        state: ModelState,
+        sender: PeerKey,
+    ) -> Result<Vec<Action>, RoundRejected> {
+        if state.job_id != self.job_id {
+            return Err(RoundRejected::OtherJob);
+        }
+        if state.author != sender {
+            return Err(RoundRejected::BadState);
+        }
+        if self
+            .latest_state
+            .as_ref()
+            .is_none_or(|latest| state.round > latest.round)
+        {
+            self.latest_state = Some(state.clone());
+        }
+        let resync = Action::Resync {
+            round: state.round,
+            model_hash: state.model_hash,
+            snapshot_hash: state.snapshot_hash,
+            snapshot_len: state.snapshot_len,
+            from: vec![state.author],
+        };
+        if self.resync_pending {
+            return Ok(Vec::new());
+        }
+        // A joiner, or a peer two rounds behind: take the newest state.
+        if (!self.synced && !self.applying) || (state.round > self.current && !self.applying) {
+            self.resync_pending = true;
+            self.counters.resyncs += 1;
+            return Ok(vec![resync]);
+        }
+        // Divergence: our hash for that round differs from its proposer's.
+        if let (Some(mine), Some(proposer)) = (
+            self.my_hashes.get(&state.round),
+            self.proposers.get(&state.round),
+        ) && *proposer == sender
+            && *mine != state.model_hash
+        {
+            self.counters.hash_mismatches += 1;
+            if state.round + 1 == self.current && !self.applying {
+                self.resync_pending = true;
+                self.counters.resyncs += 1;
+                return Ok(vec![resync]);
+            }
+        }
+        Ok(Vec::new())
+    }
+
+    /// Advances time: closes the round when this peer is its proposer, asks for missing blobs
+    /// of an accepted close, and asks to apply it once every blob is in hand.
+    pub fn poll(&mut self, now_ms: u64, have: &dyn Fn(&BlobHash) -> bool) -> Vec<Action> {
+        if !self.synced || self.applying {
+            return Vec::new();
+        }
+        // Commitments that arrived before the round opened start its clock now.
+        if self.first_commit_ms.is_none()
+            && self.commits.get(&self.current).is_some_and(|c| !c.is_empty())
+        {
+            self.first_commit_ms = Some(now_ms);
+        }
+        if let Some(close) = &self.close {
+            let missing: Vec<Action> = close
+                .contributions
+                .iter()
+                .filter(|c| !have(&c.blob_hash))
+                .map(|c| Action::Fetch {
+                    hash: c.blob_hash,
+                    len: c.blob_len,
+                    from: vec![c.author, close.proposer],
+                })
+                .collect();
+            if !missing.is_empty() {
+                return missing;
+            }
+            self.applying = true;
+            return vec![Action::Apply {
+                round: self.current,
+                contributions: close.contributions.clone(),
+                proposer: close.proposer,
+            }];
+        }
+        let Some(round_commits) = self.commits.get(&self.current) else {
+            return Vec::new();
+        };
+        let held: Vec<&Pending> = round_commits
+            .values()
+            .filter(|p| have(&p.commitment.blob_hash))
+            .collect();
+        if held.len() < self.config.min_contributors.max(1) {
+            return Vec::new();
+        }
+        let all_expected = !self.expected.is_empty()
+            && self
+                .expected
+                .iter()
+                .all(|k| held.iter().any(|p| p.commitment.author == *k));
+        if all_expected && self.ready_since_ms.is_none() {
+            self.ready_since_ms = Some(now_ms);
+        }
+        let deadline_ms = self
+            .first_commit_ms
+            .map(|t| t + self.config.round_deadline_ms);
+        let ready_at_ms = match (self.ready_since_ms, deadline_ms) {
+            (Some(ready), Some(deadline)) => ready.min(deadline),
+            (Some(ready), None) => ready,
+            (None, Some(deadline)) => deadline,
+            (None, None) => return Vec::new(),
+        };
+        if !round_commits.contains_key(&self.me) {
+            return Vec::new();
+        }
+        let rank = self.rank_of(self.current, &self.me);
+        let my_turn_ms = ready_at_ms + rank as u64 * self.config.proposer_grace_ms;
+        if now_ms < my_turn_ms {
+            return Vec::new();
+        }
+        let mut accepted: Vec<&Pending> = held;
+        accepted.sort_by_key(|p| p.commitment.author);
+        let close = RoundClose {
+            job_id: self.job_id,
+            round: self.current,
+            proposer: self.me,
+            commitments: accepted.iter().map(|p| p.signed.clone()).collect(),
+        };
+        let contributions: Vec<Commitment> =
+            accepted.iter().map(|p| p.commitment.clone()).collect();
+        self.close = Some(AcceptedClose {
+            proposer: self.me,
+            rank,
+            contributions: contributions.clone(),
+        });
+        self.applying = true;
+        vec![
+            Action::Publish(TrainMessage::Close(close)),
+            Action::Apply {
+                round: self.current,
+                contributions,
+                proposer: self.me,
+            },
+        ]
+    }
+
+    /// The driver applied round `round` (the one returned by `Apply`) with model hash
+    /// `model_hash`: the next round opens.
+    pub fn applied(&mut self, round: u64, model_hash: ModelHash) {
+        if round != self.current {
+            return;
+        }
+        if let Some(close) = self.close.take() {
+            self.expected = close.contributions.iter().map(|c| c.author).collect();
+            self.expected.extend(self.late_authors.iter().copied());
+            self.proposers.insert(round, close.proposer);
+        }
+        self.my_hashes.insert(round, model_hash);
+        self.advance_to(round + 1);
+    }
+
+    /// The driver gave up applying (a blob failed verification everywhere): wait for another
+    /// close or a resync.
+    pub fn apply_failed(&mut self) {
+        self.applying = false;
+        self.close = None;
+    }
+
+    /// The driver loaded a verified snapshot of the state after `round`.
+    pub fn resynced(&mut self, round: u64, model_hash: ModelHash) {
+        self.synced = true;
+        self.resync_pending = false;
+        self.applying = false;
+        self.close = None;
+        self.my_hashes.insert(round, model_hash);
+        self.expected.clear();
+        self.advance_to(round + 1);
+    }
+
+    /// The resync could not be completed (the snapshot was unavailable or bad).
+    pub fn resync_failed(&mut self) {
+        self.resync_pending = false;
+    }
+
+    fn advance_to(&mut self, next: u64) {
+        self.current = next;
+        self.applying = false;
+        self.close = None;
+        self.first_commit_ms = None;
+        self.ready_since_ms = None;
+        self.commits = self.commits.split_off(&next);
+        self.late_authors.clear();
+        let floor = next.saturating_sub(HASH_HISTORY_ROUNDS);
+        self.my_hashes = self.my_hashes.split_off(&floor);
+        self.proposers = self.proposers.split_off(&floor);
+    }
+
+    fn rank_of(&self, round: u64, peer: &PeerKey) -> usize {
+        let target = proposer_rank_key(&self.job_id, round, peer);
+        self.commits
+            .get(&round)
+            .map(|commits| {
+                commits
+                    .keys()
+                    .filter(|k| proposer_rank_key(&self.job_id, round, k) < target)
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ed25519_dalek::{Signer, SigningKey};
+
+    fn key(i: u8) -> SigningKey {
+        SigningKey::from_bytes(&[i; 32])
+    }
+
+    fn commit(job: JobId, round: u64, signer: &SigningKey, blob: &[u8]) -> SignedCommitment {
+        Commitment {
+            job_id: job,
+            round,
+            blob_hash: crate::contribution::blob_hash(blob),
+            blob_len: blob.len() as u64,
+            author: signer.verifying_key().to_bytes(),
+        }
+        .seal(|m| signer.sign(m).to_bytes().to_vec())
+    }
+
+    fn config() -> RoundConfig {
+        RoundConfig {
+            round_deadline_ms: 1_000,
+            proposer_grace_ms: 500,
+            ..RoundConfig::default()
+        }
+    }
+
+    const JOB: JobId = [9; 32];
+
+    /// Three engines see the same commitments: exactly one proposes (the lowest rank), and the
+    /// others accept its close.
+    #[test]
+    fn the_first_ranked_contributor_closes_and_everyone_applies_the_same_set() {
+        let keys: Vec<SigningKey> = (1..=3).map(key).collect();
+        let pks: Vec<PeerKey> = keys.iter().map(|k| k.verifying_key().to_bytes()).collect();
+        let mut engines: Vec<RoundEngine> = pks
+            .iter()
+            .map(|pk| RoundEngine::new(config(), JOB, *pk, 0, true))
+            .collect();
+        let commits: Vec<SignedCommitment> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| commit(JOB, 1, k, &[i as u8; 10]))
+            .collect();
+        for engine in &mut engines {
+            for c in &commits {
+                engine.on_commit(c.clone(), 0).expect("valid commitment");
+            }
+        }
+        let have = |_: &BlobHash| true;
+        // Before the deadline nobody closes: the first round has no expected set.
+        for engine in &mut engines {
+            assert!(engine.poll(999, &have).is_empty());
+        }
+        let mut closes = Vec::new();
+        for (i, engine) in engines.iter_mut().enumerate() {
+            for action in engine.poll(1_000, &have) {
+                if let Action::Publish(TrainMessage::Close(close)) = action {
+                    closes.push((i, close));
+                }
+            }
+        }
+        assert_eq!(closes.len(), 1, "exactly one proposer at the deadline");
+        let (proposer_index, close) = closes.remove(0);
+        let mut applied = Vec::new();
+        for (i, engine) in engines.iter_mut().enumerate() {
+            if i == proposer_index {
+                continue;
+            }
+            let actions = engine
+                .on_close(close.clone(), pks[proposer_index], &have, 1_001)
+                .expect("valid close");
+            for action in actions {
+                if let Action::Apply { contributions, .. } = action {
+                    applied.push(contributions);
+                }
+            }
+        }
+        assert_eq!(applied.len(), 2);
+        assert_eq!(applied[0], applied[1]);
+        assert_eq!(applied[0].len(), 3);
+    }
+
+    #[test]
+    fn with_the_previous_round_complete_the_round_closes_before_the_deadline() {
+        let k = key(1);
+        let pk = k.verifying_key().to_bytes();
+        let mut engine = RoundEngine::new(config(), JOB, pk, 0, true);
+        let have = |_: &BlobHash| true;
+        engine.on_commit(commit(JOB, 1, &k, b"a"), 0).expect("ok");
+        let actions = engine.poll(1_000, &have);
+        assert!(matches!(actions[1], Action::Apply { round: 1, .. }));
+        engine.applied(1, [1; 32]);
+        // Round 2: the only expected peer (us) committed, so it closes at once.
+        engine.on_commit(commit(JOB, 2, &k, b"b"), 5_000).expect("ok");
+        let actions = engine.poll(5_001, &have);
+        assert!(matches!(actions.get(1), Some(Action::Apply { round: 2, .. })));
+    }
+
+    #[test]
+    fn a_commitment_after_the_close_is_late_and_counted() {
+        let (a, b) = (key(1), key(2));
+        let mut engine = RoundEngine::new(config(), JOB, a.verifying_key().to_bytes(), 0, true);
+        let have = |_: &BlobHash| true;
+        engine.on_commit(commit(JOB, 1, &a, b"a"), 0).expect("ok");
+        let _ = engine.poll(1_000, &have);
+        let late = engine.on_commit(commit(JOB, 1, &b, b"b"), 1_001);
+        assert_eq!(late, Err(RoundRejected::Late { round: 1 }));
+        assert_eq!(engine.counters().late_contributions, 1);
+    }
+
+    #[test]
+    fn a_close_is_not_applied_until_its_blobs_are_in_hand() {
+        let (a, b) = (key(1), key(2));
+        let (pa, pb) = (a.verifying_key().to_bytes(), b.verifying_key().to_bytes());
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        let close = RoundClose {
+            job_id: JOB,
+            round: 1,
+            proposer: pb,
+            commitments: vec![commit(JOB, 1, &b, b"blob")],
+        };
+        let none = |_: &BlobHash| false;
+        let actions = engine.on_close(close, pb, &none, 0).expect("valid");
+        assert!(matches!(actions[0], Action::Fetch { len: 4, .. }));
+        let all = |_: &BlobHash| true;
+        let actions = engine.poll(1, &all);
+        assert!(matches!(actions[0], Action::Apply { round: 1, .. }));
+    }
+
+    #[test]
+    fn forged_or_misattributed_messages_are_rejected() {
+        let (a, b) = (key(1), key(2));
+        let (pa, pb) = (a.verifying_key().to_bytes(), b.verifying_key().to_bytes());
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        let mut forged = commit(JOB, 1, &b, b"x");
+        forged.signature[0] ^= 1;
+        assert!(matches!(
+            engine.on_commit(forged, 0),
+            Err(RoundRejected::Contribution(_))
+        ));
+        let close = RoundClose {
+            job_id: JOB,
+            round: 1,
+            proposer: pb,
+            commitments: vec![commit(JOB, 1, &b, b"x")],
+        };
+        let have = |_: &BlobHash| true;
+        assert!(matches!(
+            engine.on_close(close, pa, &have, 0),
+            Err(RoundRejected::BadClose(_))
+        ));
+        assert_eq!(
+            engine.on_commit(commit([1; 32], 1, &b, b"x"), 0),
+            Err(RoundRejected::OtherJob)
+        );
+    }
+
+    #[test]
+    fn a_peer_whose_hash_differs_from_the_proposers_resyncs() {
+        let (a, b) = (key(1), key(2));
+        let (pa, pb) = (a.verifying_key().to_bytes(), b.verifying_key().to_bytes());
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        let have = |_: &BlobHash| true;
+        let close = RoundClose {
+            job_id: JOB,
+            round: 1,
+            proposer: pb,
+            commitments: vec![commit(JOB, 1, &b, b"x")],
+        };
+        let actions = engine.on_close(close, pb, &have, 0).expect("valid");
+        assert!(matches!(actions[0], Action::Apply { .. }));
+        engine.applied(1, [1; 32]);
+        let state = ModelState {
+            job_id: JOB,
+            round: 1,
+            model_hash: [2; 32],
+            snapshot_hash: [3; 32],
+            snapshot_len: 100,
+            author: pb,
+        };
+        let actions = engine.on_state(state, pb).expect("valid");
+        assert!(matches!(actions[0], Action::Resync { round: 1, .. }));
+        assert_eq!(engine.counters().hash_mismatches, 1);
+        engine.resynced(1, [2; 32]);
+        assert_eq!(engine.current_round(), 2);
+    }
+
+    #[test]
+    fn a_joiner_resyncs_from_the_newest_state() {
+        let (a, b) = (key(1), key(2));
+        let (pa, pb) = (a.verifying_key().to_bytes(), b.verifying_key().to_bytes());
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, false);
+        let state = ModelState {
+            job_id: JOB,
+            round: 7,
+            model_hash: [2; 32],
+            snapshot_hash: [3; 32],
+            snapshot_len: 100,
+            author: pb,
+        };
+        let actions = engine.on_state(state, pb).expect("valid");
+        assert!(matches!(actions[0], Action::Resync { round: 7, .. }));
+        engine.resynced(7, [2; 32]);
+        assert!(engine.is_synced());
+        assert_eq!(engine.current_round(), 8);
+    }
+
+    #[test]
+    fn training_messages_round_trip_and_are_bounded() {
+        let a = key(1);
+        let message = TrainMessage::Commit(commit(JOB, 1, &a, b"x"));
+        let bytes = message.to_bytes();
+        assert_eq!(TrainMessage::from_bytes(&bytes), Ok(message.clone()));
+        assert_eq!(message.claimed_author(), Some(a.verifying_key().to_bytes()));
+        let huge = vec![0u8; MAX_TRAIN_MESSAGE_BYTES + 1];
+        assert!(matches!(
+            TrainMessage::from_bytes(&huge),
+            Err(WireError::TooLarge { .. })
+        ));
+    }
+}
