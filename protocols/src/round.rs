@@ -478,7 +478,7 @@ impl RoundEngine {
             return Ok(Vec::new());
         }
         // A joiner, or a peer two rounds behind: take the newest state.
-        if (!self.synced && !self.applying) || (state.round > self.current && !self.applying) {
+        if !self.applying && (!self.synced || state.round > self.current) {
             self.resync_pending = true;
             self.counters.resyncs += 1;
             return Ok(vec![resync]);
