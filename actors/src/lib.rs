@@ -5,15 +5,22 @@
 //! swarm directly: they talk to the network through the [`NetworkPort`] the node hands them, which
 //! is a bounded queue in front of the swarm task.
 
+pub mod exchanger;
 pub mod learner;
 pub mod membership;
 pub mod ports;
 pub mod supervisor;
+pub mod trainer;
 
+pub use exchanger::{
+    CheckpointSink, ExchangerActor, ExchangerArgs, ExchangerMsg, JobPlan, RoundReport, SharedBlobs,
+    Strategy,
+};
 pub use learner::{Learner, LearnerError, ShardKey, StepReport};
 pub use membership::{MemberSummary, MembershipActor, MembershipArgs, MembershipMsg};
 pub use ports::{HeartbeatSigner, NetworkPort, PortError, Topic};
 pub use supervisor::{ChildSpec, ChildStatus, PeerSupervisor, SupervisorMsg, SupervisorPolicy};
+pub use trainer::{LearnerSlot, TrainerActor, TrainerMsg, Work};
 
 /// Registry names of the actors of one peer.
 pub mod names {
@@ -23,6 +30,10 @@ pub mod names {
     pub const NETWORK: &str = "loom.network";
     /// The membership actor (live view).
     pub const MEMBERSHIP: &str = "loom.membership";
+    /// The trainer actor.
+    pub const TRAINER: &str = "loom.trainer";
+    /// The gradient exchanger actor of the running job.
+    pub const EXCHANGER: &str = "loom.exchanger";
 }
 
 /// Milliseconds since the unix epoch from the system clock.

@@ -4,7 +4,7 @@
 //! [`HeartbeatSigner`] with the peer's libp2p identity; tests and the in-process simulation
 //! implement them with in-memory buses.
 
-use loom_protocols::{NatStatus, PeerKey};
+use loom_protocols::{NatStatus, PeerKey, contribution::BlobHash};
 
 /// Gossip topics of the mesh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -13,6 +13,8 @@ pub enum Topic {
     Membership,
     /// Latency probes.
     Probe,
+    /// Training: commitments, round closes, model states.
+    Training,
 }
 
 impl Topic {
@@ -21,11 +23,12 @@ impl Topic {
         match self {
             Topic::Membership => "loom/membership/1",
             Topic::Probe => "loom/probe/1",
+            Topic::Training => "loom/train/1",
         }
     }
 
     /// Every topic a peer subscribes to.
-    pub const ALL: [Topic; 2] = [Topic::Membership, Topic::Probe];
+    pub const ALL: [Topic; 3] = [Topic::Membership, Topic::Probe, Topic::Training];
 }
 
 /// Why a request to the network was not accepted.
@@ -51,6 +54,9 @@ pub trait NetworkPort: Send + Sync + 'static {
         addrs: Vec<String>,
         nat: NatStatus,
     ) -> Result<(), PortError>;
+    /// Asks `peer` for the blob `hash`; the outcome reaches the job's exchanger as
+    /// [`crate::ExchangerMsg::BlobFetched`].
+    fn fetch_blob(&self, peer: PeerKey, hash: BlobHash) -> Result<(), PortError>;
 }
 
 /// Signs with this peer's identity key.

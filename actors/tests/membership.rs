@@ -56,6 +56,10 @@ impl NetworkPort for BusPort {
     fn connect_hint(&self, _: PeerKey, _: Vec<String>, _: NatStatus) -> Result<(), PortError> {
         Ok(())
     }
+
+    fn fetch_blob(&self, _: PeerKey, _: [u8; 32]) -> Result<(), PortError> {
+        Err(PortError::Closed)
+    }
 }
 
 async fn spawn(bus: &Arc<Bus>, seed: u8) -> (PeerKey, ActorRef<MembershipMsg>) {

@@ -1,0 +1,794 @@
+//! The GradientExchanger actor: runs one training job's rounds on this peer.
+//!
+//! A shell around [`RoundEngine`]: it asks the Trainer for this peer's update, compresses it
+//! (top-k with error feedback, see [`loom_protocols::compress`]), stores the blob under its
+//! blake3 hash, signs and gossips the commitment, fetches the blobs others commit (checking hash
+//! and size on receipt, trying other holders on failure), aggregates the accepted set of each
+//! round in canonical order, applies the outer step (DiLoCo's Nesterov or the `sync` AdamW) in
+//! plain Rust so every peer's model is bit-identical, publishes the model hash and a snapshot,
+//! writes checkpoints, and reports each round.
+//!
+//! Everything a remote peer can grow is bounded: fetches in flight, attempts per blob, the blob
+//! store's bytes, and the engine's per-round maps.
+
+use std::{collections::HashMap, sync::Arc, time::Duration};
+
+use loom_protocols::{
+    PeerKey,
+    blobstore::BlobStore,
+    compress::{self, Codec},
+    contribution::{self, BlobHash, Commitment},
+    outer::{self, AdamWConfig, OuterConfig},
+    round::{Action, JobId, ModelState, RoundConfig, RoundEngine, TrainMessage},
+    snapshot::{OuterState, Snapshot},
+};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::sync::mpsc;
+
+use crate::{
+    HeartbeatSigner, NetworkPort, ShardKey, StepReport, Topic, TrainerMsg, trainer::Work, unix_ms,
+};
+
+/// A blob store shared with the network task, which serves it.
+pub type SharedBlobs = Arc<std::sync::Mutex<BlobStore>>;
+
+/// Most blob fetches in flight.
+const MAX_INFLIGHT_FETCHES: usize = 256;
+/// Attempts per blob before giving up on it.
+const MAX_FETCH_ATTEMPTS: u32 = 12;
+/// How long one fetch may take before another holder is tried.
+const FETCH_TIMEOUT_MS: u64 = 30_000;
+/// How often the engine is polled.
+const TICK: Duration = Duration::from_millis(50);
+
+/// How the job's peers combine their work.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Strategy {
+    /// Exchange a gradient every step; every peer applies the same AdamW step.
+    Sync(AdamWConfig),
+    /// DiLoCo: `inner_steps` local AdamW steps, then a Nesterov outer step on the averaged
+    /// pseudo-gradient.
+    Diloco {
+        /// Inner steps per round (H).
+        inner_steps: u32,
+        /// Outer optimizer.
+        outer: OuterConfig,
+    },
+}
+
+/// Everything about a job the exchanger needs.
+#[derive(Debug, Clone)]
+pub struct JobPlan {
+    /// The job.
+    pub job_id: JobId,
+    /// Rounds to train.
+    pub rounds: u64,
+    /// How updates are combined.
+    pub strategy: Strategy,
+    /// How updates are compressed.
+    pub codec: Codec,
+    /// Deadlines and limits of rounds.
+    pub round: RoundConfig,
+    /// The data seed (shards).
+    pub data_seed: u64,
+    /// Write a checkpoint every this many rounds (0: never; the last round always).
+    pub checkpoint_every: u64,
+    /// How long a fresh peer listens for a run in progress before starting from round 0.
+    pub join_wait_ms: u64,
+}
+
+/// Writes checkpoints (the node writes them atomically to its data directory).
+pub trait CheckpointSink: Send + Sync + 'static {
+    /// Stores the snapshot after `round`, with its hash.
+    fn save(&self, round: u64, hash: &BlobHash, bytes: &[u8]) -> Result<(), String>;
+}
+
+/// One round as reported to the node (progress file, status, demo).
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct RoundReport {
+    /// The round the model is after.
+    pub round: u64,
+    /// Validation loss of that model.
+    pub val_loss: Option<f32>,
+    /// Mean training loss of this peer's last update.
+    pub train_loss: Option<f32>,
+    /// Optimizer steps this peer has computed.
+    pub steps: u64,
+    /// Tokens consumed by all accepted contributions so far.
+    pub tokens: u64,
+    /// Seconds this peer spent in forward, backward and the optimizer.
+    pub compute_s: f64,
+    /// Contributions accepted in the round.
+    pub contributors: usize,
+    /// Hex model hash after the round.
+    pub model_hash: String,
+    /// Bytes of update blobs this peer published.
+    pub update_bytes: u64,
+    /// What dense fp32 exchange of every step's update would have been, for the steps so far.
+    pub dense_fp32_bytes: u64,
+    /// Straggler contributions excluded so far.
+    pub late_contributions: u64,
+    /// Model hash mismatches detected so far.
+    pub hash_mismatches: u64,
+    /// Snapshot resyncs so far.
+    pub resyncs: u64,
+    /// Blobs refused (bad hash, size, or undecodable) so far.
+    pub rejected_blobs: u64,
+    /// The job's last round is done.
+    pub finished: bool,
+}
+
+/// Everything the exchanger starts from.
+#[derive(Clone)]
+pub struct ExchangerArgs {
+    /// The job.
+    pub plan: JobPlan,
+    /// This peer's identity.
+    pub signer: Arc<dyn HeartbeatSigner>,
+    /// The network.
+    pub network: Arc<dyn NetworkPort>,
+    /// Blobs this peer holds and serves.
+    pub blobs: SharedBlobs,
+    /// The Trainer actor.
+    pub trainer: ActorRef<TrainerMsg>,
+    /// The model to start from: the initial model (round 0) or a resumed checkpoint.
+    pub start: Arc<Snapshot>,
+    /// Whether `start` is a resumed checkpoint (then no join wait).
+    pub resumed: bool,
+    /// Tokens per optimizer step of one peer.
+    pub tokens_per_step: u64,
+    /// Where checkpoints go.
+    pub checkpoints: Option<Arc<dyn CheckpointSink>>,
+    /// Where round reports go (bounded; a full queue drops reports, never blocks).
+    pub reports: mpsc::Sender<RoundReport>,
+}
+
+impl std::fmt::Debug for ExchangerArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExchangerArgs")
+            .field("plan", &self.plan)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Messages of the exchanger.
+#[derive(Debug)]
+pub enum ExchangerMsg {
+    /// A training gossip message from `from` (already checked against its gossip author).
+    Gossip {
+        /// The gossip author.
+        from: PeerKey,
+        /// The payload.
+        data: Vec<u8>,
+    },
+    /// The outcome of a blob fetch.
+    BlobFetched {
+        /// The hash asked for.
+        hash: BlobHash,
+        /// Who answered (or failed to).
+        from: PeerKey,
+        /// The bytes, or why not.
+        result: Result<Vec<u8>, String>,
+    },
+    /// The trainer's update for `round`.
+    Trained {
+        /// The round.
+        round: u64,
+        /// The update (pseudo-gradient or gradient) and what it cost.
+        result: Result<(Vec<f32>, StepReport), String>,
+    },
+    /// The validation loss of the model after `round`.
+    Evaluated {
+        /// The round.
+        round: u64,
+        /// The loss, or why not.
+        val_loss: Result<f32, String>,
+    },
+    /// Poll the engine.
+    Tick,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Contribution,
+    Snapshot { round: u64 },
+}
+
+#[derive(Debug)]
+struct Fetch {
+    len: u64,
+    candidates: Vec<PeerKey>,
+    next: usize,
+    attempts: u32,
+    started_ms: u64,
+    purpose: Purpose,
+}
+
+/// State of the exchanger.
+pub struct ExchangerState {
+    args: ExchangerArgs,
+    me: PeerKey,
+    engine: RoundEngine,
+    params: Arc<Vec<f32>>,
+    outer: OuterState,
+    residual: Vec<f32>,
+    fetches: HashMap<BlobHash, Fetch>,
+    failed: HashMap<BlobHash, u32>,
+    started_ms: u64,
+    training_round: Option<u64>,
+    last_train: Option<StepReport>,
+    served_snapshots: Vec<BlobHash>,
+    report: RoundReport,
+    pending_reports: HashMap<u64, RoundReport>,
+    finished: bool,
+}
+
+/// The GradientExchanger actor.
+#[derive(Debug, Default, Clone)]
+pub struct ExchangerActor;
+
+impl Actor for ExchangerActor {
+    type Msg = ExchangerMsg;
+    type State = ExchangerState;
+    type Arguments = ExchangerArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let me = args.signer.public_key();
+        let start = args.start.clone();
+        let engine = RoundEngine::new(
+            args.plan.round,
+            args.plan.job_id,
+            me,
+            start.round,
+            args.resumed,
+        );
+        let len = start.params.len();
+        myself.send_interval(TICK, || ExchangerMsg::Tick);
+        let mut state = ExchangerState {
+            me,
+            engine,
+            params: Arc::new(start.params.clone()),
+            outer: start.outer.clone(),
+            residual: vec![0.0; len],
+            fetches: HashMap::new(),
+            failed: HashMap::new(),
+            started_ms: unix_ms(),
+            training_round: None,
+            last_train: None,
+            served_snapshots: Vec::new(),
+            report: RoundReport::default(),
+            pending_reports: HashMap::new(),
+            finished: false,
+            args,
+        };
+        if state.args.resumed {
+            state.after_model_changed(&myself, start.round, 0);
+        }
+        Ok(state)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let now = unix_ms();
+        match message {
+            ExchangerMsg::Tick => state.on_tick(&myself, now),
+            ExchangerMsg::Gossip { from, data } => state.on_gossip(&myself, from, &data, now),
+            ExchangerMsg::BlobFetched { hash, from, result } => {
+                state.on_blob(&myself, hash, from, result, now)
+            }
+            ExchangerMsg::Trained { round, result } => state.on_trained(&myself, round, result),
+            ExchangerMsg::Evaluated { round, val_loss } => state.on_evaluated(round, val_loss),
+        }
+        Ok(())
+    }
+}
+
+impl ExchangerState {
+    fn have(&self) -> impl Fn(&BlobHash) -> bool + '_ {
+        |hash| {
+            self.args
+                .blobs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(hash)
+        }
+    }
+
+    fn on_tick(&mut self, myself: &ActorRef<ExchangerMsg>, now: u64) {
+        if !self.engine.is_synced()
+            && !self.args.resumed
+            && self.engine.latest_state().is_none()
+            && (self.engine.heard_others() || now >= self.started_ms + self.args.plan.join_wait_ms)
+        {
+            // Nobody is further along: start the job from the initial model.
+            self.engine.start_fresh();
+            self.after_model_changed(myself, self.engine.current_round() - 1, 0);
+        }
+        self.retry_slow_fetches(now);
+        let actions = self.engine_poll(now);
+        self.run(myself, actions, now);
+    }
+
+    fn engine_poll(&mut self, now: u64) -> Vec<Action> {
+        let blobs = self.args.blobs.clone();
+        let have = move |hash: &BlobHash| {
+            blobs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(hash)
+        };
+        self.engine.poll(now, &have)
+    }
+
+    fn on_gossip(&mut self, myself: &ActorRef<ExchangerMsg>, from: PeerKey, data: &[u8], now: u64) {
+        let Ok(message) = TrainMessage::from_bytes(data) else {
+            metrics::counter!("loom_train_messages_rejected_total").increment(1);
+            return;
+        };
+        let blobs = self.args.blobs.clone();
+        let have = move |hash: &BlobHash| {
+            blobs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(hash)
+        };
+        let outcome = match message {
+            TrainMessage::Commit(signed) => self.engine.on_commit(signed, now),
+            TrainMessage::Close(close) => self.engine.on_close(close, from, &have, now),
+            TrainMessage::State(state) => self.engine.on_state(state, from),
+        };
+        match outcome {
+            Ok(actions) => self.run(myself, actions, now),
+            Err(loom_protocols::round::RoundRejected::Late { round }) => {
+                metrics::counter!("loom_train_late_contributions_total").increment(1);
+                tracing::info!(round, "late contribution excluded");
+            }
+            Err(loom_protocols::round::RoundRejected::OtherJob) => {}
+            Err(why) => {
+                metrics::counter!("loom_train_messages_rejected_total").increment(1);
+                tracing::debug!(%why, "training message not taken");
+            }
+        }
+    }
+
+    fn run(&mut self, myself: &ActorRef<ExchangerMsg>, actions: Vec<Action>, now: u64) {
+        for action in actions {
+            match action {
+                Action::Fetch { hash, len, from } => {
+                    self.fetch(hash, len, from, Purpose::Contribution, now)
+                }
+                Action::Publish(message) => self.publish(&message),
+                Action::Apply {
+                    round,
+                    contributions,
+                    proposer: _,
+                } => self.apply(myself, round, &contributions),
+                Action::Resync {
+                    round,
+                    model_hash: _,
+                    snapshot_hash,
+                    snapshot_len,
+                    from,
+                } => {
+                    tracing::warn!(round, "resyncing from a peer's snapshot");
+                    metrics::counter!("loom_train_resyncs_total").increment(1);
+                    self.fetch(
+                        snapshot_hash,
+                        snapshot_len,
+                        from,
+                        Purpose::Snapshot { round },
+                        now,
+                    );
+                }
+            }
+        }
+    }
+
+    fn publish(&self, message: &TrainMessage) {
+        if let Err(e) = self
+            .args
+            .network
+            .publish(Topic::Training, message.to_bytes())
+        {
+            tracing::warn!(%e, "cannot publish a training message");
+        }
+    }
+
+    fn fetch(&mut self, hash: BlobHash, len: u64, from: Vec<PeerKey>, purpose: Purpose, now: u64) {
+        if (self.have())(&hash) {
+            if let Purpose::Snapshot { round } = purpose {
+                // Already held (e.g. our own): load it at once.
+                let bytes = self
+                    .args
+                    .blobs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&hash);
+                if let Some(bytes) = bytes {
+                    self.load_snapshot(hash, round, &bytes);
+                }
+            }
+            return;
+        }
+        if self
+            .failed
+            .get(&hash)
+            .is_some_and(|n| *n >= MAX_FETCH_ATTEMPTS)
+        {
+            return;
+        }
+        let candidates: Vec<PeerKey> = from.into_iter().filter(|p| *p != self.me).collect();
+        if let Some(existing) = self.fetches.get_mut(&hash) {
+            for c in candidates {
+                if !existing.candidates.contains(&c) && existing.candidates.len() < 16 {
+                    existing.candidates.push(c);
+                }
+            }
+            return;
+        }
+        if candidates.is_empty() || self.fetches.len() >= MAX_INFLIGHT_FETCHES {
+            return;
+        }
+        let fetch = Fetch {
+            len,
+            candidates,
+            next: 0,
+            attempts: 0,
+            started_ms: now,
+            purpose,
+        };
+        self.fetches.insert(hash, fetch);
+        self.try_next(hash, now);
+    }
+
+    fn try_next(&mut self, hash: BlobHash, now: u64) {
+        let Some(fetch) = self.fetches.get_mut(&hash) else {
+            return;
+        };
+        if fetch.attempts >= MAX_FETCH_ATTEMPTS {
+            let purpose = fetch.purpose;
+            self.fetches.remove(&hash);
+            self.failed.insert(hash, MAX_FETCH_ATTEMPTS);
+            metrics::counter!("loom_train_fetch_failures_total").increment(1);
+            tracing::warn!(hash = %hex(&hash), "giving up on a blob");
+            if let Purpose::Snapshot { .. } = purpose {
+                self.engine.resync_failed();
+            }
+            return;
+        }
+        let peer = fetch.candidates[fetch.next % fetch.candidates.len()];
+        fetch.next += 1;
+        fetch.attempts += 1;
+        fetch.started_ms = now;
+        if self.args.network.fetch_blob(peer, hash).is_err() {
+            metrics::counter!("loom_train_fetch_failures_total").increment(1);
+        }
+    }
+
+    fn retry_slow_fetches(&mut self, now: u64) {
+        let slow: Vec<BlobHash> = self
+            .fetches
+            .iter()
+            .filter(|(_, f)| now.saturating_sub(f.started_ms) > FETCH_TIMEOUT_MS)
+            .map(|(h, _)| *h)
+            .collect();
+        for hash in slow {
+            self.try_next(hash, now);
+        }
+    }
+
+    fn on_blob(
+        &mut self,
+        myself: &ActorRef<ExchangerMsg>,
+        hash: BlobHash,
+        from: PeerKey,
+        result: Result<Vec<u8>, String>,
+        now: u64,
+    ) {
+        let Some(fetch) = self.fetches.get(&hash) else {
+            return;
+        };
+        let purpose = fetch.purpose;
+        let expected_len = fetch.len;
+        let verdict = result.and_then(|bytes| {
+            let size = bytes.len() as u64;
+            if size != expected_len || size > self.args.plan.round.max_blob_bytes.max(expected_len)
+            {
+                return Err(format!("blob of {size} bytes, expected {expected_len}"));
+            }
+            if contribution::blob_hash(&bytes) != hash {
+                return Err("blob does not hash to its name".to_owned());
+            }
+            Ok(bytes)
+        });
+        match verdict {
+            Ok(bytes) => {
+                self.fetches.remove(&hash);
+                match purpose {
+                    Purpose::Contribution => {
+                        self.args
+                            .blobs
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(bytes);
+                        let actions = self.engine_poll(now);
+                        self.run(myself, actions, now);
+                    }
+                    Purpose::Snapshot { round } => {
+                        if self.load_snapshot(hash, round, &bytes) {
+                            self.args
+                                .blobs
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(bytes);
+                            self.after_model_changed(myself, round, 0);
+                        }
+                    }
+                }
+            }
+            Err(why) => {
+                self.report.rejected_blobs += 1;
+                metrics::counter!("loom_train_blobs_rejected_total").increment(1);
+                tracing::debug!(%why, peer = %hex(&from), "blob fetch failed");
+                self.try_next(hash, now);
+            }
+        }
+    }
+
+    fn load_snapshot(&mut self, hash: BlobHash, round: u64, bytes: &[u8]) -> bool {
+        match Snapshot::from_verified_bytes(bytes, &hash, &self.args.plan.job_id, self.params.len())
+        {
+            Ok(snapshot) if snapshot.round == round => {
+                self.params = Arc::new(snapshot.params);
+                self.outer = snapshot.outer;
+                self.engine.resynced(round, hash);
+                self.report.resyncs = self.engine.counters().resyncs;
+                tracing::info!(round, "model loaded from a peer's snapshot");
+                true
+            }
+            Ok(_) | Err(_) => {
+                self.report.rejected_blobs += 1;
+                self.engine.resync_failed();
+                false
+            }
+        }
+    }
+
+    fn apply(&mut self, myself: &ActorRef<ExchangerMsg>, round: u64, accepted: &[Commitment]) {
+        let len = self.params.len();
+        let limit = self.args.plan.round.max_blob_bytes as usize;
+        let mut updates = Vec::with_capacity(accepted.len());
+        {
+            let store = self.args.blobs.lock().unwrap_or_else(|e| e.into_inner());
+            for commitment in accepted {
+                let Some(blob) = store.get(&commitment.blob_hash) else {
+                    continue;
+                };
+                match compress::decode(&blob, limit, len) {
+                    Ok((update, _)) if update.len == len => {
+                        updates.push((commitment.author, update))
+                    }
+                    // Every peer holds the same bytes, so every peer skips the same update.
+                    _ => {
+                        self.report.rejected_blobs += 1;
+                        metrics::counter!("loom_train_blobs_rejected_total").increment(1);
+                    }
+                }
+            }
+        }
+        let refs: Vec<(PeerKey, &compress::SparseUpdate)> =
+            updates.iter().map(|(k, u)| (*k, u)).collect();
+        let (average, used) = contribution::aggregate(len, &refs);
+        let mut params = self.params.as_ref().clone();
+        if !used.is_empty() {
+            match (&mut self.outer, self.args.plan.strategy) {
+                (OuterState::Nesterov { buf }, Strategy::Diloco { outer, .. }) => {
+                    outer::nesterov_step(&mut params, &average, buf, outer)
+                }
+                (OuterState::AdamW { m, v, step }, Strategy::Sync(config)) => {
+                    *step += 1;
+                    outer::adamw_step(&mut params, &average, m, v, *step, config)
+                }
+                _ => tracing::error!("outer state does not match the strategy"),
+            }
+        }
+        self.params = Arc::new(params);
+        let steps_per_update = match self.args.plan.strategy {
+            Strategy::Sync(_) => 1,
+            Strategy::Diloco { inner_steps, .. } => u64::from(inner_steps),
+        };
+        self.report.tokens += used.len() as u64 * steps_per_update * self.args.tokens_per_step;
+        self.report.contributors = used.len();
+        self.after_model_changed(myself, round, used.len());
+    }
+
+    /// The model now is the state after `round`: publish its hash and snapshot, checkpoint,
+    /// evaluate it and start the next round's work.
+    fn after_model_changed(
+        &mut self,
+        myself: &ActorRef<ExchangerMsg>,
+        round: u64,
+        contributors: usize,
+    ) {
+        let snapshot = Snapshot {
+            job_id: self.args.plan.job_id,
+            round,
+            params: self.params.as_ref().clone(),
+            outer: self.outer.clone(),
+        };
+        let bytes = snapshot.to_bytes();
+        let hash = contribution::blob_hash(&bytes);
+        let snapshot_len = bytes.len() as u64;
+        let every = self.args.plan.checkpoint_every;
+        let checkpoint_due = round > 0
+            && ((every > 0 && round.is_multiple_of(every)) || round == self.args.plan.rounds);
+        if checkpoint_due
+            && let Some(sink) = &self.args.checkpoints
+            && let Err(e) = sink.save(round, &hash, &bytes)
+        {
+            tracing::error!(%e, round, "cannot write checkpoint");
+        }
+        {
+            let mut store = self.args.blobs.lock().unwrap_or_else(|e| e.into_inner());
+            store.insert(bytes);
+            store.pin(hash);
+            self.served_snapshots.push(hash);
+            while self.served_snapshots.len() > 3 {
+                let old = self.served_snapshots.remove(0);
+                store.unpin(&old);
+            }
+        }
+        // After a resync or at the start the engine is already past `round`; `applied` then
+        // does nothing.
+        self.engine.applied(round, hash);
+        self.publish(&TrainMessage::State(ModelState {
+            job_id: self.args.plan.job_id,
+            round,
+            model_hash: hash,
+            snapshot_hash: hash,
+            snapshot_len,
+            author: self.me,
+        }));
+        let counters = self.engine.counters();
+        let mut report = self.report.clone();
+        report.round = round;
+        report.contributors = contributors;
+        report.model_hash = hex(&hash);
+        report.late_contributions = counters.late_contributions;
+        report.hash_mismatches = counters.hash_mismatches;
+        report.resyncs = counters.resyncs;
+        report.finished = round >= self.args.plan.rounds;
+        if let Some(last) = self.last_train {
+            report.train_loss = Some(last.loss_mean);
+        }
+        self.pending_reports.insert(round, report);
+        let _ = self.args.trainer.cast(TrainerMsg::Evaluate {
+            round,
+            params: self.params.clone(),
+            reply_to: myself.clone(),
+        });
+        if round < self.args.plan.rounds {
+            self.start_training(myself, round + 1);
+        }
+    }
+
+    fn start_training(&mut self, myself: &ActorRef<ExchangerMsg>, round: u64) {
+        let work = match self.args.plan.strategy {
+            Strategy::Sync(_) => Work::Gradient { step: round - 1 },
+            Strategy::Diloco { inner_steps, .. } => Work::Inner {
+                first_step: (round - 1) * u64::from(inner_steps),
+                steps: inner_steps,
+            },
+        };
+        self.training_round = Some(round);
+        let _ = self.args.trainer.cast(TrainerMsg::Train {
+            round,
+            params: self.params.clone(),
+            work,
+            shard: ShardKey {
+                seed: self.args.plan.data_seed,
+                peer: self.me,
+            },
+            reply_to: myself.clone(),
+        });
+    }
+
+    fn on_trained(
+        &mut self,
+        myself: &ActorRef<ExchangerMsg>,
+        round: u64,
+        result: Result<(Vec<f32>, StepReport), String>,
+    ) {
+        if self.training_round == Some(round) {
+            self.training_round = None;
+        }
+        let (update, step_report) = match result {
+            Ok(ok) => ok,
+            Err(why) => {
+                tracing::error!(%why, round, "training failed; this peer skips the round");
+                return;
+            }
+        };
+        self.report.steps += u64::from(step_report.steps);
+        self.report.compute_s += step_report.compute_s;
+        self.report.dense_fp32_bytes +=
+            u64::from(step_report.steps) * compress::dense_fp32_bytes(update.len()) as u64;
+        self.last_train = Some(step_report);
+        if round != self.engine.current_round()
+            || self.engine.is_closed()
+            || !self.engine.is_synced()
+        {
+            self.engine_late(round);
+            return;
+        }
+        let (blob, _) = compress::compress(&update, &mut self.residual, self.args.plan.codec);
+        let blob_len = blob.len() as u64;
+        let hash = self
+            .args
+            .blobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(blob);
+        let signer = self.args.signer.clone();
+        let signed = Commitment {
+            job_id: self.args.plan.job_id,
+            round,
+            blob_hash: hash,
+            blob_len,
+            author: self.me,
+        }
+        .seal(|m| signer.sign(m));
+        self.report.update_bytes += blob_len;
+        metrics::counter!("loom_train_update_bytes_total").increment(blob_len);
+        let now = unix_ms();
+        match self.engine.on_commit(signed.clone(), now) {
+            Ok(actions) => {
+                self.publish(&TrainMessage::Commit(signed));
+                self.run(myself, actions, now);
+            }
+            Err(why) => tracing::warn!(%why, round, "own contribution not taken"),
+        }
+    }
+
+    fn engine_late(&mut self, round: u64) {
+        metrics::counter!("loom_train_own_late_total").increment(1);
+        tracing::info!(
+            round,
+            "own update finished after its round closed; discarded"
+        );
+    }
+
+    fn on_evaluated(&mut self, round: u64, val_loss: Result<f32, String>) {
+        let Some(mut report) = self.pending_reports.remove(&round) else {
+            return;
+        };
+        match val_loss {
+            Ok(loss) => report.val_loss = Some(loss),
+            Err(why) => tracing::warn!(%why, round, "validation failed"),
+        }
+        if report.finished {
+            if self.finished {
+                return;
+            }
+            self.finished = true;
+        }
+        if let Some(loss) = report.val_loss {
+            metrics::gauge!("loom_train_val_loss").set(f64::from(loss));
+        }
+        metrics::gauge!("loom_train_round").set(round as f64);
+        let _ = self.args.reports.try_send(report);
+    }
+}
+
+/// Lower-case hex of a hash.
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

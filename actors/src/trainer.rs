@@ -1,0 +1,171 @@
+//! The Trainer actor: owns the [`Learner`] (the model and its inner optimizer) and runs its
+//! computations off the async runtime, one at a time, in the order asked.
+//!
+//! Each request carries the global parameters to start from; the answer goes back to the
+//! requesting exchanger as a message, so the exchanger keeps serving the network while the model
+//! trains. The learner moves into a blocking task for the computation and comes back with the
+//! result; if the blocking task panics, the actor fails and its supervisor decides.
+
+use std::sync::Arc;
+
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::{
+    ExchangerMsg, Learner, ShardKey,
+    learner::{LearnerError, StepReport},
+};
+
+/// What to compute in a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// DiLoCo: `steps` inner steps from global step `first_step`; the answer is the
+    /// pseudo-gradient `start − after`.
+    Inner {
+        /// First global step index.
+        first_step: u64,
+        /// Inner steps.
+        steps: u32,
+    },
+    /// Sync: one gradient at global step `step`.
+    Gradient {
+        /// Global step index.
+        step: u64,
+    },
+}
+
+/// Messages of the Trainer actor.
+#[derive(Debug)]
+pub enum TrainerMsg {
+    /// Load `params` and report the validation loss as [`ExchangerMsg::Evaluated`].
+    Evaluate {
+        /// The round the parameters are after.
+        round: u64,
+        /// Global parameters.
+        params: Arc<Vec<f32>>,
+        /// Where the answer goes.
+        reply_to: ActorRef<ExchangerMsg>,
+    },
+    /// Load `params`, do `work` on `shard`, answer with [`ExchangerMsg::Trained`].
+    Train {
+        /// The round trained for.
+        round: u64,
+        /// Global parameters to start from.
+        params: Arc<Vec<f32>>,
+        /// What to compute.
+        work: Work,
+        /// Whose data.
+        shard: ShardKey,
+        /// Where the answer goes.
+        reply_to: ActorRef<ExchangerMsg>,
+    },
+}
+
+/// The Trainer actor.
+#[derive(Debug, Default, Clone)]
+pub struct TrainerActor;
+
+/// State: the learner, absent only while a computation holds it.
+pub struct TrainerState {
+    learner: Option<Box<dyn Learner>>,
+}
+
+/// A learner behind a mutex so it can be handed to the actor as its (cloneable) argument.
+pub type LearnerSlot = Arc<std::sync::Mutex<Option<Box<dyn Learner>>>>;
+
+async fn with_learner<T: Send + 'static>(
+    state: &mut TrainerState,
+    job: impl FnOnce(&mut dyn Learner) -> T + Send + 'static,
+) -> Result<T, ActorProcessingErr> {
+    let mut learner = state
+        .learner
+        .take()
+        .ok_or_else(|| ActorProcessingErr::from("learner lost by an earlier failure"))?;
+    let (learner, out) = tokio::task::spawn_blocking(move || {
+        let out = job(learner.as_mut());
+        (learner, out)
+    })
+    .await
+    .map_err(|e| ActorProcessingErr::from(format!("training task failed: {e}")))?;
+    state.learner = Some(learner);
+    Ok(out)
+}
+
+impl Actor for TrainerActor {
+    type Msg = TrainerMsg;
+    type State = TrainerState;
+    type Arguments = LearnerSlot;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        slot: Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let learner = slot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .ok_or_else(|| ActorProcessingErr::from("no learner to start with"))?;
+        Ok(TrainerState {
+            learner: Some(learner),
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            TrainerMsg::Evaluate {
+                round,
+                params,
+                reply_to,
+            } => {
+                let result = with_learner(state, move |learner| {
+                    learner.set_params(&params)?;
+                    learner.validation_loss()
+                })
+                .await?;
+                let _ = reply_to.cast(ExchangerMsg::Evaluated {
+                    round,
+                    val_loss: result.map_err(|e| e.to_string()),
+                });
+            }
+            TrainerMsg::Train {
+                round,
+                params,
+                work,
+                shard,
+                reply_to,
+            } => {
+                let result =
+                    with_learner(state, move |learner| train(learner, &params, work, shard))
+                        .await?;
+                let _ = reply_to.cast(ExchangerMsg::Trained {
+                    round,
+                    result: result.map_err(|e| e.to_string()),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn train(
+    learner: &mut dyn Learner,
+    params: &[f32],
+    work: Work,
+    shard: ShardKey,
+) -> Result<(Vec<f32>, StepReport), LearnerError> {
+    learner.set_params(params)?;
+    match work {
+        Work::Inner { first_step, steps } => {
+            let report = learner.train_inner(first_step, steps, shard)?;
+            let after = learner.params();
+            let pseudo = loom_protocols::outer::pseudo_gradient(params, &after);
+            Ok((pseudo, report))
+        }
+        Work::Gradient { step } => learner.gradient(step, shard),
+    }
+}
