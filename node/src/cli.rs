@@ -29,8 +29,44 @@ pub enum Command {
     Id,
     /// Show the running peer's connections, NAT status, addresses and relay reservations.
     Status(StatusArgs),
-    /// Start a local mesh of peers on loopback and show them finding each other.
+    /// Train a job (a YAML manifest) with every peer on the mesh that runs the same job.
+    Train(Box<TrainArgs>),
+    /// Train the built-in demo job on N local peers over loopback and summarise the run.
     Demo(DemoArgs),
+}
+
+/// Options of `loom-peer train`.
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// The job manifest (YAML).
+    #[arg(long, value_name = "FILE")]
+    pub manifest: PathBuf,
+    /// Where to train: auto picks CUDA when present [default: the manifest's resources.device].
+    #[arg(long, value_enum)]
+    pub device: Option<DeviceArg>,
+    /// libtorch threads [default: the manifest's resources.threads].
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Continue from the newest checkpoint of this job in the data directory.
+    #[arg(long)]
+    pub resume: bool,
+    /// Progress file, one JSON line per round [default: <data-dir>/progress.jsonl].
+    #[arg(long, value_name = "FILE")]
+    pub progress: Option<PathBuf>,
+    /// The node's options, as for `run`.
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// `--device` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceArg {
+    /// CUDA when present, else the CPU.
+    Auto,
+    /// The CPU.
+    Cpu,
+    /// The first CUDA device.
+    Cuda,
 }
 
 /// Options of `loom-peer status`.
@@ -47,9 +83,15 @@ pub struct DemoArgs {
     /// Number of local peers.
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(2..=64))]
     pub peers: u16,
-    /// Seconds to keep the mesh running after it formed.
-    #[arg(long, default_value_t = 5)]
-    pub linger_secs: u64,
+    /// Rounds to train [default: the demo manifest's].
+    #[arg(long, value_name = "N")]
+    pub rounds: Option<u64>,
+    /// Where to write the loss plot (SVG).
+    #[arg(long, value_name = "FILE", default_value = "loom-demo-loss.svg")]
+    pub plot: PathBuf,
+    /// Keep the peers' data directories (logs, checkpoints, progress files).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// Options of `loom-peer run`. All are optional here: defaults live in `config.rs`.

@@ -1,5 +1,5 @@
-//! The `loom-peer` node: configuration, identity, the libp2p network, the control API and the
-//! local-mesh launcher. The binary (`main.rs`) is a thin command-line shell over this library,
+//! The `loom-peer` node: configuration, identity, the libp2p network, the control API, job
+//! manifests and training, and the local-mesh launcher. The binary (`main.rs`) is a thin command-line shell over this library,
 //! which the simulation harness and the NAT lab reuse.
 
 pub mod cli;
@@ -9,10 +9,12 @@ pub mod control;
 pub mod demo;
 pub mod identity;
 pub mod localmesh;
+pub mod manifest;
 pub mod network;
 pub mod run;
 pub mod status;
 pub mod telemetry;
+pub mod train;
 
 /// The agent string this build announces.
 pub fn agent() -> String {

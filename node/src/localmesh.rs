@@ -70,6 +70,26 @@ pub struct MeshOptions {
     pub log: String,
     /// Extra arguments for `run`.
     pub extra_args: Vec<String>,
+    /// The subcommand and its own arguments (`["run"]` for a plain mesh).
+    pub subcommand: Vec<String>,
+    /// Leave the data directories in place when the mesh is dropped.
+    pub keep: bool,
+}
+
+impl MeshOptions {
+    /// A plain mesh of `peers` running `loom-peer run` from `bin`, with data under `root`.
+    pub fn run(peers: usize, bin: PathBuf, root: PathBuf) -> Self {
+        Self {
+            peers,
+            bin,
+            root,
+            heartbeat_interval: "500ms".into(),
+            log: "warn".into(),
+            extra_args: Vec::new(),
+            subcommand: vec!["run".into()],
+            keep: false,
+        }
+    }
 }
 
 /// One launched peer.
@@ -92,6 +112,7 @@ pub struct LocalMesh {
     /// When the first peer was launched.
     pub started: Instant,
     root: PathBuf,
+    keep: bool,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> MeshError {
@@ -121,57 +142,134 @@ impl LocalMesh {
             peers: Vec::with_capacity(options.peers),
             started,
             root: options.root.clone(),
+            keep: options.keep,
         };
-        let mut bootstrap: Option<Multiaddr> = None;
-        for index in 0..options.peers {
-            let data_dir = options.root.join(format!("peer-{index:02}"));
-            std::fs::create_dir_all(&data_dir)
-                .map_err(io(format!("creating {}", data_dir.display())))?;
-            let peer_id = identity::load_or_create(&data_dir)?.public().to_peer_id();
-            let port = free_port().map_err(io("finding a free port"))?;
-            let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}")
-                .parse()
-                .map_err(|e| io("building address")(std::io::Error::other(e)))?;
-            let log = File::create(data_dir.join("peer.log"))
-                .map_err(io(format!("creating log in {}", data_dir.display())))?;
-            let mut command = Command::new(&options.bin);
-            command
-                .arg("--data-dir")
-                .arg(&data_dir)
-                .arg("run")
-                .arg("--listen")
-                .arg(format!("{addr},/ip4/127.0.0.1/udp/{port}/quic-v1"))
-                .args([
-                    "--no-mdns",
-                    "--metrics-addr",
-                    "off",
-                    "--api-addr",
-                    "127.0.0.1:0",
-                ])
-                .arg("--heartbeat-interval")
-                .arg(&options.heartbeat_interval)
-                .args(&options.extra_args)
-                .env("RUST_LOG", &options.log)
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(log);
-            if let Some(b) = &bootstrap {
-                command.arg("--bootstrap").arg(b.to_string());
-            }
-            let child = command
-                .spawn()
-                .map_err(io(format!("starting {}", options.bin.display())))?;
-            if bootstrap.is_none() {
-                bootstrap = Some(addr.clone().with(libp2p::multiaddr::Protocol::P2p(peer_id)));
-            }
-            mesh.peers.push(LocalPeer {
-                peer_id,
-                data_dir,
-                addr,
-                child,
-            });
+        for _ in 0..options.peers {
+            mesh.add_peer(options)?;
         }
         Ok(mesh)
+    }
+
+    /// Launches one more peer (bootstrapping from the first), e.g. to join a running job.
+    pub fn add_peer(&mut self, options: &MeshOptions) -> Result<usize, MeshError> {
+        let index = self.peers.len();
+        let bootstrap = self.peers.first().map(|p| {
+            p.addr
+                .clone()
+                .with(libp2p::multiaddr::Protocol::P2p(p.peer_id))
+        });
+        let data_dir = options.root.join(format!("peer-{index:02}"));
+        std::fs::create_dir_all(&data_dir)
+            .map_err(io(format!("creating {}", data_dir.display())))?;
+        let peer_id = identity::load_or_create(&data_dir)?.public().to_peer_id();
+        let port = free_port().map_err(io("finding a free port"))?;
+        let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}")
+            .parse()
+            .map_err(|e| io("building address")(std::io::Error::other(e)))?;
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(data_dir.join("peer.log"))
+            .map_err(io(format!("creating log in {}", data_dir.display())))?;
+        let mut command = Command::new(&options.bin);
+        command
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(&options.subcommand)
+            .arg("--listen")
+            .arg(format!("{addr},/ip4/127.0.0.1/udp/{port}/quic-v1"))
+            .args([
+                "--no-mdns",
+                "--metrics-addr",
+                "off",
+                "--api-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--heartbeat-interval")
+            .arg(&options.heartbeat_interval)
+            .args(&options.extra_args)
+            .env("RUST_LOG", &options.log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(b) = &bootstrap {
+            command.arg("--bootstrap").arg(b.to_string());
+        }
+        let child = command
+            .spawn()
+            .map_err(io(format!("starting {}", options.bin.display())))?;
+        self.peers.push(LocalPeer {
+            peer_id,
+            data_dir,
+            addr,
+            child,
+        });
+        Ok(index)
+    }
+
+    /// Restarts peer `index` (after [`LocalMesh::kill`]) with the same data directory and
+    /// address, plus `extra` arguments.
+    pub fn restart(
+        &mut self,
+        index: usize,
+        options: &MeshOptions,
+        extra: &[String],
+    ) -> Result<(), MeshError> {
+        let mut options = options.clone();
+        options.extra_args.extend(extra.iter().cloned());
+        let bootstrap = (index != 0).then(|| {
+            self.peers[0]
+                .addr
+                .clone()
+                .with(libp2p::multiaddr::Protocol::P2p(self.peers[0].peer_id))
+        });
+        let peer = &mut self.peers[index];
+        let port = peer
+            .addr
+            .iter()
+            .find_map(|p| match p {
+                libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+                _ => None,
+            })
+            .unwrap_or(0);
+        let log = File::options()
+            .create(true)
+            .append(true)
+            .open(peer.data_dir.join("peer.log"))
+            .map_err(io("opening the peer log"))?;
+        let mut command = Command::new(&options.bin);
+        command
+            .arg("--data-dir")
+            .arg(&peer.data_dir)
+            .args(&options.subcommand)
+            .arg("--listen")
+            .arg(format!("{},/ip4/127.0.0.1/udp/{port}/quic-v1", peer.addr))
+            .args([
+                "--no-mdns",
+                "--metrics-addr",
+                "off",
+                "--api-addr",
+                "127.0.0.1:0",
+            ])
+            .arg("--heartbeat-interval")
+            .arg(&options.heartbeat_interval)
+            .args(&options.extra_args)
+            .env("RUST_LOG", &options.log)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(b) = bootstrap {
+            command.arg("--bootstrap").arg(b.to_string());
+        }
+        peer.child = command
+            .spawn()
+            .map_err(io(format!("starting {}", options.bin.display())))?;
+        Ok(())
+    }
+
+    /// The exit status of peer `index`, if it has exited.
+    pub fn try_wait(&mut self, index: usize) -> Option<std::process::ExitStatus> {
+        self.peers[index].child.try_wait().ok().flatten()
     }
 
     /// The control client of peer `index`, waiting up to `timeout` for it to come up.
@@ -260,6 +358,8 @@ impl Drop for LocalMesh {
             let _ = peer.child.kill();
             let _ = peer.child.wait();
         }
-        let _ = std::fs::remove_dir_all(&self.root);
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
     }
 }

@@ -10,6 +10,7 @@ use loom_node::{
     client::ControlClient,
     config::{NodeConfig, default_data_dir},
     demo, identity, run, telemetry,
+    train::{self, TrainOptions},
 };
 
 fn main() -> ExitCode {
@@ -45,6 +46,34 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             } else {
                 print!("{}", report.render());
             }
+            Ok(())
+        }
+        Command::Train(args) => {
+            telemetry::init_logging_quiet();
+            let manifest = std::fs::read_to_string(&args.manifest)
+                .with_context(|| format!("cannot read manifest {}", args.manifest.display()))?;
+            let manifest_dir = args
+                .manifest
+                .parent()
+                .map(|p| p.to_path_buf())
+                .unwrap_or_default();
+            let device = args.device.map(|d| match d {
+                loom_node::cli::DeviceArg::Auto => loom_trainer::DeviceChoice::Auto,
+                loom_node::cli::DeviceArg::Cpu => loom_trainer::DeviceChoice::Cpu,
+                loom_node::cli::DeviceArg::Cuda => loom_trainer::DeviceChoice::Cuda,
+            });
+            let options = TrainOptions {
+                manifest,
+                manifest_dir,
+                device,
+                threads: args.threads,
+                resume: args.resume,
+                progress: args.progress,
+                verbose: true,
+            };
+            let config = NodeConfig::resolve(data_dir, args.run)?;
+            let summary = train::train(config, options)?;
+            println!("{}", serde_json::to_string(&summary)?);
             Ok(())
         }
         Command::Demo(args) => demo::run(args),

@@ -9,10 +9,10 @@ use std::{
 use anyhow::Context as _;
 use libp2p::identity::Keypair;
 use loom_actors::{
-    ChildSpec, HeartbeatSigner, MembershipActor, MembershipArgs, PeerSupervisor, SupervisorPolicy,
-    names,
+    ChildSpec, HeartbeatSigner, MembershipActor, MembershipArgs, PeerSupervisor, SharedBlobs,
+    SupervisorPolicy, names,
 };
-use loom_protocols::{MembershipConfig, PeerKey};
+use loom_protocols::{MembershipConfig, PeerKey, blobstore::BlobStore};
 use ractor::Actor;
 
 use crate::{
@@ -22,8 +22,8 @@ use crate::{
     telemetry,
 };
 
-/// Signs heartbeats with the libp2p identity.
-struct KeypairSigner(Keypair);
+/// Signs heartbeats and commitments with the libp2p identity.
+pub struct KeypairSigner(pub Keypair);
 
 impl HeartbeatSigner for KeypairSigner {
     fn public_key(&self) -> PeerKey {
@@ -51,7 +51,7 @@ pub fn run(config: NodeConfig) -> anyhow::Result<()> {
     runtime.block_on(run_async(config, keypair))
 }
 
-fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+pub fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
@@ -60,21 +60,43 @@ fn create_data_dir(dir: &std::path::Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create data directory {}", dir.display()))
 }
 
-async fn run_async(config: NodeConfig, keypair: Keypair) -> anyhow::Result<()> {
-    let peer_id = keypair.public().to_peer_id();
+/// A started peer: the actor tree, the network handle and what the network shares.
+pub struct NodeHandles {
+    /// The root supervisor.
+    pub supervisor: ractor::ActorRef<loom_actors::SupervisorMsg>,
+    /// Resolves when the supervisor stops.
+    pub supervisor_done: tokio::task::JoinHandle<()>,
+    /// The network command queue.
+    pub handle: NetworkHandle,
+    /// Per-peer byte counters.
+    pub peer_bytes: PeerBytes,
+    /// Blobs this peer serves.
+    pub blobs: SharedBlobs,
+    /// The control API address.
+    pub api: std::net::SocketAddr,
+}
+
+/// Blob store budget of a peer.
+pub const BLOB_STORE_BYTES: usize = 1 << 30;
+
+/// Builds the swarm, starts the network and membership actors under the root supervisor, and
+/// serves the control API and metrics.
+pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Result<NodeHandles> {
     if let Some(addr) = config.metrics_addr {
         telemetry::serve_metrics(addr)?;
     }
     let peer_bytes = PeerBytes::default();
     // Built here, before any actor, so a port in use is a clear error at start-up.
-    let swarm = build_swarm(&keypair, &config, peer_bytes.clone())?;
+    let swarm = build_swarm(keypair, config, peer_bytes.clone())?;
     let handle = NetworkHandle::default();
+    let blobs: SharedBlobs = Arc::new(Mutex::new(BlobStore::new(BLOB_STORE_BYTES)));
 
     let network_args = NetworkArgs {
         keypair: keypair.clone(),
         config: config.clone(),
         handle: handle.clone(),
-        peer_bytes,
+        peer_bytes: peer_bytes.clone(),
+        blobs: blobs.clone(),
         prebuilt: Arc::new(Mutex::new(Some(swarm))),
     };
     let membership_args = MembershipArgs {
@@ -105,23 +127,47 @@ async fn run_async(config: NodeConfig, keypair: Keypair) -> anyhow::Result<()> {
     )
     .await
     .map_err(|e| anyhow::anyhow!("cannot start the actor tree: {e}"))?;
+    let api = control::serve(&config.data_dir, config.api_addr, handle.clone()).await?;
+    Ok(NodeHandles {
+        supervisor,
+        supervisor_done,
+        handle,
+        peer_bytes,
+        blobs,
+        api,
+    })
+}
 
-    let api = control::serve(&config.data_dir, config.api_addr, handle).await?;
-    tracing::info!(%peer_id, %api, "loom-peer running");
+/// Stops the actor tree and removes the API address file.
+pub async fn stop_node(config: &NodeConfig, node: NodeHandles) {
+    node.supervisor.stop(Some("shutdown".into()));
+    let _ = tokio::time::timeout(Duration::from_secs(6), node.supervisor_done).await;
+    let _ = std::fs::remove_file(config.data_dir.join(control::ADDR_FILE));
+}
 
+/// Resolves on SIGINT or SIGTERM.
+pub async fn termination() -> anyhow::Result<()> {
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot install the SIGTERM handler")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = terminate.recv() => {},
+    }
+    Ok(())
+}
+
+async fn run_async(config: NodeConfig, keypair: Keypair) -> anyhow::Result<()> {
+    let peer_id = keypair.public().to_peer_id();
+    let mut node = start_node(&config, &keypair).await?;
+    tracing::info!(%peer_id, api = %node.api, "loom-peer running");
     let outcome = tokio::select! {
-        _ = tokio::signal::ctrl_c() => Ok(()),
-        _ = terminate.recv() => Ok(()),
-        result = supervisor_done => match result {
+        signal = termination() => signal,
+        result = &mut node.supervisor_done => match result {
             Ok(()) => Err(anyhow::anyhow!("the actor tree stopped: a child kept failing")),
             Err(e) => Err(anyhow::anyhow!("the actor tree failed: {e}")),
         },
     };
     tracing::info!("shutting down");
-    supervisor.stop(Some("shutdown".into()));
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let _ = std::fs::remove_file(config.data_dir.join(control::ADDR_FILE));
+    stop_node(&config, node).await;
     outcome
 }

@@ -14,6 +14,17 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Initialises logging to stderr for commands that print their own progress: `RUST_LOG`
+/// filters (default `warn`).
+pub fn init_logging_quiet() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
 /// Why metrics could not be exported.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot serve metrics on {addr}: {message}")]

@@ -61,15 +61,25 @@ impl MarkovSource {
     /// The source for `seed`.
     pub fn new(seed: u64) -> Self {
         let mut rng = SplitMix64::new(seed ^ 0x6c6f_6f6d_6d61_726b);
-        let mut probs = vec![[0.0f64; V]; CONTEXTS];
-        for row in probs.iter_mut() {
-            // A floor on every symbol keeps the chain irreducible; 2 to 5 favoured symbols give
-            // each context its own character.
-            let mut weights = [0.02f64; V];
-            let favoured = 2 + rng.below(4) as usize;
+        // Each previous symbol favours 2 to 4 successors (the part a bigram model learns
+        // quickly); each pair of previous symbols adds one favoured successor of its own (the
+        // part only a model of both symbols learns). A floor on every symbol keeps the chain
+        // irreducible.
+        let mut by_last = vec![[0.0f64; V]; V];
+        for row in by_last.iter_mut() {
+            let favoured = 2 + rng.below(3) as usize;
             for _ in 0..favoured {
-                weights[rng.below(V as u64) as usize] += 0.5 + 2.0 * rng.next_f64();
+                row[rng.below(V as u64) as usize] += 0.5 + 2.0 * rng.next_f64();
             }
+        }
+        let mut probs = vec![[0.0f64; V]; CONTEXTS];
+        for (ctx, row) in probs.iter_mut().enumerate() {
+            let last = ctx % V;
+            let mut weights = [0.02f64; V];
+            for (w, b) in weights.iter_mut().zip(&by_last[last]) {
+                *w += b;
+            }
+            weights[rng.below(V as u64) as usize] += 0.5 + 1.5 * rng.next_f64();
             let total: f64 = weights.iter().sum();
             for (p, w) in row.iter_mut().zip(weights) {
                 *p = w / total;

@@ -85,7 +85,12 @@ pub fn adamw_step(
     let step = step.max(1) as i32;
     let correction1 = 1.0 - config.beta1.powi(step);
     let correction2 = 1.0 - config.beta2.powi(step);
-    for (((p, &g), m), v) in params.iter_mut().zip(grad).zip(m.iter_mut()).zip(v.iter_mut()) {
+    for (((p, &g), m), v) in params
+        .iter_mut()
+        .zip(grad)
+        .zip(m.iter_mut())
+        .zip(v.iter_mut())
+    {
         *p *= 1.0 - config.lr * config.weight_decay;
         *m = config.beta1 * *m + (1.0 - config.beta1) * g;
         *v = config.beta2 * *v + (1.0 - config.beta2) * g * g;

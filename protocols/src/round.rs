@@ -279,7 +279,13 @@ pub fn proposer_rank_key(job_id: &JobId, round: u64, peer: &PeerKey) -> [u8; 32]
 impl RoundEngine {
     /// An engine whose model is the state after round `applied` (0: the initial model). With
     /// `synced` false it waits for [`RoundEngine::start_fresh`] or a resync before taking part.
-    pub fn new(config: RoundConfig, job_id: JobId, me: PeerKey, applied: u64, synced: bool) -> Self {
+    pub fn new(
+        config: RoundConfig,
+        job_id: JobId,
+        me: PeerKey,
+        applied: u64,
+        synced: bool,
+    ) -> Self {
         Self {
             config,
             job_id,
@@ -411,8 +417,7 @@ impl RoundEngine {
                 current: self.current,
             });
         }
-        if close.commitments.is_empty() || close.commitments.len() > self.config.max_contributors
-        {
+        if close.commitments.is_empty() || close.commitments.len() > self.config.max_contributors {
             return Err(RoundRejected::BadClose("empty or oversized accepted set"));
         }
         let mut contributions = Vec::with_capacity(close.commitments.len());
@@ -420,7 +425,9 @@ impl RoundEngine {
         for signed in &close.commitments {
             let c = SignedCommitment::open(&signed.to_bytes())?;
             if c.job_id != self.job_id || c.round != close.round {
-                return Err(RoundRejected::BadClose("contribution of another job or round"));
+                return Err(RoundRejected::BadClose(
+                    "contribution of another job or round",
+                ));
             }
             if c.blob_len > self.config.max_blob_bytes {
                 return Err(RoundRejected::TooLarge(c.blob_len));
@@ -508,7 +515,10 @@ impl RoundEngine {
         }
         // Commitments that arrived before the round opened start its clock now.
         if self.first_commit_ms.is_none()
-            && self.commits.get(&self.current).is_some_and(|c| !c.is_empty())
+            && self
+                .commits
+                .get(&self.current)
+                .is_some_and(|c| !c.is_empty())
         {
             self.first_commit_ms = Some(now_ms);
         }
@@ -754,9 +764,14 @@ mod tests {
         assert!(matches!(actions[1], Action::Apply { round: 1, .. }));
         engine.applied(1, [1; 32]);
         // Round 2: the only expected peer (us) committed, so it closes at once.
-        engine.on_commit(commit(JOB, 2, &k, b"b"), 5_000).expect("ok");
+        engine
+            .on_commit(commit(JOB, 2, &k, b"b"), 5_000)
+            .expect("ok");
         let actions = engine.poll(5_001, &have);
-        assert!(matches!(actions.get(1), Some(Action::Apply { round: 2, .. })));
+        assert!(matches!(
+            actions.get(1),
+            Some(Action::Apply { round: 2, .. })
+        ));
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub fn run_mesh(scenario: &MeshScenario) -> Result<MeshReport, ScenarioError> {
         heartbeat_interval: "500ms".into(),
         log: "warn".into(),
         extra_args: Vec::new(),
+        subcommand: vec!["run".into()],
+        keep: false,
     })?;
     let formation = mesh.wait_formed(scenario.timeout)?;
     let clients = (0..scenario.peers)
@@ -192,6 +194,8 @@ pub fn run_idle(bin: PathBuf, secs: u64) -> Result<IdleReport, ScenarioError> {
         heartbeat_interval: "1s".into(),
         log: "warn".into(),
         extra_args: Vec::new(),
+        subcommand: vec!["run".into()],
+        keep: false,
     })?;
     mesh.wait_formed(Duration::from_secs(30))?;
     std::thread::sleep(Duration::from_secs(2));

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use libp2p::{
     PeerId, StreamProtocol, allow_block_list, autonat, connection_limits, dcutr, gossipsub,
-    identify, identity::Keypair, kad, mdns, ping, relay, swarm::NetworkBehaviour,
+    identify, identity::Keypair, kad, mdns, ping, relay, request_response, swarm::NetworkBehaviour,
     swarm::behaviour::toggle::Toggle,
 };
 use loom_actors::Topic;
@@ -45,6 +45,8 @@ pub struct Behaviour {
     pub dcutr: dcutr::Behaviour,
     /// LAN discovery.
     pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// Blob transfer (contributions and snapshots).
+    pub blobs: request_response::Behaviour<super::blobs::BlobCodec>,
 }
 
 /// Why the behaviour could not be built.
@@ -145,6 +147,16 @@ impl Behaviour {
             relay_server: relay_server.into(),
             dcutr: dcutr::Behaviour::new(peer_id),
             mdns: mdns.into(),
+            blobs: request_response::Behaviour::with_codec(
+                super::blobs::BlobCodec,
+                [(
+                    super::blobs::BLOB_PROTOCOL,
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(120))
+                    .with_max_concurrent_streams(64),
+            ),
         })
     }
 

@@ -7,6 +7,7 @@
 //! survives restarts: it holds the current channel's sender.
 
 pub mod behaviour;
+pub mod blobs;
 pub mod task;
 pub mod transport;
 
@@ -51,6 +52,15 @@ pub enum NetCommand {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     /// Report status.
     Status(RpcReplyPort<NetworkStatus>),
+    /// Ask a peer for a blob; the answer goes to the exchanger.
+    FetchBlob {
+        /// The peer.
+        peer: PeerId,
+        /// Its key (for the answer).
+        key: PeerKey,
+        /// The blob.
+        hash: loom_protocols::contribution::BlobHash,
+    },
 }
 
 /// A cloneable handle to the current swarm task's command channel.
@@ -98,6 +108,15 @@ impl NetworkPort for NetworkHandle {
             addrs,
             public: nat == loom_protocols::NatStatus::Public,
         })
+    }
+
+    fn fetch_blob(
+        &self,
+        key: PeerKey,
+        hash: loom_protocols::contribution::BlobHash,
+    ) -> Result<(), PortError> {
+        let peer = peer_id_of(&key).ok_or(PortError::Closed)?;
+        self.send(NetCommand::FetchBlob { peer, key, hash })
     }
 }
 
@@ -182,6 +201,8 @@ pub struct NetworkArgs {
     pub handle: NetworkHandle,
     /// Per-peer byte counters.
     pub peer_bytes: PeerBytes,
+    /// Blobs this peer serves (shared with the exchanger).
+    pub blobs: loom_actors::SharedBlobs,
     /// A swarm already built and listening (first start), taken once.
     pub prebuilt: Arc<Mutex<Option<Swarm<Behaviour>>>>,
 }
@@ -234,7 +255,12 @@ impl Actor for NetworkActor {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         args.handle.set(Some(tx));
-        let task = task::SwarmTask::new(swarm, args.config.clone(), args.peer_bytes.clone());
+        let task = task::SwarmTask::new(
+            swarm,
+            args.config.clone(),
+            args.peer_bytes.clone(),
+            args.blobs.clone(),
+        );
         let join = tokio::spawn(task.run(rx, shutdown_rx));
         // Watch the task: if it ends while we did not ask it to, tell the actor.
         let watched = tokio::spawn({

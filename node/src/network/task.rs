@@ -14,18 +14,22 @@ use futures::StreamExt;
 use libp2p::{
     Multiaddr, PeerId, Swarm, autonat, dcutr, gossipsub, identify, kad, mdns,
     multiaddr::Protocol,
-    ping, relay,
+    ping, relay, request_response,
     swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts, dial_opts::PeerCondition},
 };
-use loom_actors::{MembershipMsg, Topic, names};
+use loom_actors::{ExchangerMsg, MembershipMsg, Topic, names};
 use loom_protocols::{
-    Backoff, ConnectionKind, NatTracker, Probe, RateLimiter, RelayPlanner, SignedHeartbeat,
-    connection::RelayAction,
+    Backoff, ConnectionKind, NatTracker, PeerKey, Probe, RateLimiter, RelayPlanner,
+    SignedHeartbeat, connection::RelayAction, contribution::BlobHash, round::TrainMessage,
 };
 use ractor::ActorRef;
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Behaviour, NetCommand, PeerBytes, behaviour::BehaviourEvent};
+use super::{
+    Behaviour, NetCommand, PeerBytes,
+    behaviour::BehaviourEvent,
+    blobs::{BlobReply, MAX_BLOB_BYTES},
+};
 use crate::{
     config::NodeConfig,
     status::{
@@ -52,6 +56,7 @@ const DEDUP_AFTER: Duration = Duration::from_secs(5);
 const YIELD_DIAL: Duration = Duration::from_secs(5);
 /// Agent strings remembered (one per connected peer at most).
 const MAX_AGENTS: usize = 4096;
+const MAX_BLOB_REQUESTS: usize = 512;
 
 struct Connection {
     peer: PeerId,
@@ -91,11 +96,18 @@ pub struct SwarmTask {
     loopback_only: bool,
     ticks: u64,
     gossip_limiter: RateLimiter<PeerId>,
+    blobs: loom_actors::SharedBlobs,
+    blob_requests: HashMap<request_response::OutboundRequestId, (BlobHash, PeerKey)>,
 }
 
 impl SwarmTask {
     /// A task around an already listening swarm.
-    pub fn new(swarm: Swarm<Behaviour>, config: NodeConfig, peer_bytes: PeerBytes) -> Self {
+    pub fn new(
+        swarm: Swarm<Behaviour>,
+        config: NodeConfig,
+        peer_bytes: PeerBytes,
+        blobs: loom_actors::SharedBlobs,
+    ) -> Self {
         let bootstrap_peers = config
             .bootstrap
             .iter()
@@ -142,6 +154,8 @@ impl SwarmTask {
                 GOSSIP_BURST_PER_AUTHOR,
                 MAX_RATE_LIMITED_AUTHORS,
             ),
+            blobs,
+            blob_requests: HashMap::new(),
             config,
         }
     }
@@ -192,6 +206,14 @@ impl SwarmTask {
 
     fn on_command(&mut self, command: NetCommand) {
         match command {
+            NetCommand::FetchBlob { peer, key, hash } => {
+                if self.blob_requests.len() >= MAX_BLOB_REQUESTS {
+                    deliver_blob(hash, key, Err("too many blob requests in flight".into()));
+                    return;
+                }
+                let id = self.swarm.behaviour_mut().blobs.send_request(&peer, hash);
+                self.blob_requests.insert(id, (hash, key));
+            }
             NetCommand::Publish { topic, data } => {
                 let topic_hash = gossipsub::IdentTopic::new(topic.as_str());
                 match self.swarm.behaviour_mut().gossipsub.publish(topic_hash, data) {
@@ -670,12 +692,75 @@ impl SwarmTask {
                     }
                 }
             }
+            BehaviourEvent::Blobs(event) => self.on_blob_event(event),
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found.into_iter().take(32) {
                     self.connect_hint(peer, vec![addr], true);
                 }
             }
             _ => {}
+        }
+    }
+
+    fn on_blob_event(&mut self, event: request_response::Event<BlobHash, BlobReply>) {
+        match event {
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let held = self
+                    .blobs
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&request);
+                let reply = match held {
+                    Some(bytes) if bytes.len() as u64 <= MAX_BLOB_BYTES => {
+                        metrics::counter!("loom_blob_bytes_served_total")
+                            .increment(bytes.len() as u64);
+                        BlobReply::Found(bytes)
+                    }
+                    _ => BlobReply::Missing,
+                };
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .blobs
+                    .send_response(channel, reply);
+            }
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some((hash, key)) = self.blob_requests.remove(&request_id) {
+                    let result = match response {
+                        BlobReply::Found(bytes) => {
+                            metrics::counter!("loom_blob_bytes_fetched_total")
+                                .increment(bytes.len() as u64);
+                            Ok(std::sync::Arc::try_unwrap(bytes).unwrap_or_else(|b| (*b).clone()))
+                        }
+                        BlobReply::Missing => Err("peer does not hold the blob".to_owned()),
+                    };
+                    deliver_blob(hash, key, result);
+                }
+            }
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some((hash, key)) = self.blob_requests.remove(&request_id) {
+                    deliver_blob(hash, key, Err(error.to_string()));
+                }
+            }
+            request_response::Event::InboundFailure { error, .. } => {
+                tracing::debug!(%error, "blob request from a peer failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
         }
     }
 
@@ -714,6 +799,8 @@ impl SwarmTask {
                 Topic::Membership
             } else if message.topic == gossipsub::IdentTopic::new(Topic::Probe.as_str()).hash() {
                 Topic::Probe
+            } else if message.topic == gossipsub::IdentTopic::new(Topic::Training.as_str()).hash() {
+                Topic::Training
             } else {
                 self.report(&message_id, &source, Err("unknown-topic"));
                 return;
@@ -737,11 +824,25 @@ impl SwarmTask {
         }
         let verdict = match validate_gossip(topic, &message.data, message.source) {
             Ok(payload) => {
-                if let Some(m) = membership() {
-                    let _ = m.cast(match payload {
-                        GossipPayload::Heartbeat(hb) => MembershipMsg::Heartbeat(hb),
-                        GossipPayload::Probe(probe) => MembershipMsg::Probe(probe),
-                    });
+                match payload {
+                    GossipPayload::Heartbeat(hb) => {
+                        if let Some(m) = membership() {
+                            let _ = m.cast(MembershipMsg::Heartbeat(hb));
+                        }
+                    }
+                    GossipPayload::Probe(probe) => {
+                        if let Some(m) = membership() {
+                            let _ = m.cast(MembershipMsg::Probe(probe));
+                        }
+                    }
+                    GossipPayload::Training { from } => {
+                        if let Some(exchanger) = exchanger() {
+                            let _ = exchanger.cast(ExchangerMsg::Gossip {
+                                from,
+                                data: message.data,
+                            });
+                        }
+                    }
                 }
                 Ok(())
             }
@@ -875,6 +976,11 @@ pub enum GossipPayload {
     Heartbeat(loom_protocols::Heartbeat),
     /// A probe from the message's author.
     Probe(Probe),
+    /// A training message (commitment, close, state) from `from`.
+    Training {
+        /// The author's key.
+        from: PeerKey,
+    },
 }
 
 /// Validates a gossip message: bounded decode, signature, and the payload's key must be the
@@ -900,6 +1006,24 @@ pub fn validate_gossip(
             }
             Ok(GossipPayload::Probe(probe))
         }
+        Topic::Training => {
+            let message = TrainMessage::from_bytes(data).map_err(|_| "invalid-training")?;
+            let claimed = message.claimed_author().ok_or("invalid-training")?;
+            if super::peer_id_of(&claimed) != author {
+                return Err("training-author-mismatch");
+            }
+            Ok(GossipPayload::Training { from: claimed })
+        }
+    }
+}
+
+fn exchanger() -> Option<ActorRef<ExchangerMsg>> {
+    ractor::registry::where_is(names::EXCHANGER).map(Into::into)
+}
+
+fn deliver_blob(hash: BlobHash, from: PeerKey, result: Result<Vec<u8>, String>) {
+    if let Some(exchanger) = exchanger() {
+        let _ = exchanger.cast(ExchangerMsg::BlobFetched { hash, from, result });
     }
 }
 

@@ -37,6 +37,7 @@ pub struct ByteCounters {
 #[derive(Debug, Clone, Default)]
 pub struct PeerBytes {
     inner: Arc<Mutex<HashMap<PeerId, Arc<ByteCounters>>>>,
+    departed: Arc<ByteCounters>,
 }
 
 impl PeerBytes {
@@ -58,10 +59,39 @@ impl PeerBytes {
             .unwrap_or_default()
     }
 
-    /// Forgets peers that are no longer connected (the map is bounded by the connection limit).
+    /// Forgets peers that are no longer connected (the map is bounded by the connection limit);
+    /// their bytes stay in the totals.
     pub fn retain(&self, connected: impl Fn(&PeerId) -> bool) {
         let mut map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|p, _| connected(p));
+        map.retain(|p, c| {
+            let keep = connected(p);
+            if !keep {
+                self.departed
+                    .inbound
+                    .fetch_add(c.inbound.load(Ordering::Relaxed), Ordering::Relaxed);
+                self.departed
+                    .outbound
+                    .fetch_add(c.outbound.load(Ordering::Relaxed), Ordering::Relaxed);
+            }
+            keep
+        });
+    }
+
+    /// (received, sent) bytes over every connection this process has had.
+    pub fn totals(&self) -> (u64, u64) {
+        let map = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        map.values().fold(
+            (
+                self.departed.inbound.load(Ordering::Relaxed),
+                self.departed.outbound.load(Ordering::Relaxed),
+            ),
+            |(i, o), c| {
+                (
+                    i + c.inbound.load(Ordering::Relaxed),
+                    o + c.outbound.load(Ordering::Relaxed),
+                )
+            },
+        )
     }
 }
 

@@ -1,0 +1,584 @@
+//! Job manifests: the YAML file that says what a job trains, on what, and how its peers combine
+//! their work.
+//!
+//! Parsing refuses unknown fields and names the field at fault, with its line. Validation then
+//! checks ranges, again naming the field. The **job id** is the blake3 hash of the job's
+//! canonical content: the manifest without the per-peer parts (`resources`, `checkpoint_every`),
+//! with the dataset's location replaced by the fingerprint of its tokens, so two peers that read
+//! the same text from different paths or URLs run the same job.
+
+use std::{path::Path, time::Duration};
+
+use loom_actors::{JobPlan, Strategy};
+use loom_protocols::{
+    compress::{Codec, Sparsity, ValueFormat},
+    outer::{AdamWConfig, OuterConfig},
+    round::{JobId, RoundConfig},
+};
+use loom_trainer::{Dataset, DeviceChoice, LearnerConfig, ModelSpec, Vocab};
+use serde::{Deserialize, Serialize};
+
+/// The manifest of `loom-peer demo`: a small transformer on the built-in Markov text.
+pub const DEMO_MANIFEST: &str = include_str!("../../examples/demo.yaml");
+
+/// Most peers a job may name.
+pub const MAX_REPLICAS: usize = 256;
+/// Most rounds a job may name.
+pub const MAX_ROUNDS: u64 = 1_000_000;
+
+/// Why a manifest was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Could not read the file.
+    #[error("cannot read manifest {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Not valid YAML for a manifest (serde names the field and line).
+    #[error("manifest: {0}")]
+    Parse(String),
+    /// A field out of range.
+    #[error("manifest field `{field}`: {message}")]
+    Field {
+        /// Dotted path of the field.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The dataset could not be loaded.
+    #[error("manifest field `dataset`: {0}")]
+    Dataset(loom_trainer::TrainerError),
+}
+
+fn field(field: &str, message: impl Into<String>) -> ManifestError {
+    ManifestError::Field {
+        field: field.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// A job manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// A name for people.
+    pub job: String,
+    /// How many peers the job wants.
+    #[serde(default)]
+    pub replicas: Replicas,
+    /// What this peer gives the job (not part of the job id).
+    #[serde(default)]
+    pub resources: Resources,
+    /// The architecture.
+    pub model: ModelSpec,
+    /// The data.
+    pub dataset: DatasetSpec,
+    /// Inner optimizer.
+    #[serde(default)]
+    pub optimizer: OptimizerSpec,
+    /// How peers combine their work.
+    pub strategy: StrategySpec,
+    /// How updates travel.
+    #[serde(default)]
+    pub compression: CompressionSpec,
+    /// Rounds to train.
+    pub rounds: u64,
+    /// How long a round waits for stragglers after its first contribution, e.g. "30s".
+    #[serde(default = "default_deadline")]
+    pub round_deadline: String,
+    /// Checkpoint every this many rounds; 0 only at the end (not part of the job id).
+    #[serde(default)]
+    pub checkpoint_every: u64,
+    /// Seed of the data shards.
+    #[serde(default)]
+    pub seed: u64,
+    /// Validation batches per evaluation.
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+}
+
+fn default_deadline() -> String {
+    "30s".to_owned()
+}
+
+fn default_eval_batches() -> usize {
+    16
+}
+
+/// Peer counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Replicas {
+    /// A round closes only with at least this many contributions.
+    pub min: usize,
+    /// At most this many contributions count per round.
+    pub max: usize,
+}
+
+impl Default for Replicas {
+    fn default() -> Self {
+        Self { min: 1, max: 64 }
+    }
+}
+
+/// What this peer brings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resources {
+    /// Where to train.
+    #[serde(default)]
+    pub device: DeviceChoice,
+    /// libtorch threads (0: libtorch's default).
+    #[serde(default)]
+    pub threads: usize,
+}
+
+/// Where the text comes from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "source", rename_all = "lowercase", deny_unknown_fields)]
+pub enum DatasetSpec {
+    /// Text generated from a seeded order-2 Markov source (known entropy rate).
+    Builtin {
+        /// Generator seed.
+        seed: u64,
+        /// Characters generated.
+        chars: usize,
+    },
+    /// A local text file.
+    File {
+        /// Its path.
+        path: String,
+        /// Byte or character tokens.
+        vocab: Vocab,
+    },
+    /// A text file over HTTP(S).
+    Url {
+        /// Its URL.
+        url: String,
+        /// Byte or character tokens.
+        vocab: Vocab,
+    },
+}
+
+/// Inner optimizer (AdamW) settings.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimizerSpec {
+    /// Sequences per batch.
+    pub batch: usize,
+    /// Learning rate.
+    pub lr: f64,
+    /// β1.
+    pub beta1: f64,
+    /// β2.
+    pub beta2: f64,
+    /// Decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip (0: off).
+    pub grad_clip: f64,
+}
+
+impl Default for OptimizerSpec {
+    fn default() -> Self {
+        let d = LearnerConfig::default();
+        Self {
+            batch: d.batch,
+            lr: d.lr,
+            beta1: d.beta1,
+            beta2: d.beta2,
+            weight_decay: d.weight_decay,
+            grad_clip: d.grad_clip,
+        }
+    }
+}
+
+/// How peers combine their work.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum StrategySpec {
+    /// Exchange gradients every step.
+    Sync,
+    /// DiLoCo.
+    Diloco {
+        /// Inner steps per round (H).
+        inner_steps: u32,
+        /// Outer learning rate.
+        #[serde(default = "default_outer_lr")]
+        outer_lr: f32,
+        /// Outer Nesterov momentum.
+        #[serde(default = "default_outer_momentum")]
+        outer_momentum: f32,
+    },
+}
+
+fn default_outer_lr() -> f32 {
+    OuterConfig::default().lr
+}
+
+fn default_outer_momentum() -> f32 {
+    OuterConfig::default().momentum
+}
+
+/// Compression of updates.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompressionSpec {
+    /// `none` (dense) or `topk` (with error feedback).
+    pub kind: CompressionKind,
+    /// Fraction of coordinates sent with `topk`.
+    #[serde(default = "default_ratio")]
+    pub ratio: f32,
+    /// Value format.
+    #[serde(default = "default_values")]
+    pub values: ValueSpec,
+}
+
+fn default_ratio() -> f32 {
+    0.01
+}
+
+fn default_values() -> ValueSpec {
+    ValueSpec::Int8
+}
+
+impl Default for CompressionSpec {
+    fn default() -> Self {
+        Self {
+            kind: CompressionKind::Topk,
+            ratio: default_ratio(),
+            values: default_values(),
+        }
+    }
+}
+
+/// Sparsity kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionKind {
+    /// Every coordinate.
+    None,
+    /// The largest fraction, with error feedback.
+    Topk,
+}
+
+/// Value formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ValueSpec {
+    /// 4 bytes.
+    Fp32,
+    /// 2 bytes.
+    Fp16,
+    /// 1 byte and a scale.
+    Int8,
+}
+
+/// A manifest checked, with its dataset loaded and its id computed.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// The manifest as given.
+    pub manifest: Manifest,
+    /// The job id.
+    pub id: JobId,
+    /// The tokens.
+    pub dataset: std::sync::Arc<Dataset>,
+    /// The learner settings.
+    pub learner: LearnerConfig,
+    /// What the exchanger needs.
+    pub plan: JobPlan,
+}
+
+impl Manifest {
+    /// Reads and parses a manifest file.
+    pub fn from_file(path: &Path) -> Result<Self, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses manifest text and validates every field.
+    pub fn parse(text: &str) -> Result<Self, ManifestError> {
+        let manifest: Manifest =
+            serde_yaml::from_str(text).map_err(|e| ManifestError::Parse(e.to_string()))?;
+        manifest.validate()?;
+        Ok(manifest)
+    }
+
+    /// Checks ranges, naming the field at fault.
+    pub fn validate(&self) -> Result<(), ManifestError> {
+        if self.job.trim().is_empty() || self.job.len() > 128 {
+            return Err(field("job", "must be 1 to 128 characters"));
+        }
+        if self.replicas.min == 0 || self.replicas.min > self.replicas.max {
+            return Err(field(
+                "replicas.min",
+                format!(
+                    "must be at least 1 and at most replicas.max ({})",
+                    self.replicas.max
+                ),
+            ));
+        }
+        if self.replicas.max > MAX_REPLICAS {
+            return Err(field(
+                "replicas.max",
+                format!("must be at most {MAX_REPLICAS}"),
+            ));
+        }
+        if self.rounds == 0 || self.rounds > MAX_ROUNDS {
+            return Err(field("rounds", format!("must be 1 to {MAX_ROUNDS}")));
+        }
+        let deadline = self.round_deadline()?;
+        if deadline < Duration::from_millis(100) || deadline > Duration::from_secs(24 * 3600) {
+            return Err(field("round_deadline", "must be between 100ms and 24h"));
+        }
+        if let StrategySpec::Diloco {
+            inner_steps,
+            outer_lr,
+            outer_momentum,
+        } = self.strategy
+        {
+            if inner_steps == 0 || inner_steps > 100_000 {
+                return Err(field("strategy.inner_steps", "must be 1 to 100000"));
+            }
+            if !(outer_lr > 0.0 && outer_lr <= 10.0) {
+                return Err(field("strategy.outer_lr", "must be in (0, 10]"));
+            }
+            if !(0.0..1.0).contains(&outer_momentum) {
+                return Err(field("strategy.outer_momentum", "must be in [0, 1)"));
+            }
+        }
+        if !(self.compression.ratio > 0.0 && self.compression.ratio <= 1.0) {
+            return Err(field(
+                "compression.ratio",
+                format!("must be in (0, 1], got {}", self.compression.ratio),
+            ));
+        }
+        if self.eval_batches == 0 || self.eval_batches > 10_000 {
+            return Err(field("eval_batches", "must be 1 to 10000"));
+        }
+        if let DatasetSpec::Builtin { chars, .. } = self.dataset
+            && !(1_000..=100_000_000).contains(&chars)
+        {
+            return Err(field("dataset.chars", "must be 1000 to 100000000"));
+        }
+        self.learner_config().validate().map_err(|e| match e {
+            loom_trainer::TrainerError::Config {
+                field: name,
+                message,
+            } => {
+                let path = match name {
+                    "eval_batches" => name.to_owned(),
+                    "device" | "threads" => format!("resources.{name}"),
+                    _ => format!("optimizer.{name}"),
+                };
+                field(&path, message)
+            }
+            loom_trainer::TrainerError::ModelSpec {
+                field: name,
+                message,
+            } => field(&format!("model.{name}"), message),
+            other => field("model", other.to_string()),
+        })?;
+        Ok(())
+    }
+
+    /// The straggler deadline.
+    pub fn round_deadline(&self) -> Result<Duration, ManifestError> {
+        humantime::parse_duration(&self.round_deadline)
+            .map_err(|e| field("round_deadline", e.to_string()))
+    }
+
+    /// Learner settings from the manifest (device and threads from `resources`).
+    pub fn learner_config(&self) -> LearnerConfig {
+        LearnerConfig {
+            model: self.model,
+            batch: self.optimizer.batch,
+            lr: self.optimizer.lr,
+            beta1: self.optimizer.beta1,
+            beta2: self.optimizer.beta2,
+            weight_decay: self.optimizer.weight_decay,
+            grad_clip: self.optimizer.grad_clip,
+            device: self.resources.device,
+            threads: self.resources.threads,
+            eval_batches: self.eval_batches,
+            ..LearnerConfig::default()
+        }
+    }
+
+    /// Loads the dataset the manifest names; a relative file path is taken from `base`.
+    pub fn load_dataset(&self, base: &Path) -> Result<Dataset, ManifestError> {
+        match &self.dataset {
+            DatasetSpec::Builtin { seed, chars } => Ok(Dataset::builtin(*seed, *chars)),
+            DatasetSpec::File { path, vocab } => {
+                Dataset::from_file(base.join(path), *vocab).map_err(ManifestError::Dataset)
+            }
+            DatasetSpec::Url { url, vocab } => {
+                Dataset::from_url(url, *vocab).map_err(ManifestError::Dataset)
+            }
+        }
+    }
+
+    /// Loads the dataset and computes the job id and plan.
+    pub fn into_job(self, base: &Path) -> Result<Job, ManifestError> {
+        let dataset = self.load_dataset(base)?;
+        let learner = self.learner_config();
+        dataset
+            .check_usable(self.model.context())
+            .map_err(ManifestError::Dataset)?;
+        let id = self.job_id(&dataset.fingerprint());
+        let codec = Codec {
+            sparsity: match self.compression.kind {
+                CompressionKind::None => Sparsity::Dense,
+                CompressionKind::Topk => Sparsity::TopK {
+                    ratio: self.compression.ratio,
+                },
+            },
+            values: match self.compression.values {
+                ValueSpec::Fp32 => ValueFormat::Fp32,
+                ValueSpec::Fp16 => ValueFormat::Fp16,
+                ValueSpec::Int8 => ValueFormat::Int8,
+            },
+        };
+        let strategy = match self.strategy {
+            StrategySpec::Sync => Strategy::Sync(AdamWConfig {
+                lr: self.optimizer.lr as f32,
+                beta1: self.optimizer.beta1 as f32,
+                beta2: self.optimizer.beta2 as f32,
+                eps: 1e-8,
+                weight_decay: self.optimizer.weight_decay as f32,
+            }),
+            StrategySpec::Diloco {
+                inner_steps,
+                outer_lr,
+                outer_momentum,
+            } => Strategy::Diloco {
+                inner_steps,
+                outer: OuterConfig {
+                    lr: outer_lr,
+                    momentum: outer_momentum,
+                },
+            },
+        };
+        let deadline = self.round_deadline()?;
+        let plan = JobPlan {
+            job_id: id,
+            rounds: self.rounds,
+            strategy,
+            codec,
+            round: RoundConfig {
+                round_deadline_ms: deadline.as_millis() as u64,
+                proposer_grace_ms: (deadline.as_millis() as u64 / 4).clamp(500, 10_000),
+                min_contributors: self.replicas.min,
+                max_contributors: self.replicas.max,
+                max_blob_bytes: crate::network::blobs::MAX_BLOB_BYTES,
+            },
+            data_seed: self.seed,
+            checkpoint_every: self.checkpoint_every,
+            join_wait_ms: 3_000,
+        };
+        Ok(Job {
+            manifest: self,
+            id,
+            dataset: std::sync::Arc::new(dataset),
+            learner,
+            plan,
+        })
+    }
+
+    /// The job id for a dataset with fingerprint `dataset_fingerprint`.
+    pub fn job_id(&self, dataset_fingerprint: &[u8; 32]) -> JobId {
+        #[derive(Serialize)]
+        struct Canonical<'a> {
+            job: &'a str,
+            replicas: Replicas,
+            model: ModelSpec,
+            dataset: String,
+            optimizer: OptimizerSpec,
+            strategy: StrategySpec,
+            compression: CompressionSpec,
+            rounds: u64,
+            round_deadline_ms: u128,
+            seed: u64,
+            eval_batches: usize,
+        }
+        let canonical = Canonical {
+            job: &self.job,
+            replicas: self.replicas,
+            model: self.model,
+            dataset: loom_actors::exchanger::hex(dataset_fingerprint),
+            optimizer: self.optimizer,
+            strategy: self.strategy,
+            compression: self.compression,
+            rounds: self.rounds,
+            round_deadline_ms: self.round_deadline().map(|d| d.as_millis()).unwrap_or(0),
+            seed: self.seed,
+            eval_batches: self.eval_batches,
+        };
+        let json = serde_json::to_vec(&canonical).unwrap_or_default();
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"loom/job/v1\0");
+        hasher.update(&json);
+        *hasher.finalize().as_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_demo_manifest_is_valid() {
+        let manifest = Manifest::parse(DEMO_MANIFEST).expect("demo manifest");
+        assert!(matches!(manifest.dataset, DatasetSpec::Builtin { .. }));
+    }
+
+    fn error_of(text: &str) -> String {
+        match Manifest::parse(text) {
+            Ok(_) => panic!("accepted: {text}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn bad_manifests_name_the_field() {
+        let base = DEMO_MANIFEST;
+        let unknown = format!("{base}\ncolour: blue\n");
+        assert!(
+            error_of(&unknown).contains("colour"),
+            "{}",
+            error_of(&unknown)
+        );
+        let ratio = base.replace("ratio: 0.05", "ratio: 2.0");
+        assert!(error_of(&ratio).contains("compression.ratio"));
+        let rounds = base.replace("rounds: 12", "rounds: 0");
+        assert!(error_of(&rounds).contains("`rounds`"));
+        let heads = base.replace("heads: 4", "heads: 3");
+        assert!(
+            error_of(&heads).contains("model.heads"),
+            "{}",
+            error_of(&heads)
+        );
+        let missing = base.replace("rounds: 12\n", "");
+        assert!(error_of(&missing).contains("rounds"));
+        let kind = base.replace("kind: diloco", "kind: gossip");
+        assert!(error_of(&kind).contains("gossip"));
+    }
+
+    #[test]
+    fn the_job_id_ignores_per_peer_fields_and_follows_the_content() {
+        let a = Manifest::parse(DEMO_MANIFEST).expect("ok");
+        let mut b = a.clone();
+        b.resources.threads = 7;
+        b.checkpoint_every = 99;
+        let fp = [1; 32];
+        assert_eq!(a.job_id(&fp), b.job_id(&fp));
+        b.rounds += 1;
+        assert_ne!(a.job_id(&fp), b.job_id(&fp));
+        assert_ne!(a.job_id(&fp), a.job_id(&[2; 32]));
+    }
+}
