@@ -247,6 +247,12 @@ impl Actor for ExchangerActor {
             args.resumed,
         );
         let len = start.params.len();
+        {
+            // Held from the start: a peer announcing the same starting model needs no fetch.
+            let mut store = args.blobs.lock().unwrap_or_else(|e| e.into_inner());
+            let hash = store.insert(start.to_bytes());
+            store.pin(hash);
+        }
         myself.send_interval(TICK, || ExchangerMsg::Tick);
         let mut state = ExchangerState {
             me,
@@ -363,7 +369,7 @@ impl ExchangerState {
         for action in actions {
             match action {
                 Action::Fetch { hash, len, from } => {
-                    self.fetch(hash, len, from, Purpose::Contribution, now)
+                    self.fetch(hash, len, from, Purpose::Contribution, now);
                 }
                 Action::Publish(message) => self.publish(&message),
                 Action::Apply {
@@ -380,13 +386,15 @@ impl ExchangerState {
                 } => {
                     tracing::warn!(round, "resyncing from a peer's snapshot");
                     metrics::counter!("loom_train_resyncs_total").increment(1);
-                    self.fetch(
+                    if let Some((round, _)) = self.fetch(
                         snapshot_hash,
                         snapshot_len,
                         from,
                         Purpose::Snapshot { round },
                         now,
-                    );
+                    ) {
+                        self.after_model_changed(myself, round, 0);
+                    }
                 }
             }
         }
@@ -402,7 +410,16 @@ impl ExchangerState {
         }
     }
 
-    fn fetch(&mut self, hash: BlobHash, len: u64, from: Vec<PeerKey>, purpose: Purpose, now: u64) {
+    /// Starts fetching a blob; returns the round of a snapshot that was already held and has
+    /// been loaded (the caller then restarts the round's work).
+    fn fetch(
+        &mut self,
+        hash: BlobHash,
+        len: u64,
+        from: Vec<PeerKey>,
+        purpose: Purpose,
+        now: u64,
+    ) -> Option<(u64, BlobHash)> {
         if (self.have())(&hash) {
             if let Purpose::Snapshot { round } = purpose {
                 // Already held (e.g. our own): load it at once.
@@ -412,18 +429,20 @@ impl ExchangerState {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get(&hash);
-                if let Some(bytes) = bytes {
-                    self.load_snapshot(hash, round, &bytes);
+                if let Some(bytes) = bytes
+                    && self.load_snapshot(hash, round, &bytes)
+                {
+                    return Some((round, hash));
                 }
             }
-            return;
+            return None;
         }
         if self
             .failed
             .get(&hash)
             .is_some_and(|n| *n >= MAX_FETCH_ATTEMPTS)
         {
-            return;
+            return None;
         }
         let candidates: Vec<PeerKey> = from.into_iter().filter(|p| *p != self.me).collect();
         if let Some(existing) = self.fetches.get_mut(&hash) {
@@ -432,10 +451,10 @@ impl ExchangerState {
                     existing.candidates.push(c);
                 }
             }
-            return;
+            return None;
         }
         if candidates.is_empty() || self.fetches.len() >= MAX_INFLIGHT_FETCHES {
-            return;
+            return None;
         }
         let fetch = Fetch {
             len,
@@ -447,6 +466,7 @@ impl ExchangerState {
         };
         self.fetches.insert(hash, fetch);
         self.try_next(hash, now);
+        None
     }
 
     fn try_next(&mut self, hash: BlobHash, now: u64) {

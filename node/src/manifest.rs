@@ -555,7 +555,7 @@ mod tests {
         );
         let ratio = base.replace("ratio: 0.05", "ratio: 2.0");
         assert!(error_of(&ratio).contains("compression.ratio"));
-        let rounds = base.replace("rounds: 12", "rounds: 0");
+        let rounds = base.replace("rounds: 30", "rounds: 0");
         assert!(error_of(&rounds).contains("`rounds`"));
         let heads = base.replace("heads: 4", "heads: 3");
         assert!(
@@ -563,7 +563,7 @@ mod tests {
             "{}",
             error_of(&heads)
         );
-        let missing = base.replace("rounds: 12\n", "");
+        let missing = base.replace("rounds: 30\n", "");
         assert!(error_of(&missing).contains("rounds"));
         let kind = base.replace("kind: diloco", "kind: gossip");
         assert!(error_of(&kind).contains("gossip"));

@@ -257,6 +257,8 @@ pub struct RoundEngine {
     ready_since_ms: Option<u64>,
     expected: BTreeSet<PeerKey>,
     late_authors: BTreeSet<PeerKey>,
+    /// Authors of model states per round: who holds the model a round starts from.
+    state_authors: BTreeMap<u64, BTreeSet<PeerKey>>,
     close: Option<AcceptedClose>,
     applying: bool,
     proposers: BTreeMap<u64, PeerKey>,
@@ -297,6 +299,7 @@ impl RoundEngine {
             ready_since_ms: None,
             expected: BTreeSet::new(),
             late_authors: BTreeSet::new(),
+            state_authors: BTreeMap::new(),
             close: None,
             applying: false,
             proposers: BTreeMap::new(),
@@ -467,6 +470,12 @@ impl RoundEngine {
         if state.author != sender {
             return Err(RoundRejected::BadState);
         }
+        if state.round + 1 >= self.current && state.round <= self.current + 1 {
+            let authors = self.state_authors.entry(state.round).or_default();
+            if authors.len() < self.config.max_contributors {
+                authors.insert(state.author);
+            }
+        }
         if self
             .latest_state
             .as_ref()
@@ -553,9 +562,23 @@ impl RoundEngine {
         if held.len() < self.config.min_contributors.max(1) {
             return Vec::new();
         }
-        let all_expected = !self.expected.is_empty()
-            && self
-                .expected
+        // Expected: the contributors of the previous round, or else every peer that announced
+        // the model this round starts from (the first round, or after a resync).
+        let expected = if self.expected.is_empty() {
+            let mut starters = self
+                .state_authors
+                .get(&(self.current - 1))
+                .cloned()
+                .unwrap_or_default();
+            if !starters.is_empty() && round_commits.contains_key(&self.me) {
+                starters.insert(self.me);
+            }
+            starters
+        } else {
+            self.expected.clone()
+        };
+        let all_expected = !expected.is_empty()
+            && expected
                 .iter()
                 .all(|k| held.iter().any(|p| p.commitment.author == *k));
         if all_expected && self.ready_since_ms.is_none() {
@@ -650,6 +673,7 @@ impl RoundEngine {
         self.ready_since_ms = None;
         self.commits = self.commits.split_off(&next);
         self.late_authors.clear();
+        self.state_authors = self.state_authors.split_off(&(next - 1));
         let floor = next.saturating_sub(HASH_HISTORY_ROUNDS);
         self.my_hashes = self.my_hashes.split_off(&floor);
         self.proposers = self.proposers.split_off(&floor);
@@ -772,6 +796,41 @@ mod tests {
             actions.get(1),
             Some(Action::Apply { round: 2, .. })
         ));
+    }
+
+    #[test]
+    fn the_first_round_waits_for_the_peers_that_announced_the_starting_model() {
+        let (a, b) = (key(1), key(2));
+        let (pa, pb) = (a.verifying_key().to_bytes(), b.verifying_key().to_bytes());
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        let state = ModelState {
+            job_id: JOB,
+            round: 0,
+            model_hash: [1; 32],
+            snapshot_hash: [1; 32],
+            snapshot_len: 1,
+            author: pb,
+        };
+        assert!(engine.on_state(state, pb).expect("valid").is_empty());
+        let have = |_: &BlobHash| true;
+        engine.on_commit(commit(JOB, 1, &a, b"a"), 0).expect("ok");
+        assert!(engine.poll(10, &have).is_empty(), "waits for b");
+        engine.on_commit(commit(JOB, 1, &b, b"b"), 20).expect("ok");
+        let actions = engine.poll(30, &have);
+        let rank_a = engine.rank_of(1, &pa) as u64;
+        if rank_a == 0 {
+            assert!(matches!(
+                actions.get(1),
+                Some(Action::Apply { round: 1, .. })
+            ));
+        } else {
+            assert!(actions.is_empty());
+            let actions = engine.poll(30 + rank_a * 500, &have);
+            assert!(matches!(
+                actions.get(1),
+                Some(Action::Apply { round: 1, .. })
+            ));
+        }
     }
 
     #[test]
