@@ -40,6 +40,8 @@ const MAX_FETCH_ATTEMPTS: u32 = 12;
 const FETCH_TIMEOUT_MS: u64 = 30_000;
 /// How often the engine is polled.
 const TICK: Duration = Duration::from_millis(50);
+/// How often the latest model state is announced again while no round completes.
+const STATE_REPUBLISH_MS: u64 = 2_000;
 
 /// How the job's peers combine their work.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -221,6 +223,8 @@ pub struct ExchangerState {
     report: RoundReport,
     pending_reports: HashMap<u64, RoundReport>,
     finished: bool,
+    seen_future: bool,
+    last_state: Option<(u64, ModelState)>,
 }
 
 /// The GradientExchanger actor.
@@ -269,6 +273,8 @@ impl Actor for ExchangerActor {
             report: RoundReport::default(),
             pending_reports: HashMap::new(),
             finished: false,
+            seen_future: false,
+            last_state: None,
             args,
         };
         if state.args.resumed {
@@ -311,12 +317,21 @@ impl ExchangerState {
     fn on_tick(&mut self, myself: &ActorRef<ExchangerMsg>, now: u64) {
         if !self.engine.is_synced()
             && !self.args.resumed
+            && !self.seen_future
             && self.engine.latest_state().is_none()
             && (self.engine.heard_others() || now >= self.started_ms + self.args.plan.join_wait_ms)
         {
             // Nobody is further along: start the job from the initial model.
             self.engine.start_fresh();
             self.after_model_changed(myself, self.engine.current_round() - 1, 0);
+        }
+        if let Some((at, state)) = &self.last_state
+            && now >= at + STATE_REPUBLISH_MS
+        {
+            // Peers that join between rounds learn where the job is without waiting a round.
+            let state = state.clone();
+            self.publish(&TrainMessage::State(state.clone()));
+            self.last_state = Some((now, state));
         }
         self.retry_slow_fetches(now);
         let actions = self.engine_poll(now);
@@ -358,6 +373,10 @@ impl ExchangerState {
                 tracing::info!(round, "late contribution excluded");
             }
             Err(loom_protocols::round::RoundRejected::OtherJob) => {}
+            Err(loom_protocols::round::RoundRejected::Future { .. }) => {
+                // Others are further along: wait for their model state instead of starting.
+                self.seen_future = true;
+            }
             Err(why) => {
                 metrics::counter!("loom_train_messages_rejected_total").increment(1);
                 tracing::debug!(%why, "training message not taken");
@@ -479,8 +498,12 @@ impl ExchangerState {
             self.failed.insert(hash, MAX_FETCH_ATTEMPTS);
             metrics::counter!("loom_train_fetch_failures_total").increment(1);
             tracing::warn!(hash = %hex(&hash), "giving up on a blob");
-            if let Purpose::Snapshot { .. } = purpose {
-                self.engine.resync_failed();
+            match purpose {
+                Purpose::Snapshot { .. } => self.engine.resync_failed(),
+                // A blob of the accepted set that no holder serves intact: drop that close
+                // and wait for the next proposer's, which can only list blobs it holds.
+                Purpose::Contribution if self.engine.is_closed() => self.engine.apply_failed(),
+                Purpose::Contribution => {}
             }
             return;
         }
@@ -669,14 +692,16 @@ impl ExchangerState {
         // After a resync or at the start the engine is already past `round`; `applied` then
         // does nothing.
         self.engine.applied(round, hash);
-        self.publish(&TrainMessage::State(ModelState {
+        let state = ModelState {
             job_id: self.args.plan.job_id,
             round,
             model_hash: hash,
             snapshot_hash: hash,
             snapshot_len,
             author: self.me,
-        }));
+        };
+        self.publish(&TrainMessage::State(state.clone()));
+        self.last_state = Some((unix_ms(), state));
         let counters = self.engine.counters();
         let mut report = self.report.clone();
         report.round = round;
