@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The main job on its embedded default: installs what is missing, builds loom-peer and runs the
-# demo (a local mesh of peers on loopback finding each other). Extra arguments go to the demo.
+# The main job on its embedded default: installs what is missing (system packages, PyTorch in a
+# cached virtualenv), builds loom-peer and runs the demo: 4 local peers on loopback train the
+# built-in job together. Extra arguments go to `loom-peer demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+eval "$(bash scripts/setup-torch.sh)"
 cargo build --locked --bin loom-peer
 exec ./target/debug/loom-peer demo "$@"

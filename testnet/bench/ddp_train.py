@@ -85,15 +85,23 @@ class GPT(nn.Module):
         self.h = nn.ModuleList(Block(width, heads) for _ in range(layers))
         self.ln_f = nn.LayerNorm(width, eps=1e-5)
         self.lm_head = nn.Linear(width, vocab, bias=False)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * layers))
-            elif "ln_" in name:
-                nn.init.ones_(p) if name.endswith("weight") else nn.init.zeros_(p)
-            elif name.endswith("bias"):
-                nn.init.zeros_(p)
-            else:  # Linear weights and embeddings
-                nn.init.normal_(p, 0.0, 0.02)
+        self.layers = layers
+
+    def initialize(self, seed):
+        """nanoGPT's initialization, drawn exactly as the Rust learner draws it: after
+        manual_seed(seed), parameters in sorted-name order, each normal tensor drawn on the CPU
+        generator; zeros and ones draw nothing. Both systems start from the same weights."""
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for name, p in sorted(self.named_parameters()):
+                if name.endswith(".bias"):
+                    p.zero_()
+                elif "ln_" in name:
+                    p.fill_(1.0)
+                elif name.endswith("c_proj.weight"):
+                    p.copy_(torch.empty(p.shape).normal_(0.0, 0.02 / math.sqrt(2 * self.layers)))
+                else:  # Linear weights and embeddings
+                    p.copy_(torch.empty(p.shape).normal_(0.0, 0.02))
 
     def forward(self, idx, targets):
         t = idx.shape[1]
@@ -172,8 +180,8 @@ def main():
     train, val, vocab = load_data(args.data)
     if len(train) <= args.context + 1:
         sys.exit(f"ddp_train: training split ({len(train)} tokens) shorter than context {args.context}")
-    torch.manual_seed(1337)
     model = GPT(vocab, args.context, args.layers, args.heads, args.width)
+    model.initialize(1337)
     params = [p for p in model.parameters()]
     n_params = sum(p.numel() for p in params)
     decay = [p for p in params if p.dim() >= 2]
