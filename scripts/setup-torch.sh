@@ -27,7 +27,7 @@ if ! installed; then
   "$VENV/bin/pip" install --quiet --disable-pip-version-check "torch==$TORCH_VERSION" >&2
   installed || { echo "setup-torch: torch $TORCH_VERSION did not install into $VENV" >&2; exit 1; }
 fi
-TORCH_DIR="$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))')"
+TORCH_DIR="$("$VENV/bin/python" -c 'import os, torch; print(os.path.dirname(torch.__file__))' 2>/dev/null)"
 echo "export LOOM_TORCH_PYTHON=$VENV/bin/python"
 echo "export LIBTORCH=$TORCH_DIR"
 echo "export LD_LIBRARY_PATH=$TORCH_DIR/lib\${LD_LIBRARY_PATH:+:\$LD_LIBRARY_PATH}"

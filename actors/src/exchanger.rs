@@ -34,8 +34,16 @@ pub type SharedBlobs = Arc<std::sync::Mutex<BlobStore>>;
 
 /// Most blob fetches in flight.
 const MAX_INFLIGHT_FETCHES: usize = 256;
-/// Attempts per blob before giving up on it.
-const MAX_FETCH_ATTEMPTS: u32 = 12;
+/// Attempts per blob before giving up on it (with backoff: about a minute in all).
+const MAX_FETCH_ATTEMPTS: u32 = 20;
+/// First retry delay after a failed fetch; doubles per attempt up to [`MAX_RETRY_DELAY_MS`].
+const FIRST_RETRY_DELAY_MS: u64 = 100;
+/// Longest retry delay.
+const MAX_RETRY_DELAY_MS: u64 = 4_000;
+/// How long a blob given up on is not asked for again.
+const FAILED_QUARANTINE_MS: u64 = 10_000;
+/// Most blobs remembered as given up on.
+const MAX_FAILED: usize = 4096;
 /// How long one fetch may take before another holder is tried.
 const FETCH_TIMEOUT_MS: u64 = 30_000;
 /// How often the engine is polled.
@@ -69,6 +77,8 @@ pub struct JobPlan {
     pub strategy: Strategy,
     /// How updates are compressed.
     pub codec: Codec,
+    /// Error-feedback decay β: the residual is multiplied by β before each update is added.
+    pub feedback_decay: f32,
     /// Deadlines and limits of rounds.
     pub round: RoundConfig,
     /// The data seed (shards).
@@ -77,6 +87,8 @@ pub struct JobPlan {
     pub checkpoint_every: u64,
     /// How long a fresh peer listens for a run in progress before starting from round 0.
     pub join_wait_ms: u64,
+    /// Evaluate the model every this many rounds (and after round 0 and the last).
+    pub eval_every: u64,
 }
 
 /// Writes checkpoints (the node writes them atomically to its data directory).
@@ -86,7 +98,7 @@ pub trait CheckpointSink: Send + Sync + 'static {
 }
 
 /// One round as reported to the node (progress file, status, demo).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct RoundReport {
     /// The round the model is after.
     pub round: u64,
@@ -203,6 +215,8 @@ struct Fetch {
     next: usize,
     attempts: u32,
     started_ms: u64,
+    /// Waiting until then after a failure.
+    retry_at_ms: Option<u64>,
     purpose: Purpose,
 }
 
@@ -215,7 +229,8 @@ pub struct ExchangerState {
     outer: OuterState,
     residual: Vec<f32>,
     fetches: HashMap<BlobHash, Fetch>,
-    failed: HashMap<BlobHash, u32>,
+    /// Blobs given up on, and when.
+    failed: HashMap<BlobHash, u64>,
     started_ms: u64,
     training_round: Option<u64>,
     last_train: Option<StepReport>,
@@ -459,10 +474,11 @@ impl ExchangerState {
         if self
             .failed
             .get(&hash)
-            .is_some_and(|n| *n >= MAX_FETCH_ATTEMPTS)
+            .is_some_and(|at| now < at + FAILED_QUARANTINE_MS)
         {
             return None;
         }
+        self.failed.remove(&hash);
         let candidates: Vec<PeerKey> = from.into_iter().filter(|p| *p != self.me).collect();
         if let Some(existing) = self.fetches.get_mut(&hash) {
             for c in candidates {
@@ -481,6 +497,7 @@ impl ExchangerState {
             next: 0,
             attempts: 0,
             started_ms: now,
+            retry_at_ms: None,
             purpose,
         };
         self.fetches.insert(hash, fetch);
@@ -492,10 +509,13 @@ impl ExchangerState {
         let Some(fetch) = self.fetches.get_mut(&hash) else {
             return;
         };
-        if fetch.attempts >= MAX_FETCH_ATTEMPTS {
+        if fetch.attempts >= MAX_FETCH_ATTEMPTS || fetch.candidates.is_empty() {
             let purpose = fetch.purpose;
             self.fetches.remove(&hash);
-            self.failed.insert(hash, MAX_FETCH_ATTEMPTS);
+            if self.failed.len() >= MAX_FAILED {
+                self.failed.clear();
+            }
+            self.failed.insert(hash, now);
             metrics::counter!("loom_train_fetch_failures_total").increment(1);
             tracing::warn!(hash = %hex(&hash), "giving up on a blob");
             match purpose {
@@ -511,8 +531,23 @@ impl ExchangerState {
         fetch.next += 1;
         fetch.attempts += 1;
         fetch.started_ms = now;
+        fetch.retry_at_ms = None;
         if self.args.network.fetch_blob(peer, hash).is_err() {
             metrics::counter!("loom_train_fetch_failures_total").increment(1);
+        }
+    }
+
+    /// After a failed attempt: the next one after a delay that doubles per attempt.
+    fn retry_later(&mut self, hash: BlobHash, now: u64) {
+        let Some(fetch) = self.fetches.get_mut(&hash) else {
+            return;
+        };
+        let delay = FIRST_RETRY_DELAY_MS
+            .saturating_mul(1 << fetch.attempts.saturating_sub(1).min(10))
+            .min(MAX_RETRY_DELAY_MS);
+        fetch.retry_at_ms = Some(now + delay);
+        if fetch.attempts >= MAX_FETCH_ATTEMPTS {
+            self.try_next(hash, now);
         }
     }
 
@@ -520,7 +555,10 @@ impl ExchangerState {
         let slow: Vec<BlobHash> = self
             .fetches
             .iter()
-            .filter(|(_, f)| now.saturating_sub(f.started_ms) > FETCH_TIMEOUT_MS)
+            .filter(|(_, f)| match f.retry_at_ms {
+                Some(at) => now >= at,
+                None => now.saturating_sub(f.started_ms) > FETCH_TIMEOUT_MS,
+            })
             .map(|(h, _)| *h)
             .collect();
         for hash in slow {
@@ -541,14 +579,19 @@ impl ExchangerState {
         };
         let purpose = fetch.purpose;
         let expected_len = fetch.len;
-        let verdict = result.and_then(|bytes| {
+        // Transport failures (unreachable, not held) are retried; bytes that fail their checks
+        // are also counted as rejected.
+        let verdict = result.map_err(|why| (false, why)).and_then(|bytes| {
             let size = bytes.len() as u64;
             if size != expected_len || size > self.args.plan.round.max_blob_bytes.max(expected_len)
             {
-                return Err(format!("blob of {size} bytes, expected {expected_len}"));
+                return Err((
+                    true,
+                    format!("blob of {size} bytes, expected {expected_len}"),
+                ));
             }
             if contribution::blob_hash(&bytes) != hash {
-                return Err("blob does not hash to its name".to_owned());
+                return Err((true, "blob does not hash to its name".to_owned()));
             }
             Ok(bytes)
         });
@@ -577,11 +620,24 @@ impl ExchangerState {
                     }
                 }
             }
-            Err(why) => {
-                self.report.rejected_blobs += 1;
-                metrics::counter!("loom_train_blobs_rejected_total").increment(1);
-                tracing::debug!(%why, peer = %hex(&from), "blob fetch failed");
-                self.try_next(hash, now);
+            Err((rejected, why)) => {
+                if rejected {
+                    self.report.rejected_blobs += 1;
+                    metrics::counter!("loom_train_blobs_rejected_total").increment(1);
+                    tracing::warn!(%why, peer = %hex(&from), "blob refused");
+                    // A holder that served bad bytes is not asked again for this blob.
+                    if let Some(fetch) = self.fetches.get_mut(&hash) {
+                        fetch.candidates.retain(|c| *c != from);
+                        if fetch.candidates.is_empty() {
+                            fetch.attempts = MAX_FETCH_ATTEMPTS;
+                            self.try_next(hash, now);
+                            return;
+                        }
+                    }
+                } else {
+                    tracing::debug!(%why, peer = %hex(&from), "blob fetch failed");
+                }
+                self.retry_later(hash, now);
             }
         }
     }
@@ -715,13 +771,20 @@ impl ExchangerState {
             report.train_loss = Some(last.loss_mean);
         }
         self.pending_reports.insert(round, report);
-        let _ = self.args.trainer.cast(TrainerMsg::Evaluate {
-            round,
-            params: self.params.clone(),
-            reply_to: myself.clone(),
-        });
+        // Train first, evaluate second: the trainer runs them in order, so the evaluation of
+        // this round's model fills the time this peer then waits for the others' updates.
         if round < self.args.plan.rounds {
             self.start_training(myself, round + 1);
+        }
+        let every = self.args.plan.eval_every.max(1);
+        if round == 0 || round.is_multiple_of(every) || round >= self.args.plan.rounds {
+            let _ = self.args.trainer.cast(TrainerMsg::Evaluate {
+                round,
+                params: self.params.clone(),
+                reply_to: myself.clone(),
+            });
+        } else {
+            self.on_evaluated(round, Err(String::new()));
         }
     }
 
@@ -774,6 +837,14 @@ impl ExchangerState {
             self.engine_late(round);
             return;
         }
+        // Error feedback with decay (SparseLoCo): e ← β·e, then e + update is compressed and
+        // what was not sent stays in e. β = 1 is classic error feedback.
+        let decay = self.args.plan.feedback_decay;
+        if decay != 1.0 {
+            for r in &mut self.residual {
+                *r *= decay;
+            }
+        }
         let (blob, _) = compress::compress(&update, &mut self.residual, self.args.plan.codec);
         let blob_len = blob.len() as u64;
         let hash = self
@@ -817,6 +888,8 @@ impl ExchangerState {
         };
         match val_loss {
             Ok(loss) => report.val_loss = Some(loss),
+            // Not evaluated this round.
+            Err(why) if why.is_empty() => {}
             Err(why) => tracing::warn!(%why, round, "validation failed"),
         }
         if report.finished {

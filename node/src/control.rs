@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     identity::write_atomic,
     network::{NetCommand, NetworkHandle, NetworkMsg, peer_id_of},
-    status::{ActorStatus, MemberStatus, StatusReport},
+    status::{ActorStatus, MemberStatus, StatusReport, TrainingSlot},
 };
 
 /// File holding the bearer token.
@@ -57,6 +57,7 @@ struct ApiState {
     token: Arc<String>,
     started: Instant,
     network: NetworkHandle,
+    training: TrainingSlot,
 }
 
 /// A probe publication result.
@@ -89,6 +90,7 @@ pub async fn serve(
     data_dir: &Path,
     addr: SocketAddr,
     network: NetworkHandle,
+    training: TrainingSlot,
 ) -> Result<SocketAddr, ControlError> {
     let token = load_or_create_token(data_dir)?;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -111,6 +113,7 @@ pub async fn serve(
         token: Arc::new(token),
         started: Instant::now(),
         network,
+        training,
     };
     let app = Router::new()
         .route("/v1/status", get(status))
@@ -215,6 +218,11 @@ async fn status(State(state): State<ApiState>) -> Response {
                 restarts: c.restarts,
             })
             .collect(),
+        training: state
+            .training
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone(),
     })
     .into_response()
 }

@@ -98,6 +98,13 @@ pub struct Manifest {
     /// Validation batches per evaluation.
     #[serde(default = "default_eval_batches")]
     pub eval_batches: usize,
+    /// Evaluate every this many rounds (and the first and last); not part of the job id.
+    #[serde(default = "default_eval_every")]
+    pub eval_every: u64,
+}
+
+fn default_eval_every() -> u64 {
+    1
 }
 
 fn default_deadline() -> String {
@@ -234,6 +241,11 @@ pub struct CompressionSpec {
     /// Value format.
     #[serde(default = "default_values")]
     pub values: ValueSpec,
+    /// Error-feedback decay β in [0, 1]: the unsent residual is multiplied by β before the next
+    /// update is added (1: classic error feedback; default 0.95 with `diloco`, as SparseLoCo,
+    /// and 1 with `sync`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub feedback_decay: Option<f32>,
 }
 
 fn default_ratio() -> f32 {
@@ -250,6 +262,7 @@ impl Default for CompressionSpec {
             kind: CompressionKind::Topk,
             ratio: default_ratio(),
             values: default_values(),
+            feedback_decay: None,
         }
     }
 }
@@ -358,6 +371,17 @@ impl Manifest {
                 format!("must be in (0, 1], got {}", self.compression.ratio),
             ));
         }
+        if let Some(decay) = self.compression.feedback_decay
+            && !(0.0..=1.0).contains(&decay)
+        {
+            return Err(field(
+                "compression.feedback_decay",
+                format!("must be in [0, 1], got {decay}"),
+            ));
+        }
+        if self.eval_every == 0 {
+            return Err(field("eval_every", "must be at least 1"));
+        }
         if self.eval_batches == 0 || self.eval_batches > 10_000 {
             return Err(field("eval_batches", "must be 1 to 10000"));
         }
@@ -385,6 +409,16 @@ impl Manifest {
             other => field("model", other.to_string()),
         })?;
         Ok(())
+    }
+
+    /// The error-feedback decay in effect.
+    pub fn feedback_decay(&self) -> f32 {
+        self.compression
+            .feedback_decay
+            .unwrap_or(match self.strategy {
+                StrategySpec::Diloco { .. } => 0.95,
+                StrategySpec::Sync => 1.0,
+            })
     }
 
     /// The straggler deadline.
@@ -470,6 +504,7 @@ impl Manifest {
             rounds: self.rounds,
             strategy,
             codec,
+            feedback_decay: self.feedback_decay(),
             round: RoundConfig {
                 round_deadline_ms: deadline.as_millis() as u64,
                 proposer_grace_ms: (deadline.as_millis() as u64 / 4).clamp(500, 10_000),
@@ -480,6 +515,7 @@ impl Manifest {
             data_seed: self.seed,
             checkpoint_every: self.checkpoint_every,
             join_wait_ms: 3_000,
+            eval_every: self.eval_every,
         };
         Ok(Job {
             manifest: self,

@@ -74,6 +74,8 @@ pub struct NodeHandles {
     pub blobs: SharedBlobs,
     /// The control API address.
     pub api: std::net::SocketAddr,
+    /// The training status the control API reports.
+    pub training: crate::status::TrainingSlot,
 }
 
 /// Blob store budget of a peer.
@@ -127,7 +129,14 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
     )
     .await
     .map_err(|e| anyhow::anyhow!("cannot start the actor tree: {e}"))?;
-    let api = control::serve(&config.data_dir, config.api_addr, handle.clone()).await?;
+    let training = crate::status::TrainingSlot::default();
+    let api = control::serve(
+        &config.data_dir,
+        config.api_addr,
+        handle.clone(),
+        training.clone(),
+    )
+    .await?;
     Ok(NodeHandles {
         supervisor,
         supervisor_done,
@@ -135,6 +144,7 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
         peer_bytes,
         blobs,
         api,
+        training,
     })
 }
 

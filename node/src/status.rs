@@ -124,7 +124,26 @@ pub struct StatusReport {
     pub members: Vec<MemberStatus>,
     /// Actors.
     pub actors: Vec<ActorStatus>,
+    /// The job this peer trains, if any (`loom-peer train`).
+    #[serde(default)]
+    pub training: Option<TrainingStatus>,
 }
+
+/// The job a peer trains and its last round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainingStatus {
+    /// Job id (hex).
+    pub job_id: String,
+    /// Job name.
+    pub job: String,
+    /// Rounds of the job.
+    pub rounds: u64,
+    /// The last round's report.
+    pub last: loom_actors::RoundReport,
+}
+
+/// Where the train command leaves its latest status for the control API.
+pub type TrainingSlot = std::sync::Arc<std::sync::Mutex<Option<TrainingStatus>>>;
 
 impl StatusReport {
     /// A human-readable table.
@@ -152,6 +171,22 @@ impl StatusReport {
                 out,
                 "serving   relay: {} reservations, {} circuits",
                 s.reservations, s.circuits
+            );
+        }
+        if let Some(t) = &self.training {
+            let r = &t.last;
+            let _ = writeln!(
+                out,
+                "training  job {} ({}): round {}/{}  val loss {}  contributors {}  model {}",
+                t.job,
+                &t.job_id[..t.job_id.len().min(16)],
+                r.round,
+                t.rounds,
+                r.val_loss
+                    .map(|l| format!("{l:.4}"))
+                    .unwrap_or_else(|| "-".into()),
+                r.contributors,
+                &r.model_hash[..r.model_hash.len().min(16)],
             );
         }
         let hp = &n.hole_punch;

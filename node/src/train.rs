@@ -315,6 +315,13 @@ async fn train_async(run: TrainRun) -> anyhow::Result<TrainSummary> {
                 if run.verbose {
                     eprintln!("{}", render_round(&report, rounds, bytes_sent));
                 }
+                *node.training.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some(crate::status::TrainingStatus {
+                        job_id: job_hex.clone(),
+                        job: run.job.manifest.job.clone(),
+                        rounds,
+                        last: report.clone(),
+                    });
                 let finished = report.finished;
                 last = report;
                 if finished {
@@ -373,5 +380,51 @@ pub fn human_bytes(bytes: u64) -> String {
         format!("{:.1} KiB", b / 1024.0)
     } else {
         format!("{bytes} B")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_round_trips_and_a_corrupted_one_is_skipped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let job = crate::manifest::Manifest::parse(crate::manifest::DEMO_MANIFEST)
+            .expect("manifest")
+            .into_job(Path::new("."))
+            .expect("job");
+        let sink = CheckpointDir(dir.path().to_path_buf());
+        let older = Snapshot {
+            round: 4,
+            ..initial_snapshot(&job, vec![0.5; 10])
+        };
+        let newer = Snapshot {
+            round: 8,
+            params: vec![1.5; 10],
+            ..older.clone()
+        };
+        for snapshot in [&older, &newer] {
+            let bytes = snapshot.to_bytes();
+            sink.save(snapshot.round, &blob_hash(&bytes), &bytes)
+                .expect("saved");
+        }
+        let loaded = latest_checkpoint(dir.path(), &job, 10).expect("read");
+        assert_eq!(loaded.as_ref(), Some(&newer));
+        // Corrupt the newest: the older one is used instead.
+        let newest = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().contains("round-00000008"))
+            .next()
+            .expect("newest file");
+        let mut bytes = std::fs::read(&newest).expect("read");
+        bytes[70] ^= 1;
+        std::fs::write(&newest, bytes).expect("write");
+        let loaded = latest_checkpoint(dir.path(), &job, 10).expect("read");
+        assert_eq!(loaded, Some(older));
+        // A model of another size finds nothing usable.
+        assert_eq!(latest_checkpoint(dir.path(), &job, 11).expect("read"), None);
     }
 }

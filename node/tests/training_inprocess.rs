@@ -131,16 +131,27 @@ fn learner_config() -> LearnerConfig {
 }
 
 fn plan(rounds: u64) -> JobPlan {
-    JobPlan {
-        job_id: JOB,
+    plan_with(
         rounds,
-        strategy: Strategy::Diloco {
+        Strategy::Diloco {
             inner_steps: 2,
             outer: OuterConfig::default(),
         },
+    )
+}
+
+fn plan_with(rounds: u64, strategy: Strategy) -> JobPlan {
+    JobPlan {
+        job_id: JOB,
+        rounds,
+        strategy,
         codec: Codec {
             sparsity: Sparsity::TopK { ratio: 0.1 },
             values: ValueFormat::Int8,
+        },
+        feedback_decay: match strategy {
+            Strategy::Diloco { .. } => 0.95,
+            Strategy::Sync(_) => 1.0,
         },
         round: RoundConfig {
             round_deadline_ms: 1_500,
@@ -150,6 +161,7 @@ fn plan(rounds: u64) -> JobPlan {
         data_seed: 3,
         checkpoint_every: 0,
         join_wait_ms: 300,
+        eval_every: 1,
     }
 }
 
@@ -168,6 +180,16 @@ async fn spawn_peer(
     dataset: &Arc<Dataset>,
     corrupts_blobs: bool,
 ) -> Peer {
+    spawn_peer_with(bus, seed, plan(rounds), dataset, corrupts_blobs).await
+}
+
+async fn spawn_peer_with(
+    bus: &Arc<Bus>,
+    seed: u8,
+    plan: JobPlan,
+    dataset: &Arc<Dataset>,
+    corrupts_blobs: bool,
+) -> Peer {
     let signing = SigningKey::from_bytes(&[seed; 32]);
     let key = signing.verifying_key().to_bytes();
     let learner = TchLearner::new(learner_config(), dataset.clone()).unwrap();
@@ -177,8 +199,16 @@ async fn spawn_peer(
     let (trainer, _) = Actor::spawn(None, TrainerActor, slot).await.unwrap();
     let blobs: SharedBlobs = Arc::new(Mutex::new(BlobStore::new(256 << 20)));
     let (tx, reports) = mpsc::channel(1024);
+    let outer = match plan.strategy {
+        Strategy::Diloco { .. } => OuterState::Nesterov { buf: vec![0.0; n] },
+        Strategy::Sync(_) => OuterState::AdamW {
+            m: vec![0.0; n],
+            v: vec![0.0; n],
+            step: 0,
+        },
+    };
     let args = ExchangerArgs {
-        plan: plan(rounds),
+        plan,
         signer: Arc::new(KeySigner(signing)),
         network: Arc::new(BusPort {
             me: key,
@@ -190,7 +220,7 @@ async fn spawn_peer(
             job_id: JOB,
             round: 0,
             params,
-            outer: OuterState::Nesterov { buf: vec![0.0; n] },
+            outer,
         }),
         resumed: false,
         tokens_per_step: 32,
@@ -351,6 +381,44 @@ async fn corrupted_blobs_are_rejected_and_the_rounds_complete_without_them() {
             .collect::<Vec<_>>()
     );
     for peer in [&honest_a, &honest_b, &corrupter] {
+        peer.stop(&bus);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sync_strategy_exchanges_a_gradient_every_step_and_stays_identical() {
+    let bus = Arc::new(Bus::default());
+    let data = dataset();
+    let strategy = Strategy::Sync(loom_protocols::outer::AdamWConfig {
+        lr: 3e-3,
+        ..Default::default()
+    });
+    let mut peers = Vec::new();
+    for seed in 31..=33 {
+        peers.push(spawn_peer_with(&bus, seed, plan_with(12, strategy), &data, false).await);
+    }
+    for peer in &mut peers {
+        assert!(peer.wait_round(12).await.finished);
+    }
+    let hashes: Vec<BTreeMap<u64, String>> = peers.iter().map(Peer::hashes).collect();
+    for round in 1..=12 {
+        assert_eq!(
+            hashes[0].get(&round),
+            hashes[1].get(&round),
+            "round {round}"
+        );
+        assert_eq!(
+            hashes[0].get(&round),
+            hashes[2].get(&round),
+            "round {round}"
+        );
+    }
+    // One optimizer step per round: 12 steps per peer.
+    assert_eq!(peers[0].seen.last().unwrap().steps, 12);
+    let first = peers[0].seen.first().and_then(|r| r.val_loss).unwrap();
+    let last = peers[0].seen.last().and_then(|r| r.val_loss).unwrap();
+    assert!(last < first, "loss {first} -> {last}");
+    for peer in &peers {
         peer.stop(&bus);
     }
 }

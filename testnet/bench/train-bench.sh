@@ -8,17 +8,20 @@
 # tx_bytes. Writes OUT/result.json, OUT/loss.svg (via report.py) and prints a table.
 #
 # Usage: train-bench.sh [--bin DIR] [--data FILE] [--rounds R] [--inner-steps H]
-#          [--target-loss X] [--out DIR] [--only loom|ddp|both] [--rate-mbit M] [--delay-ms MS]
+#          [--target-loss X] [--ratio R] [--outer-lr LR] [--outer-momentum M] [--out DIR] [--only loom|ddp|both] [--rate-mbit M] [--delay-ms MS]
 #          [--python PY] [--timeout SECS]
 # Needs root. Exit 77 when it cannot run here (not root, tools missing).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
-BIN_DIR=""; DATA="$REPO/../shared/data/tinyshakespeare.txt"; ROUNDS=12; INNER=50; TARGET=2.2
+BIN_DIR=""; DATA="$REPO/../shared/data/tinyshakespeare.txt"; ROUNDS=30; INNER=20; TARGET=2.3
 OUT="$REPO/target/train-bench"; ONLY=both; RATE=100; DELAY=25; TIMEOUT=""
 PY="${LOOM_CACHE_DIR:-$HOME/.cache/loom}/torch-2.13.0/bin/python"
 # Model and optimizer, shared by both systems.
 LAYERS=4; HEADS=4; WIDTH=128; CONTEXT=64; BATCH=12; NHOSTS=4
+# Loom's exchange: SparseLoCo-style top-k with decayed error feedback and a plain outer step
+# (momentum 0, learning rate 2: a sparse average divides each peer's coordinates by the peers).
+RATIO=0.03; OUTER_LR=2.0; OUTER_MOMENTUM=0.0
 
 die() { echo "train-bench: $*" >&2; exit 1; }
 skip() { echo "train-bench: SKIPPED: $*" >&2; exit 77; }
@@ -30,6 +33,9 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS="$2"; shift 2 ;;
     --inner-steps) INNER="$2"; shift 2 ;;
     --target-loss) TARGET="$2"; shift 2 ;;
+    --ratio) RATIO="$2"; shift 2 ;;
+    --outer-lr) OUTER_LR="$2"; shift 2 ;;
+    --outer-momentum) OUTER_MOMENTUM="$2"; shift 2 ;;
     --out) OUT="$2"; shift 2 ;;
     --only) ONLY="$2"; shift 2 ;;
     --rate-mbit) RATE="$2"; shift 2 ;;
@@ -50,6 +56,8 @@ for tool in ip ethtool ping; do command -v "$tool" >/dev/null || skip "missing $
 [ -f "$DATA" ] || die "no data file $DATA (--data FILE)"
 DATA="$(realpath "$DATA")"
 STEPS=$((ROUNDS * INNER))
+# Both systems evaluate every EVAL_STEPS optimizer steps (Loom: every EVAL_ROUNDS rounds).
+EVAL_STEPS=60; EVAL_ROUNDS=$(( (EVAL_STEPS + INNER - 1) / INNER ))
 # Default time limit per system: generous for 2-core machines (about 1.5 s per step plus a round
 # deadline per round), override with --timeout.
 [ -n "$TIMEOUT" ] || TIMEOUT=$((STEPS * 3 / 2 + ROUNDS * 60 + 120))
@@ -163,11 +171,12 @@ replicas: {min: $NHOSTS, max: $NHOSTS}
 model: {kind: transformer, layers: $LAYERS, heads: $HEADS, width: $WIDTH, context: $CONTEXT}
 dataset: {source: file, path: $DATA, vocab: char}
 optimizer: {batch: $BATCH, lr: 0.001, beta1: 0.9, beta2: 0.99, weight_decay: 0.1, grad_clip: 1.0}
-strategy: {kind: diloco, inner_steps: $INNER, outer_lr: 0.7, outer_momentum: 0.9}
-compression: {kind: topk, ratio: 0.01, values: int8}
+strategy: {kind: diloco, inner_steps: $INNER, outer_lr: $OUTER_LR, outer_momentum: $OUTER_MOMENTUM}
+compression: {kind: topk, ratio: $RATIO, values: int8, feedback_decay: 0.95}
 rounds: $ROUNDS
 round_deadline: 60s
 checkpoint_every: 0
+eval_every: $EVAL_ROUNDS
 resources: {device: cpu, threads: 1}
 EOF
   local i peer1 pids=()
@@ -205,7 +214,7 @@ run_ddp() {
     ip netns exec "${P}h$i" env GLOO_SOCKET_IFNAME=eth0 OMP_NUM_THREADS=1 \
       "$PY" -m torch.distributed.run --nnodes "$NHOSTS" --nproc-per-node 1 --node-rank $((i - 1)) \
       --master-addr 10.99.0.1 --master-port 29500 "$HERE/ddp_train.py" \
-      --data "$DATA" --steps "$STEPS" --eval-every "$INNER" --batch "$BATCH" --context "$CONTEXT" \
+      --data "$DATA" --steps "$STEPS" --eval-every "$((EVAL_ROUNDS * INNER))" --batch "$BATCH" --context "$CONTEXT" \
       --layers "$LAYERS" --heads "$HEADS" --width "$WIDTH" --threads 1 --target-loss "$TARGET" \
       --progress "$dir/progress-h$i.jsonl" >"$dir/h$i.log" 2>&1 &
     pids+=("$!"); PIDS+=("$!")
@@ -232,6 +241,7 @@ cat >"$OUT/meta.json" <<EOF
 {
   "hosts": $NHOSTS, "delay_ms_per_port": $DELAY, "rate_mbit": $RATE, "rtt_ms_min": $(json_list "${RTTS[@]}"),
   "rounds": $ROUNDS, "inner_steps": $INNER, "ddp_steps": $STEPS, "target_loss": $TARGET,
+  "topk_ratio": $RATIO, "outer_lr": $OUTER_LR, "outer_momentum": $OUTER_MOMENTUM,
   "model": {"layers": $LAYERS, "heads": $HEADS, "width": $WIDTH, "context": $CONTEXT},
   "batch": $BATCH, "data": "$DATA",
   "loom": $(system_json loom "$LOOM_TX_BEFORE" "$LOOM_TX_AFTER" "$LOOM_T0" "$LOOM_T1"),
