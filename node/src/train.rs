@@ -416,8 +416,7 @@ mod tests {
             .expect("dir")
             .filter_map(|e| e.ok())
             .map(|e| e.path())
-            .filter(|p| p.to_string_lossy().contains("round-00000008"))
-            .next()
+            .find(|p| p.to_string_lossy().contains("round-00000008"))
             .expect("newest file");
         let mut bytes = std::fs::read(&newest).expect("read");
         bytes[70] ^= 1;
