@@ -407,7 +407,7 @@ mod tests {
 
     #[test]
     fn the_sparkline_spans_the_range() {
-        assert_eq!(sparkline(&[3.0, 2.0, 1.0]), "█▄▁");
+        assert_eq!(sparkline(&[3.0, 2.0, 1.0]), "█▅▁");
         assert_eq!(sparkline(&[1.0, 1.0]), "▁▁");
     }
 
