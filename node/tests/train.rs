@@ -111,6 +111,16 @@ fn three_processes_agree_every_round_and_a_killed_peer_resumes_from_its_checkpoi
     wait_until("peer 2 to pass round 5", Duration::from_secs(180), || {
         last_round(&progress[2]).is_some_and(|r| r >= 5)
     });
+    // `loom-peer status` (the control API) reports the job while it trains.
+    let status = mesh
+        .client(0, Duration::from_secs(10))
+        .unwrap()
+        .status()
+        .unwrap();
+    let training = status.training.expect("training status");
+    assert_eq!(training.job, "loopback-test");
+    assert_eq!(training.rounds, 14);
+    assert!(status.render().contains("training  job loopback-test"));
     mesh.kill(2);
     let killed_at = last_round(&progress[2]).unwrap();
     let checkpoints = std::fs::read_dir(

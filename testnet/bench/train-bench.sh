@@ -14,14 +14,14 @@
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/../.." && pwd)"
-BIN_DIR=""; DATA="$REPO/../shared/data/tinyshakespeare.txt"; ROUNDS=30; INNER=20; TARGET=2.3
+BIN_DIR=""; DATA="$REPO/../shared/data/tinyshakespeare.txt"; ROUNDS=60; INNER=10; TARGET=2.3
 OUT="$REPO/target/train-bench"; ONLY=both; RATE=100; DELAY=25; TIMEOUT=""
 PY="${LOOM_CACHE_DIR:-$HOME/.cache/loom}/torch-2.13.0/bin/python"
 # Model and optimizer, shared by both systems.
 LAYERS=4; HEADS=4; WIDTH=128; CONTEXT=64; BATCH=12; NHOSTS=4
 # Loom's exchange: SparseLoCo-style top-k with decayed error feedback and a plain outer step
-# (momentum 0, learning rate 2: a sparse average divides each peer's coordinates by the peers).
-RATIO=0.03; OUTER_LR=2.0; OUTER_MOMENTUM=0.0
+# (momentum 0, learning rate 3: a sparse average divides each coordinate one peer sent by all the peers).
+RATIO=0.03; OUTER_LR=3.0; OUTER_MOMENTUM=0.0
 
 die() { echo "train-bench: $*" >&2; exit 1; }
 skip() { echo "train-bench: SKIPPED: $*" >&2; exit 77; }
