@@ -117,7 +117,7 @@ fn three_processes_agree_every_round_and_a_killed_peer_resumes_from_its_checkpoi
         .unwrap()
         .status()
         .unwrap();
-    let training = status.training.expect("training status");
+    let training = status.training.clone().expect("training status");
     assert_eq!(training.job, "loopback-test");
     assert_eq!(training.rounds, 14);
     assert!(status.render().contains("training  job loopback-test"));
