@@ -568,9 +568,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_demo_manifest_is_valid() {
+    fn the_example_manifests_are_valid() {
         let manifest = Manifest::parse(DEMO_MANIFEST).expect("demo manifest");
         assert!(matches!(manifest.dataset, DatasetSpec::Builtin { .. }));
+        let shakespeare = Manifest::parse(include_str!("../../examples/shakespeare.yaml"))
+            .expect("shakespeare manifest");
+        assert_eq!(shakespeare.feedback_decay(), 0.95);
+        assert_eq!(shakespeare.eval_every, 6);
     }
 
     fn error_of(text: &str) -> String {
