@@ -240,6 +240,8 @@ pub struct ExchangerState {
     finished: bool,
     seen_future: bool,
     last_state: Option<(u64, ModelState)>,
+    /// Size of this job's snapshots.
+    snapshot_len: u64,
 }
 
 /// The GradientExchanger actor.
@@ -290,6 +292,7 @@ impl Actor for ExchangerActor {
             finished: false,
             seen_future: false,
             last_state: None,
+            snapshot_len: start.to_bytes().len() as u64,
             args,
         };
         if state.args.resumed {
@@ -418,6 +421,12 @@ impl ExchangerState {
                     snapshot_len,
                     from,
                 } => {
+                    if snapshot_len != self.snapshot_len {
+                        // Every snapshot of this job has the same size: refuse before fetching.
+                        tracing::warn!(snapshot_len, "announced snapshot has the wrong size");
+                        self.engine.resync_failed();
+                        continue;
+                    }
                     tracing::warn!(round, "resyncing from a peer's snapshot");
                     metrics::counter!("loom_train_resyncs_total").increment(1);
                     if let Some((round, _)) = self.fetch(

@@ -510,7 +510,9 @@ impl Manifest {
                 proposer_grace_ms: (deadline.as_millis() as u64 / 4).clamp(500, 10_000),
                 min_contributors: self.replicas.min,
                 max_contributors: self.replicas.max,
-                max_blob_bytes: crate::network::blobs::MAX_BLOB_BYTES,
+                // No valid update is larger than dense fp32 with an index per value.
+                max_blob_bytes: crate::network::blobs::MAX_BLOB_BYTES
+                    .min(64 + 9 * self.model.param_count(dataset.vocab_size) as u64),
             },
             data_seed: self.seed,
             checkpoint_every: self.checkpoint_every,
