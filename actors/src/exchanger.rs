@@ -356,14 +356,19 @@ impl ExchangerState {
         self.run(myself, actions, now);
     }
 
-    fn engine_poll(&mut self, now: u64) -> Vec<Action> {
+    /// "Is this blob held?" for the engine, owning its own handle on the store.
+    fn holds(&self) -> impl Fn(&BlobHash) -> bool + use<> {
         let blobs = self.args.blobs.clone();
-        let have = move |hash: &BlobHash| {
+        move |hash: &BlobHash| {
             blobs
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(hash)
-        };
+        }
+    }
+
+    fn engine_poll(&mut self, now: u64) -> Vec<Action> {
+        let have = self.holds();
         self.engine.poll(now, &have)
     }
 
@@ -372,13 +377,7 @@ impl ExchangerState {
             metrics::counter!("loom_train_messages_rejected_total").increment(1);
             return;
         };
-        let blobs = self.args.blobs.clone();
-        let have = move |hash: &BlobHash| {
-            blobs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(hash)
-        };
+        let have = self.holds();
         let outcome = match message {
             TrainMessage::Commit(signed) => self.engine.on_commit(signed, now),
             TrainMessage::Close(close) => self.engine.on_close(close, from, &have, now),

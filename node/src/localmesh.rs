@@ -125,6 +125,55 @@ pub fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// Starts one `loom-peer` with `options` on `data_dir`, listening on `addr` (TCP) and the same
+/// port over QUIC, logging to `<data_dir>/peer.log` (appended).
+fn spawn_peer_process(
+    options: &MeshOptions,
+    data_dir: &Path,
+    addr: &Multiaddr,
+    bootstrap: Option<&Multiaddr>,
+) -> Result<Child, MeshError> {
+    let port = addr
+        .iter()
+        .find_map(|p| match p {
+            libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
+            _ => None,
+        })
+        .unwrap_or(0);
+    let log = File::options()
+        .create(true)
+        .append(true)
+        .open(data_dir.join("peer.log"))
+        .map_err(io(format!("creating log in {}", data_dir.display())))?;
+    let mut command = Command::new(&options.bin);
+    command
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(&options.subcommand)
+        .arg("--listen")
+        .arg(format!("{addr},/ip4/127.0.0.1/udp/{port}/quic-v1"))
+        .args([
+            "--no-mdns",
+            "--metrics-addr",
+            "off",
+            "--api-addr",
+            "127.0.0.1:0",
+        ])
+        .arg("--heartbeat-interval")
+        .arg(&options.heartbeat_interval)
+        .args(&options.extra_args)
+        .env("RUST_LOG", &options.log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    if let Some(b) = bootstrap {
+        command.arg("--bootstrap").arg(b.to_string());
+    }
+    command
+        .spawn()
+        .map_err(io(format!("starting {}", options.bin.display())))
+}
+
 impl LocalPeer {
     /// Its process id.
     pub fn pid(&self) -> u32 {
@@ -166,38 +215,7 @@ impl LocalMesh {
         let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}")
             .parse()
             .map_err(|e| io("building address")(std::io::Error::other(e)))?;
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(data_dir.join("peer.log"))
-            .map_err(io(format!("creating log in {}", data_dir.display())))?;
-        let mut command = Command::new(&options.bin);
-        command
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(&options.subcommand)
-            .arg("--listen")
-            .arg(format!("{addr},/ip4/127.0.0.1/udp/{port}/quic-v1"))
-            .args([
-                "--no-mdns",
-                "--metrics-addr",
-                "off",
-                "--api-addr",
-                "127.0.0.1:0",
-            ])
-            .arg("--heartbeat-interval")
-            .arg(&options.heartbeat_interval)
-            .args(&options.extra_args)
-            .env("RUST_LOG", &options.log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        if let Some(b) = &bootstrap {
-            command.arg("--bootstrap").arg(b.to_string());
-        }
-        let child = command
-            .spawn()
-            .map_err(io(format!("starting {}", options.bin.display())))?;
+        let child = spawn_peer_process(options, &data_dir, &addr, bootstrap.as_ref())?;
         self.peers.push(LocalPeer {
             peer_id,
             data_dir,
@@ -224,46 +242,7 @@ impl LocalMesh {
                 .with(libp2p::multiaddr::Protocol::P2p(self.peers[0].peer_id))
         });
         let peer = &mut self.peers[index];
-        let port = peer
-            .addr
-            .iter()
-            .find_map(|p| match p {
-                libp2p::multiaddr::Protocol::Tcp(port) => Some(port),
-                _ => None,
-            })
-            .unwrap_or(0);
-        let log = File::options()
-            .create(true)
-            .append(true)
-            .open(peer.data_dir.join("peer.log"))
-            .map_err(io("opening the peer log"))?;
-        let mut command = Command::new(&options.bin);
-        command
-            .arg("--data-dir")
-            .arg(&peer.data_dir)
-            .args(&options.subcommand)
-            .arg("--listen")
-            .arg(format!("{},/ip4/127.0.0.1/udp/{port}/quic-v1", peer.addr))
-            .args([
-                "--no-mdns",
-                "--metrics-addr",
-                "off",
-                "--api-addr",
-                "127.0.0.1:0",
-            ])
-            .arg("--heartbeat-interval")
-            .arg(&options.heartbeat_interval)
-            .args(&options.extra_args)
-            .env("RUST_LOG", &options.log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        if let Some(b) = bootstrap {
-            command.arg("--bootstrap").arg(b.to_string());
-        }
-        peer.child = command
-            .spawn()
-            .map_err(io(format!("starting {}", options.bin.display())))?;
+        peer.child = spawn_peer_process(&options, &peer.data_dir, &peer.addr, bootstrap.as_ref())?;
         Ok(())
     }
 

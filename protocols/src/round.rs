@@ -36,6 +36,8 @@ pub type ModelHash = [u8; 32];
 pub const MAX_TRAIN_MESSAGE_BYTES: usize = 60 * 1024;
 /// Most rounds of model hashes remembered.
 const HASH_HISTORY_ROUNDS: u64 = 16;
+/// Rounds of snapshot holders remembered.
+const HOLDER_ROUNDS: usize = 4;
 
 /// The proposer closes round `round`: these commitments are the accepted set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -259,9 +261,20 @@ pub struct RoundEngine {
     late_authors: BTreeSet<PeerKey>,
     /// Authors of model states per round: who holds the model a round starts from.
     state_authors: BTreeMap<u64, BTreeSet<PeerKey>>,
+    /// Who announced which model after which round (the newest few rounds): where a snapshot
+    /// can be fetched from.
+    holders: BTreeMap<u64, BTreeMap<ModelHash, BTreeSet<PeerKey>>>,
     close: Option<AcceptedClose>,
+    /// Valid closes of the current round other than `close`, by proposer rank.
+    other_closes: BTreeMap<usize, AcceptedClose>,
+    /// Proposers of the current round whose close could not be applied.
+    failed_proposers: BTreeSet<PeerKey>,
     applying: bool,
     proposers: BTreeMap<u64, PeerKey>,
+    /// Rank of the proposer whose close was applied, per round.
+    applied_ranks: BTreeMap<u64, usize>,
+    /// The contributors known when the last round was applied (to rank late closes).
+    last_ranks: Option<BTreeSet<PeerKey>>,
     my_hashes: BTreeMap<u64, ModelHash>,
     latest_state: Option<ModelState>,
     resync_pending: bool,
@@ -300,9 +313,14 @@ impl RoundEngine {
             expected: BTreeSet::new(),
             late_authors: BTreeSet::new(),
             state_authors: BTreeMap::new(),
+            holders: BTreeMap::new(),
             close: None,
+            other_closes: BTreeMap::new(),
+            failed_proposers: BTreeSet::new(),
             applying: false,
             proposers: BTreeMap::new(),
+            applied_ranks: BTreeMap::new(),
+            last_ranks: None,
             my_hashes: BTreeMap::new(),
             latest_state: None,
             resync_pending: false,
@@ -412,6 +430,17 @@ impl RoundEngine {
             return Err(RoundRejected::BadClose("proposer is not the sender"));
         }
         if close.round < self.current {
+            // A better-ranked close of the round just applied (two proposers closed at once):
+            // its proposer's model is the reference; its state will show whether ours differs.
+            if close.round + 1 == self.current
+                && let Some(applied_rank) = self.applied_ranks.get(&close.round)
+            {
+                let rank = self.rank_of_known(close.round, &close.proposer);
+                if rank < *applied_rank {
+                    self.proposers.insert(close.round, close.proposer);
+                    self.applied_ranks.insert(close.round, rank);
+                }
+            }
             return Ok(Vec::new());
         }
         if close.round > self.current {
@@ -445,16 +474,32 @@ impl RoundEngine {
         if self.applying {
             return Ok(Vec::new());
         }
-        if let Some(existing) = &self.close
-            && existing.rank <= rank
-        {
+        if self.failed_proposers.contains(&close.proposer) {
             return Ok(Vec::new());
         }
-        self.close = Some(AcceptedClose {
+        let incoming = AcceptedClose {
             proposer: close.proposer,
             rank,
             contributions,
-        });
+        };
+        // The lowest-ranked close wins; the others are kept in case its blobs cannot be had.
+        let keep = match self.close.take() {
+            Some(existing) if existing.rank <= rank => {
+                self.close = Some(existing);
+                incoming
+            }
+            Some(existing) => {
+                self.close = Some(incoming);
+                existing
+            }
+            None => {
+                self.close = Some(incoming);
+                return Ok(self.poll(now_ms, have));
+            }
+        };
+        if self.other_closes.len() < self.config.max_contributors {
+            self.other_closes.entry(keep.rank).or_insert(keep);
+        }
         Ok(self.poll(now_ms, have))
     }
 
@@ -483,12 +528,26 @@ impl RoundEngine {
         {
             self.latest_state = Some(state.clone());
         }
+        let holders = self
+            .holders
+            .entry(state.round)
+            .or_default()
+            .entry(state.model_hash)
+            .or_default();
+        if holders.len() < self.config.max_contributors {
+            holders.insert(state.author);
+        }
+        let mut from = vec![state.author];
+        from.extend(holders.iter().filter(|k| **k != state.author).copied());
+        while self.holders.len() > HOLDER_ROUNDS {
+            self.holders.pop_first();
+        }
         let resync = Action::Resync {
             round: state.round,
             model_hash: state.model_hash,
             snapshot_hash: state.snapshot_hash,
             snapshot_len: state.snapshot_len,
-            from: vec![state.author],
+            from,
         };
         if self.resync_pending {
             return Ok(Vec::new());
@@ -507,7 +566,7 @@ impl RoundEngine {
             && *mine != state.model_hash
         {
             self.counters.hash_mismatches += 1;
-            if state.round + 1 == self.current && !self.applying {
+            if !self.applying {
                 self.resync_pending = true;
                 self.counters.resyncs += 1;
                 return Ok(vec![resync]);
@@ -637,16 +696,30 @@ impl RoundEngine {
             self.expected = close.contributions.iter().map(|c| c.author).collect();
             self.expected.extend(self.late_authors.iter().copied());
             self.proposers.insert(round, close.proposer);
+            self.applied_ranks.insert(round, close.rank);
+            self.last_ranks = self
+                .commits
+                .get(&round)
+                .map(|c| c.keys().copied().collect());
         }
         self.my_hashes.insert(round, model_hash);
         self.advance_to(round + 1);
     }
 
-    /// The driver gave up applying (a blob failed verification everywhere): wait for another
-    /// close or a resync.
+    /// The driver gave up applying (a blob of the close could not be had intact from anyone):
+    /// that proposer's close is dropped for this round and the next-ranked close received, if
+    /// any, takes its place; otherwise wait for another close or a resync.
     pub fn apply_failed(&mut self) {
         self.applying = false;
-        self.close = None;
+        if let Some(failed) = self.close.take() {
+            self.failed_proposers.insert(failed.proposer);
+        }
+        while let Some((_, next)) = self.other_closes.pop_first() {
+            if !self.failed_proposers.contains(&next.proposer) {
+                self.close = Some(next);
+                break;
+            }
+        }
     }
 
     /// The driver loaded a verified snapshot of the state after `round`.
@@ -669,6 +742,8 @@ impl RoundEngine {
         self.current = next;
         self.applying = false;
         self.close = None;
+        self.other_closes.clear();
+        self.failed_proposers.clear();
         self.first_commit_ms = None;
         self.ready_since_ms = None;
         self.commits = self.commits.split_off(&next);
@@ -677,6 +752,20 @@ impl RoundEngine {
         let floor = next.saturating_sub(HASH_HISTORY_ROUNDS);
         self.my_hashes = self.my_hashes.split_off(&floor);
         self.proposers = self.proposers.split_off(&floor);
+        self.applied_ranks = self.applied_ranks.split_off(&floor);
+    }
+
+    /// Rank of `peer` among the contributors known when `round` (the last applied) closed.
+    fn rank_of_known(&self, round: u64, peer: &PeerKey) -> usize {
+        let target = proposer_rank_key(&self.job_id, round, peer);
+        self.last_ranks
+            .as_ref()
+            .map(|keys| {
+                keys.iter()
+                    .filter(|k| proposer_rank_key(&self.job_id, round, k) < target)
+                    .count()
+            })
+            .unwrap_or(0)
     }
 
     fn rank_of(&self, round: u64, peer: &PeerKey) -> usize {
@@ -893,6 +982,53 @@ mod tests {
     }
 
     #[test]
+    fn when_the_first_close_cannot_be_applied_the_next_ranked_one_is() {
+        let keys: Vec<SigningKey> = (1..=3).map(key).collect();
+        let pks: Vec<PeerKey> = keys.iter().map(|k| k.verifying_key().to_bytes()).collect();
+        let commits: Vec<SignedCommitment> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| commit(JOB, 1, k, &[i as u8; 4]))
+            .collect();
+        let me = pks[0];
+        let mut engine = RoundEngine::new(config(), JOB, me, 0, true);
+        for c in &commits {
+            engine.on_commit(c.clone(), 0).expect("valid");
+        }
+        let mut by_rank: Vec<usize> = vec![1, 2];
+        by_rank.sort_by_key(|&i| engine.rank_of(1, &pks[i]));
+        let (first, second) = (by_rank[0], by_rank[1]);
+        let none = |_: &BlobHash| false;
+        let close_of = |i: usize| RoundClose {
+            job_id: JOB,
+            round: 1,
+            proposer: pks[i],
+            commitments: commits.clone(),
+        };
+        // The worse-ranked close arrives first, then the better one replaces it.
+        engine
+            .on_close(close_of(second), pks[second], &none, 1)
+            .expect("valid");
+        engine
+            .on_close(close_of(first), pks[first], &none, 2)
+            .expect("valid");
+        engine.apply_failed();
+        // The stored second close takes over; once its blobs are held it applies.
+        let all = |_: &BlobHash| true;
+        let actions = engine.poll(3, &all);
+        assert!(
+            matches!(&actions[0], Action::Apply { proposer, .. } if *proposer == pks[second]),
+            "{actions:?}"
+        );
+        // The failed proposer's close is not taken again this round.
+        engine.apply_failed();
+        engine
+            .on_close(close_of(first), pks[first], &none, 4)
+            .expect("valid");
+        assert!(!engine.is_closed());
+    }
+
+    #[test]
     fn a_peer_whose_hash_differs_from_the_proposers_resyncs() {
         let (a, b) = (key(1), key(2));
         let (pa, pb) = (a.verifying_key().to_bytes(), b.verifying_key().to_bytes());
@@ -920,6 +1056,63 @@ mod tests {
         assert_eq!(engine.counters().hash_mismatches, 1);
         engine.resynced(1, [2; 32]);
         assert_eq!(engine.current_round(), 2);
+    }
+
+    #[test]
+    fn a_proposer_that_closed_alongside_a_better_ranked_one_resyncs_to_it() {
+        let keys: Vec<SigningKey> = (1..=3).map(key).collect();
+        let pks: Vec<PeerKey> = keys.iter().map(|k| k.verifying_key().to_bytes()).collect();
+        let commits: Vec<SignedCommitment> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| commit(JOB, 1, k, &[i as u8; 4]))
+            .collect();
+        // Find a peer that is not the best-ranked: it will close on its own, then hear the
+        // better-ranked proposer's close and state.
+        let probe = RoundEngine::new(config(), JOB, pks[0], 0, true);
+        let mut order: Vec<usize> = (0..3).collect();
+        let mut probe = probe;
+        for c in &commits {
+            probe.on_commit(c.clone(), 0).expect("valid");
+        }
+        order.sort_by_key(|&i| probe.rank_of(1, &pks[i]));
+        let (best, worse) = (order[0], order[1]);
+        let mut engine = RoundEngine::new(config(), JOB, pks[worse], 0, true);
+        for c in &commits {
+            engine.on_commit(c.clone(), 0).expect("valid");
+        }
+        let all = |_: &BlobHash| true;
+        // Past its turn (deadline + one grace): it closes and applies its own set.
+        let actions = engine.poll(1_000 + 500, &all);
+        assert!(
+            matches!(actions.get(1), Some(Action::Apply { .. })),
+            "{actions:?}"
+        );
+        engine.applied(1, [1; 32]);
+        // The better-ranked close arrives late, then its proposer's state with another hash.
+        let close = RoundClose {
+            job_id: JOB,
+            round: 1,
+            proposer: pks[best],
+            commitments: commits.clone(),
+        };
+        engine
+            .on_close(close, pks[best], &all, 1_600)
+            .expect("valid");
+        let state = ModelState {
+            job_id: JOB,
+            round: 1,
+            model_hash: [2; 32],
+            snapshot_hash: [2; 32],
+            snapshot_len: 10,
+            author: pks[best],
+        };
+        let actions = engine.on_state(state, pks[best]).expect("valid");
+        assert!(
+            matches!(actions[0], Action::Resync { round: 1, .. }),
+            "{actions:?}"
+        );
+        assert_eq!(engine.counters().hash_mismatches, 1);
     }
 
     #[test]
