@@ -812,6 +812,23 @@ mod tests {
 
     const JOB: JobId = [9; 32];
 
+    fn model_state(
+        round: u64,
+        model_hash: ModelHash,
+        snapshot_hash: BlobHash,
+        snapshot_len: u64,
+        author: PeerKey,
+    ) -> ModelState {
+        ModelState {
+            job_id: JOB,
+            round,
+            model_hash,
+            snapshot_hash,
+            snapshot_len,
+            author,
+        }
+    }
+
     /// Three engines see the same commitments: exactly one proposes (the lowest rank), and the
     /// others accept its close.
     #[test]
@@ -892,14 +909,7 @@ mod tests {
         let (a, b) = (key(1), key(2));
         let (pa, pb) = (a.verifying_key().to_bytes(), b.verifying_key().to_bytes());
         let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
-        let state = ModelState {
-            job_id: JOB,
-            round: 0,
-            model_hash: [1; 32],
-            snapshot_hash: [1; 32],
-            snapshot_len: 1,
-            author: pb,
-        };
+        let state = model_state(0, [1; 32], [1; 32], 1, pb);
         assert!(engine.on_state(state, pb).expect("valid").is_empty());
         let have = |_: &BlobHash| true;
         engine.on_commit(commit(JOB, 1, &a, b"a"), 0).expect("ok");
@@ -1043,14 +1053,7 @@ mod tests {
         let actions = engine.on_close(close, pb, &have, 0).expect("valid");
         assert!(matches!(actions[0], Action::Apply { .. }));
         engine.applied(1, [1; 32]);
-        let state = ModelState {
-            job_id: JOB,
-            round: 1,
-            model_hash: [2; 32],
-            snapshot_hash: [3; 32],
-            snapshot_len: 100,
-            author: pb,
-        };
+        let state = model_state(1, [2; 32], [3; 32], 100, pb);
         let actions = engine.on_state(state, pb).expect("valid");
         assert!(matches!(actions[0], Action::Resync { round: 1, .. }));
         assert_eq!(engine.counters().hash_mismatches, 1);
@@ -1099,14 +1102,7 @@ mod tests {
         engine
             .on_close(close, pks[best], &all, 1_600)
             .expect("valid");
-        let state = ModelState {
-            job_id: JOB,
-            round: 1,
-            model_hash: [2; 32],
-            snapshot_hash: [2; 32],
-            snapshot_len: 10,
-            author: pks[best],
-        };
+        let state = model_state(1, [2; 32], [2; 32], 10, pks[best]);
         let actions = engine.on_state(state, pks[best]).expect("valid");
         assert!(
             matches!(actions[0], Action::Resync { round: 1, .. }),
@@ -1120,14 +1116,7 @@ mod tests {
         let (a, b) = (key(1), key(2));
         let (pa, pb) = (a.verifying_key().to_bytes(), b.verifying_key().to_bytes());
         let mut engine = RoundEngine::new(config(), JOB, pa, 0, false);
-        let state = ModelState {
-            job_id: JOB,
-            round: 7,
-            model_hash: [2; 32],
-            snapshot_hash: [3; 32],
-            snapshot_len: 100,
-            author: pb,
-        };
+        let state = model_state(7, [2; 32], [3; 32], 100, pb);
         let actions = engine.on_state(state, pb).expect("valid");
         assert!(matches!(actions[0], Action::Resync { round: 7, .. }));
         engine.resynced(7, [2; 32]);
