@@ -268,10 +268,12 @@ impl Actor for ExchangerActor {
             args.resumed,
         );
         let len = start.params.len();
+        let start_bytes = start.to_bytes();
+        let snapshot_len = start_bytes.len() as u64;
         {
             // Held from the start: a peer announcing the same starting model needs no fetch.
             let mut store = args.blobs.lock().unwrap_or_else(|e| e.into_inner());
-            let hash = store.insert(start.to_bytes());
+            let hash = store.insert(start_bytes);
             store.pin(hash);
         }
         myself.send_interval(TICK, || ExchangerMsg::Tick);
@@ -292,7 +294,7 @@ impl Actor for ExchangerActor {
             finished: false,
             seen_future: false,
             last_state: None,
-            snapshot_len: start.to_bytes().len() as u64,
+            snapshot_len,
             args,
         };
         if state.args.resumed {
@@ -322,16 +324,6 @@ impl Actor for ExchangerActor {
 }
 
 impl ExchangerState {
-    fn have(&self) -> impl Fn(&BlobHash) -> bool + '_ {
-        |hash| {
-            self.args
-                .blobs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(hash)
-        }
-    }
-
     fn on_tick(&mut self, myself: &ActorRef<ExchangerMsg>, now: u64) {
         if !self.engine.is_synced()
             && !self.args.resumed
@@ -462,7 +454,7 @@ impl ExchangerState {
         purpose: Purpose,
         now: u64,
     ) -> Option<(u64, BlobHash)> {
-        if (self.have())(&hash) {
+        if (self.holds())(&hash) {
             if let Purpose::Snapshot { round } = purpose {
                 // Already held (e.g. our own): load it at once.
                 let bytes = self

@@ -199,14 +199,19 @@ impl LocalMesh {
         Ok(mesh)
     }
 
-    /// Launches one more peer (bootstrapping from the first), e.g. to join a running job.
-    pub fn add_peer(&mut self, options: &MeshOptions) -> Result<usize, MeshError> {
-        let index = self.peers.len();
-        let bootstrap = self.peers.first().map(|p| {
+    /// The first peer's dialable address, which the others bootstrap from.
+    fn bootstrap_addr(&self) -> Option<Multiaddr> {
+        self.peers.first().map(|p| {
             p.addr
                 .clone()
                 .with(libp2p::multiaddr::Protocol::P2p(p.peer_id))
-        });
+        })
+    }
+
+    /// Launches one more peer (bootstrapping from the first), e.g. to join a running job.
+    pub fn add_peer(&mut self, options: &MeshOptions) -> Result<usize, MeshError> {
+        let index = self.peers.len();
+        let bootstrap = self.bootstrap_addr();
         let data_dir = options.root.join(format!("peer-{index:02}"));
         std::fs::create_dir_all(&data_dir)
             .map_err(io(format!("creating {}", data_dir.display())))?;
@@ -235,12 +240,7 @@ impl LocalMesh {
     ) -> Result<(), MeshError> {
         let mut options = options.clone();
         options.extra_args.extend(extra.iter().cloned());
-        let bootstrap = (index != 0).then(|| {
-            self.peers[0]
-                .addr
-                .clone()
-                .with(libp2p::multiaddr::Protocol::P2p(self.peers[0].peer_id))
-        });
+        let bootstrap = self.bootstrap_addr().filter(|_| index != 0);
         let peer = &mut self.peers[index];
         peer.child = spawn_peer_process(&options, &peer.data_dir, &peer.addr, bootstrap.as_ref())?;
         Ok(())

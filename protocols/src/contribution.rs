@@ -104,12 +104,18 @@ impl SignedCommitment {
     /// Decodes, bounds-checks and verifies a commitment received from the network.
     pub fn open(bytes: &[u8]) -> Result<Commitment, ContributionRejected> {
         let signed: SignedCommitment = decode_bounded(bytes, MAX_COMMITMENT_BYTES)?;
-        let commitment: Commitment = decode_bounded(&signed.body, MAX_COMMITMENT_BYTES)?;
+        signed.verify()
+    }
+
+    /// Bounds-checks and verifies an already decoded commitment (e.g. one inside a larger
+    /// message, whose own decoding was bounded).
+    pub fn verify(&self) -> Result<Commitment, ContributionRejected> {
+        let commitment: Commitment = decode_bounded(&self.body, MAX_COMMITMENT_BYTES)?;
         let key = VerifyingKey::from_bytes(&commitment.author)
             .map_err(|_| ContributionRejected::BadKey)?;
-        let signature = Signature::from_slice(&signed.signature)
+        let signature = Signature::from_slice(&self.signature)
             .map_err(|_| ContributionRejected::BadSignature)?;
-        key.verify_strict(&signing_bytes(&signed.body), &signature)
+        key.verify_strict(&signing_bytes(&self.body), &signature)
             .map_err(|_| ContributionRejected::BadSignature)?;
         Ok(commitment)
     }

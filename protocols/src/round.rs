@@ -91,23 +91,10 @@ impl TrainMessage {
         decode_bounded(bytes, MAX_TRAIN_MESSAGE_BYTES)
     }
 
-    /// The job the message belongs to, if it says (commitments say it inside their body).
-    pub fn job_id(&self) -> Option<JobId> {
-        match self {
-            TrainMessage::Commit(signed) => SignedCommitment::open(&signed.to_bytes())
-                .ok()
-                .map(|c| c.job_id),
-            TrainMessage::Close(close) => Some(close.job_id),
-            TrainMessage::State(state) => Some(state.job_id),
-        }
-    }
-
     /// The key that must have authored the gossip message carrying this.
     pub fn claimed_author(&self) -> Option<PeerKey> {
         match self {
-            TrainMessage::Commit(signed) => SignedCommitment::open(&signed.to_bytes())
-                .ok()
-                .map(|c| c.author),
+            TrainMessage::Commit(signed) => signed.verify().ok().map(|c| c.author),
             TrainMessage::Close(close) => Some(close.proposer),
             TrainMessage::State(state) => Some(state.author),
         }
@@ -373,7 +360,7 @@ impl RoundEngine {
         signed: SignedCommitment,
         now_ms: u64,
     ) -> Result<Vec<Action>, RoundRejected> {
-        let commitment = SignedCommitment::open(&signed.to_bytes())?;
+        let commitment = signed.verify()?;
         if commitment.job_id != self.job_id {
             return Err(RoundRejected::OtherJob);
         }
@@ -455,7 +442,7 @@ impl RoundEngine {
         let mut contributions = Vec::with_capacity(close.commitments.len());
         let mut authors = BTreeSet::new();
         for signed in &close.commitments {
-            let c = SignedCommitment::open(&signed.to_bytes())?;
+            let c = signed.verify()?;
             if c.job_id != self.job_id || c.round != close.round {
                 return Err(RoundRejected::BadClose(
                     "contribution of another job or round",
@@ -755,30 +742,29 @@ impl RoundEngine {
         self.applied_ranks = self.applied_ranks.split_off(&floor);
     }
 
+    /// How many of `keys` rank before `peer` in `round`.
+    fn rank_among<'a>(
+        &self,
+        round: u64,
+        peer: &PeerKey,
+        keys: impl Iterator<Item = &'a PeerKey>,
+    ) -> usize {
+        let target = proposer_rank_key(&self.job_id, round, peer);
+        keys.filter(|k| proposer_rank_key(&self.job_id, round, k) < target)
+            .count()
+    }
+
     /// Rank of `peer` among the contributors known when `round` (the last applied) closed.
     fn rank_of_known(&self, round: u64, peer: &PeerKey) -> usize {
-        let target = proposer_rank_key(&self.job_id, round, peer);
         self.last_ranks
             .as_ref()
-            .map(|keys| {
-                keys.iter()
-                    .filter(|k| proposer_rank_key(&self.job_id, round, k) < target)
-                    .count()
-            })
-            .unwrap_or(0)
+            .map_or(0, |keys| self.rank_among(round, peer, keys.iter()))
     }
 
     fn rank_of(&self, round: u64, peer: &PeerKey) -> usize {
-        let target = proposer_rank_key(&self.job_id, round, peer);
         self.commits
             .get(&round)
-            .map(|commits| {
-                commits
-                    .keys()
-                    .filter(|k| proposer_rank_key(&self.job_id, round, k) < target)
-                    .count()
-            })
-            .unwrap_or(0)
+            .map_or(0, |commits| self.rank_among(round, peer, commits.keys()))
     }
 }
 

@@ -94,16 +94,11 @@ pub fn run_mesh(scenario: &MeshScenario) -> Result<MeshReport, ScenarioError> {
         std::process::id(),
         Instant::now().elapsed().as_nanos()
     ));
-    let mut mesh = LocalMesh::start(&MeshOptions {
-        peers: scenario.peers,
-        bin: scenario.bin.clone(),
+    let mut mesh = LocalMesh::start(&MeshOptions::run(
+        scenario.peers,
+        scenario.bin.clone(),
         root,
-        heartbeat_interval: "500ms".into(),
-        log: "warn".into(),
-        extra_args: Vec::new(),
-        subcommand: vec!["run".into()],
-        keep: false,
-    })?;
+    ))?;
     let formation = mesh.wait_formed(scenario.timeout)?;
     let clients = (0..scenario.peers)
         .map(|i| mesh.client(i, Duration::from_secs(5)))
@@ -188,14 +183,8 @@ fn proc_status_kib(pid: u32, key: &str) -> Result<u64, ScenarioError> {
 pub fn run_idle(bin: PathBuf, secs: u64) -> Result<IdleReport, ScenarioError> {
     let root = std::env::temp_dir().join(format!("loom-idle-{}", std::process::id()));
     let mut mesh = LocalMesh::start(&MeshOptions {
-        peers: 2,
-        bin,
-        root,
         heartbeat_interval: "1s".into(),
-        log: "warn".into(),
-        extra_args: Vec::new(),
-        subcommand: vec!["run".into()],
-        keep: false,
+        ..MeshOptions::run(2, bin, root)
     })?;
     mesh.wait_formed(Duration::from_secs(30))?;
     std::thread::sleep(Duration::from_secs(2));
