@@ -5,8 +5,11 @@
 //! swarm directly: they talk to the network through the [`NetworkPort`] the node hands them, which
 //! is a bounded queue in front of the swarm task.
 
+pub mod credits;
 pub mod exchanger;
 pub mod learner;
+pub mod ledger;
+pub mod ledger_store;
 pub mod membership;
 pub mod ports;
 pub mod supervisor;
@@ -34,6 +37,15 @@ pub mod names {
     pub const TRAINER: &str = "loom.trainer";
     /// The gradient exchanger actor of the running job.
     pub const EXCHANGER: &str = "loom.exchanger";
+    /// The ledger replica.
+    pub const LEDGER: &str = "loom.ledger";
+    /// The credit accounting actor.
+    pub const CREDITS: &str = "loom.credits";
+}
+
+/// A short printable form of a peer key (first 8 hex digits).
+pub fn short(key: &loom_protocols::PeerKey) -> String {
+    key[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Milliseconds since the unix epoch from the system clock.

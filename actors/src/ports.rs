@@ -15,6 +15,8 @@ pub enum Topic {
     Probe,
     /// Training: commitments, round closes, model states.
     Training,
+    /// The ledger: consensus messages, pending entries, tip announcements.
+    Ledger,
 }
 
 impl Topic {
@@ -24,11 +26,17 @@ impl Topic {
             Topic::Membership => "loom/membership/1",
             Topic::Probe => "loom/probe/1",
             Topic::Training => "loom/train/1",
+            Topic::Ledger => "loom/ledger/1",
         }
     }
 
     /// Every topic a peer subscribes to.
-    pub const ALL: [Topic; 3] = [Topic::Membership, Topic::Probe, Topic::Training];
+    pub const ALL: [Topic; 4] = [
+        Topic::Membership,
+        Topic::Probe,
+        Topic::Training,
+        Topic::Ledger,
+    ];
 }
 
 /// Why a request to the network was not accepted.
@@ -57,6 +65,13 @@ pub trait NetworkPort: Send + Sync + 'static {
     /// Asks `peer` for the blob `hash`; the outcome reaches the job's exchanger as
     /// [`crate::ExchangerMsg::BlobFetched`].
     fn fetch_blob(&self, peer: PeerKey, hash: BlobHash) -> Result<(), PortError>;
+    /// Asks `peer` for up to `limit` finalized ledger blocks from `from_height`; the outcome
+    /// reaches the ledger replica as [`crate::ledger::LedgerMsg::Synced`]. Networks without a
+    /// ledger (test buses of other actors) refuse it.
+    fn fetch_ledger(&self, peer: PeerKey, from_height: u64, limit: u32) -> Result<(), PortError> {
+        let _ = (peer, from_height, limit);
+        Err(PortError::Closed)
+    }
 }
 
 /// Signs with this peer's identity key.

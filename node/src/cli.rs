@@ -33,6 +33,95 @@ pub enum Command {
     Train(Box<TrainArgs>),
     /// Train the built-in demo job on N local peers over loopback and summarise the run.
     Demo(DemoArgs),
+    /// Read the ledger: show recent blocks, verify it from genesis, export it as JSON lines.
+    #[command(subcommand)]
+    Ledger(LedgerCommand),
+    /// Balances, reputation and earnings from the ledger, for every peer or one.
+    Credits(CreditsArgs),
+    /// Send credits to another peer (a signed ledger entry submitted by the running node).
+    Transfer(TransferArgs),
+    /// Private fleets: make a fleet key, enroll peers, revoke them.
+    #[command(subcommand)]
+    Fleet(FleetCommand),
+}
+
+/// `loom-peer fleet` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum FleetCommand {
+    /// Make a new fleet key (kept by the fleet's owner, never on the peers).
+    Init {
+        /// Where to write the key.
+        #[arg(long, default_value = "fleet.key", value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Enroll a peer: write the fleet file it runs with (`--fleet <file>`).
+    Enroll {
+        /// The peer's PeerId (`loom-peer id` on that machine).
+        peer: String,
+        /// The fleet key.
+        #[arg(long, default_value = "fleet.key", value_name = "FILE")]
+        key: PathBuf,
+        /// Validity, e.g. 30d [default: never expires].
+        #[arg(long, value_name = "DURATION")]
+        expires: Option<String>,
+        /// Output file [default: stdout].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Revoke a peer: a ban entry signed by the fleet key, put on the ledger through the
+    /// running node of --data-dir.
+    Revoke {
+        /// The peer's PeerId.
+        peer: String,
+        /// The fleet key.
+        #[arg(long, default_value = "fleet.key", value_name = "FILE")]
+        key: PathBuf,
+        /// Why.
+        #[arg(long, default_value = "revoked")]
+        reason: String,
+    },
+}
+
+/// `loom-peer ledger` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum LedgerCommand {
+    /// Print the newest finalized blocks with their entries.
+    Show {
+        /// How many blocks.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every block from genesis: chain, signatures, certificates, authorisations and
+    /// credit conservation.
+    Verify,
+    /// Write every block as one JSON line.
+    Export {
+        /// Output file [default: stdout].
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
+/// Options of `loom-peer credits`.
+#[derive(Debug, Args)]
+pub struct CreditsArgs {
+    /// Only this peer (a PeerId).
+    pub peer: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `loom-peer transfer`.
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    /// The receiver's PeerId.
+    pub to: String,
+    /// Credits to send.
+    pub amount: u64,
 }
 
 /// Options of `loom-peer train`.
@@ -190,4 +279,23 @@ pub struct RunArgs {
     /// Relay server: most circuits at once [default: 256].
     #[arg(long, env = "LOOM_RELAY_MAX_CIRCUITS", value_name = "N")]
     pub relay_max_circuits: Option<u32>,
+
+    /// Start a new ledger named NETWORK when this peer's ledger is empty: this peer signs its
+    /// genesis and is its first committee member; others enroll themselves. Without it an empty
+    /// ledger is fetched from peers.
+    #[arg(long, env = "LOOM_GENESIS", value_name = "NETWORK")]
+    pub genesis: Option<String>,
+
+    /// Credits minted to this peer in a new genesis [default: 1000000].
+    #[arg(long, env = "LOOM_GENESIS_MINT", value_name = "CREDITS")]
+    pub genesis_mint: Option<u64>,
+
+    /// Run in a private fleet: the fleet file (from `loom-peer fleet enroll`) holding the fleet
+    /// key and this peer's enrollment token. Only enrolled peers are accepted.
+    #[arg(long, env = "LOOM_FLEET", value_name = "FILE")]
+    pub fleet: Option<PathBuf>,
+
+    /// Pause between ledger blocks, e.g. 500ms [default: 500ms].
+    #[arg(long, env = "LOOM_BLOCK_INTERVAL", value_name = "DURATION")]
+    pub block_interval: Option<String>,
 }

@@ -152,4 +152,59 @@ impl ControlClient {
             Err(self.error(body.trim()))
         }
     }
+
+    /// Finalized ledger blocks from `from`, as hex records.
+    pub fn ledger_blocks(&self, from: u64, limit: u64) -> Result<Vec<String>, ClientError> {
+        self.get_json(&format!("/v1/ledger/blocks?from={from}&limit={limit}"))
+    }
+
+    /// The ledger replica's status.
+    pub fn ledger_status(&self) -> Result<loom_actors::ledger::LedgerStatus, ClientError> {
+        self.get_json("/v1/ledger")
+    }
+
+    /// The credit report of the running node.
+    pub fn credits(&self) -> Result<loom_actors::credits::CreditReport, ClientError> {
+        self.get_json("/v1/credits")
+    }
+
+    /// Submits a transfer signed by the node.
+    pub fn transfer(&self, to: &str, amount: u64) -> Result<(), ClientError> {
+        let mut r = self
+            .agent
+            .post(&self.url("/v1/ledger/transfer"))
+            .header("Authorization", &self.bearer())
+            .send_json(crate::control::TransferRequest {
+                to: to.to_owned(),
+                amount,
+            })
+            .map_err(|e| self.error(e))?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            let body = r.body_mut().read_to_string().unwrap_or_default();
+            Err(self.error(body.trim()))
+        }
+    }
+
+    /// Submits an entry signed elsewhere (a fleet revocation).
+    pub fn submit_entry(
+        &self,
+        entry: &loom_protocols::ledger::SignedEntry,
+    ) -> Result<(), ClientError> {
+        let mut r = self
+            .agent
+            .post(&self.url("/v1/ledger/submit"))
+            .header("Authorization", &self.bearer())
+            .send_json(crate::control::SubmitRequest {
+                entry: crate::ledger_cli::hex(&loom_protocols::encode(entry)),
+            })
+            .map_err(|e| self.error(e))?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            let body = r.body_mut().read_to_string().unwrap_or_default();
+            Err(self.error(body.trim()))
+        }
+    }
 }

@@ -67,6 +67,10 @@ pub struct FileConfig {
     relay_max_circuit_bytes: Option<u64>,
     relay_max_reservations: Option<u32>,
     relay_max_circuits: Option<u32>,
+    genesis: Option<String>,
+    genesis_mint: Option<u64>,
+    block_interval: Option<String>,
+    fleet: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -133,6 +137,14 @@ pub struct NodeConfig {
     pub max_relay_reservations: usize,
     /// Wait before reserving when NAT status is unknown.
     pub relay_grace: Duration,
+    /// Name of a new ledger to create when ours is empty.
+    pub genesis: Option<String>,
+    /// Credits minted to this peer in a new genesis.
+    pub genesis_mint: u64,
+    /// Pause between ledger blocks.
+    pub block_interval: Duration,
+    /// The private fleet file.
+    pub fleet: Option<PathBuf>,
 }
 
 fn multiaddrs(option: &'static str, values: &[String]) -> Result<Vec<Multiaddr>, ConfigError> {
@@ -306,6 +318,25 @@ impl NodeConfig {
                     .relay_grace
                     .or(file.relay_grace)
                     .unwrap_or_else(|| "3s".into()),
+            )?,
+            genesis: match args.genesis.or(file.genesis) {
+                Some(name) if name.is_empty() || name.len() > 64 => {
+                    return Err(ConfigError::Invalid {
+                        option: "--genesis",
+                        value: name,
+                        reason: "must be 1 to 64 bytes".into(),
+                    });
+                }
+                other => other,
+            },
+            genesis_mint: args.genesis_mint.or(file.genesis_mint).unwrap_or(1_000_000),
+            fleet: args.fleet.or(file.fleet),
+            block_interval: duration(
+                "--block-interval",
+                &args
+                    .block_interval
+                    .or(file.block_interval)
+                    .unwrap_or_else(|| "500ms".into()),
             )?,
         })
     }

@@ -14,7 +14,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use loom_actors::{MembershipMsg, SupervisorMsg, names};
+use loom_actors::{MembershipMsg, SupervisorMsg, credits::CreditsMsg, ledger::LedgerMsg, names};
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +58,7 @@ struct ApiState {
     started: Instant,
     network: NetworkHandle,
     training: TrainingSlot,
+    ledger: Option<loom_actors::ledger::SharedLedgerStore>,
 }
 
 /// A probe publication result.
@@ -85,12 +86,38 @@ pub struct DialRequest {
     pub addr: String,
 }
 
+/// Query of `GET /v1/ledger/blocks`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BlocksQuery {
+    /// First height.
+    pub from: u64,
+    /// Most blocks (capped at 256).
+    pub limit: u64,
+}
+
+/// Body of `POST /v1/ledger/transfer`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TransferRequest {
+    /// Receiver's PeerId.
+    pub to: String,
+    /// Credits.
+    pub amount: u64,
+}
+
+/// Body of `POST /v1/ledger/submit`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SubmitRequest {
+    /// Hex of an encoded signed entry.
+    pub entry: String,
+}
+
 /// Binds the API, writes the token and address files, and serves until the process ends.
 pub async fn serve(
     data_dir: &Path,
     addr: SocketAddr,
     network: NetworkHandle,
     training: TrainingSlot,
+    ledger: Option<loom_actors::ledger::SharedLedgerStore>,
 ) -> Result<SocketAddr, ControlError> {
     let token = load_or_create_token(data_dir)?;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -114,12 +141,18 @@ pub async fn serve(
         started: Instant::now(),
         network,
         training,
+        ledger,
     };
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/probe", post(send_probe))
         .route("/v1/probes", get(probes))
         .route("/v1/dial", post(dial))
+        .route("/v1/ledger", get(ledger_status))
+        .route("/v1/ledger/blocks", get(ledger_blocks))
+        .route("/v1/ledger/transfer", post(ledger_transfer))
+        .route("/v1/ledger/submit", post(ledger_submit))
+        .route("/v1/credits", get(credits_report))
         .layer(DefaultBodyLimit::max(16 * 1024))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state);
@@ -275,5 +308,98 @@ async fn dial(State(state): State<ApiState>, Json(request): Json<DialRequest>) -
         Ok(Ok(Ok(()))) => StatusCode::ACCEPTED.into_response(),
         Ok(Ok(Err(e))) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
         _ => unavailable("network", "no answer"),
+    }
+}
+
+async fn ledger_status() -> Response {
+    let Some(ledger) = actor::<LedgerMsg>(names::LEDGER) else {
+        return unavailable("ledger", "restarting");
+    };
+    match ractor::call_t!(ledger, LedgerMsg::Status, ACTOR_CALL_MS) {
+        Ok(status) => Json(status).into_response(),
+        Err(e) => unavailable("ledger", e),
+    }
+}
+
+async fn ledger_blocks(
+    State(state): State<ApiState>,
+    axum::extract::Query(query): axum::extract::Query<BlocksQuery>,
+) -> Response {
+    let Some(store) = state.ledger.clone() else {
+        return unavailable("ledger", "not running");
+    };
+    let limit = query.limit.min(256) as usize;
+    let from = query.from;
+    let result = tokio::task::spawn_blocking(move || {
+        store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .range(from, limit)
+    })
+    .await;
+    match result {
+        Ok(Ok(blocks)) => Json(
+            blocks
+                .iter()
+                .map(|(b, c)| crate::ledger_cli::record_hex(b, c))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Ok(Err(e)) => unavailable("ledger", e),
+        Err(e) => unavailable("ledger", e),
+    }
+}
+
+async fn ledger_transfer(Json(request): Json<TransferRequest>) -> Response {
+    let to = match request
+        .to
+        .parse::<libp2p::PeerId>()
+        .ok()
+        .and_then(|p| crate::network::key_of(&p))
+    {
+        Some(key) => key,
+        None => {
+            return (StatusCode::BAD_REQUEST, "invalid receiver peer id\n").into_response();
+        }
+    };
+    let Some(ledger) = actor::<LedgerMsg>(names::LEDGER) else {
+        return unavailable("ledger", "restarting");
+    };
+    let entry = loom_protocols::ledger::Entry::Transfer {
+        to,
+        amount: request.amount,
+    };
+    match ractor::call_t!(ledger, LedgerMsg::SubmitOwn, ACTOR_CALL_MS, entry) {
+        Ok(Ok(())) => StatusCode::ACCEPTED.into_response(),
+        Ok(Err(e)) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+        Err(e) => unavailable("ledger", e),
+    }
+}
+
+async fn credits_report() -> Response {
+    let Some(credits) = actor::<CreditsMsg>(names::CREDITS) else {
+        return unavailable("credits", "restarting");
+    };
+    match ractor::call_t!(credits, CreditsMsg::Report, ACTOR_CALL_MS, None) {
+        Ok(report) => Json(report).into_response(),
+        Err(e) => unavailable("credits", e),
+    }
+}
+
+async fn ledger_submit(Json(request): Json<SubmitRequest>) -> Response {
+    let entry = crate::ledger_cli::unhex(&request.entry).and_then(|bytes| {
+        loom_protocols::decode_bounded::<loom_protocols::ledger::SignedEntry>(&bytes, 16 * 1024)
+            .ok()
+    });
+    let Some(entry) = entry else {
+        return (StatusCode::BAD_REQUEST, "entry does not decode\n").into_response();
+    };
+    let Some(ledger) = actor::<LedgerMsg>(names::LEDGER) else {
+        return unavailable("ledger", "restarting");
+    };
+    match ractor::call_t!(ledger, LedgerMsg::Submit, ACTOR_CALL_MS, entry) {
+        Ok(Ok(())) => StatusCode::ACCEPTED.into_response(),
+        Ok(Err(e)) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+        Err(e) => unavailable("ledger", e),
     }
 }

@@ -70,6 +70,8 @@ pub struct MeshOptions {
     pub log: String,
     /// Extra arguments for `run`.
     pub extra_args: Vec<String>,
+    /// Further arguments for the first peer only (e.g. `--genesis`).
+    pub first_peer_args: Vec<String>,
     /// The subcommand and its own arguments (`["run"]` for a plain mesh).
     pub subcommand: Vec<String>,
     /// Leave the data directories in place when the mesh is dropped.
@@ -86,6 +88,7 @@ impl MeshOptions {
             heartbeat_interval: "500ms".into(),
             log: "warn".into(),
             extra_args: Vec::new(),
+            first_peer_args: Vec::new(),
             subcommand: vec!["run".into()],
             keep: false,
         }
@@ -162,6 +165,11 @@ fn spawn_peer_process(
         .arg("--heartbeat-interval")
         .arg(&options.heartbeat_interval)
         .args(&options.extra_args)
+        .args(if bootstrap.is_none() {
+            options.first_peer_args.as_slice()
+        } else {
+            &[]
+        })
         .env("RUST_LOG", &options.log)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

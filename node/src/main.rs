@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use loom_node::{
-    cli::{Cli, Command},
+    cli::{Cli, Command, FleetCommand, LedgerCommand},
     client::ControlClient,
     config::{NodeConfig, default_data_dir},
-    demo, identity, run, telemetry,
+    demo, fleet, identity, ledger_cli, run, telemetry,
     train::{self, TrainOptions},
 };
 
@@ -77,5 +77,42 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo(args) => demo::run(args),
+        Command::Ledger(command) => match command {
+            LedgerCommand::Show { limit, json } => ledger_cli::show(&data_dir, limit, json),
+            LedgerCommand::Verify => ledger_cli::verify(&data_dir),
+            LedgerCommand::Export { out } => ledger_cli::export(&data_dir, out.as_deref()),
+        },
+        Command::Credits(args) => ledger_cli::credits(&data_dir, args.peer.as_deref(), args.json),
+        Command::Fleet(command) => match command {
+            FleetCommand::Init { key } => fleet::init(&key),
+            FleetCommand::Enroll {
+                peer,
+                key,
+                expires,
+                out,
+            } => {
+                let expires = expires
+                    .map(|text| {
+                        humantime::parse_duration(&text)
+                            .map_err(|e| anyhow::anyhow!("invalid --expires {text:?}: {e}"))
+                    })
+                    .transpose()?;
+                fleet::enroll(&key, &peer, expires, out.as_deref())
+            }
+            FleetCommand::Revoke { peer, key, reason } => {
+                let entry = fleet::revoke_entry(&key, &peer, &reason)?;
+                ControlClient::from_data_dir(&data_dir)?.submit_entry(&entry)?;
+                println!("revocation of {peer} submitted to the ledger");
+                Ok(())
+            }
+        },
+        Command::Transfer(args) => {
+            ControlClient::from_data_dir(&data_dir)?.transfer(&args.to, args.amount)?;
+            println!(
+                "transfer of {} credits to {} submitted",
+                args.amount, args.to
+            );
+            Ok(())
+        }
     }
 }

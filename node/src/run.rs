@@ -10,7 +10,11 @@ use anyhow::Context as _;
 use libp2p::identity::Keypair;
 use loom_actors::{
     ChildSpec, HeartbeatSigner, MembershipActor, MembershipArgs, PeerSupervisor, SharedBlobs,
-    SupervisorPolicy, names,
+    SupervisorPolicy,
+    credits::CreditAccounting,
+    ledger::{GenesisPlan, LedgerArgs, LedgerConfig, LedgerReplica, SharedLedgerStore},
+    ledger_store::{LedgerStore, LedgerStoreError},
+    names,
 };
 use loom_protocols::{MembershipConfig, PeerKey, blobstore::BlobStore};
 use ractor::Actor;
@@ -78,6 +82,23 @@ pub struct NodeHandles {
     pub training: crate::status::TrainingSlot,
 }
 
+/// The ledger database's file name in the data directory.
+pub const LEDGER_FILE: &str = "ledger.redb";
+
+/// This peer's ed25519 signing key, from its libp2p identity.
+pub fn signing_key(keypair: &Keypair) -> anyhow::Result<ed25519_dalek::SigningKey> {
+    let ed = keypair
+        .clone()
+        .try_into_ed25519()
+        .map_err(|_| anyhow::anyhow!("the identity key is not ed25519"))?;
+    let secret: [u8; 32] = ed
+        .secret()
+        .as_ref()
+        .try_into()
+        .map_err(|_| anyhow::anyhow!("the identity key is malformed"))?;
+    Ok(ed25519_dalek::SigningKey::from_bytes(&secret))
+}
+
 /// Blob store budget of a peer.
 pub const BLOB_STORE_BYTES: usize = 1 << 30;
 
@@ -93,13 +114,59 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
     let handle = NetworkHandle::default();
     let blobs: SharedBlobs = Arc::new(Mutex::new(BlobStore::new(BLOB_STORE_BYTES)));
 
+    let signing_key = signing_key(keypair)?;
+    let me = signing_key.verifying_key().to_bytes();
+    let fleet = match &config.fleet {
+        Some(path) => Some(crate::fleet::load_membership(path, &me)?),
+        None => None,
+    };
+    let bans: loom_actors::ledger::SharedBans = Arc::default();
+    let ledger_path = config.data_dir.join(LEDGER_FILE);
+    let ledger: SharedLedgerStore = Arc::new(Mutex::new(LedgerStore::open(&ledger_path).map_err(
+        |e| match e {
+            LedgerStoreError::Open { reason, .. } if reason.contains("already open") => {
+                anyhow::anyhow!(
+                    "the ledger {} is in use by another loom-peer with the same --data-dir",
+                    ledger_path.display()
+                )
+            }
+            other => anyhow::anyhow!("{other}"),
+        },
+    )?));
     let network_args = NetworkArgs {
         keypair: keypair.clone(),
         config: config.clone(),
         handle: handle.clone(),
         peer_bytes: peer_bytes.clone(),
         blobs: blobs.clone(),
+        ledger: Some(ledger.clone()),
+        fleet: fleet.clone(),
+        bans: bans.clone(),
         prebuilt: Arc::new(Mutex::new(Some(swarm))),
+    };
+    let ledger_args = LedgerArgs {
+        store: ledger.clone(),
+        signing_key,
+        network: Arc::new(handle.clone()),
+        genesis: match &config.genesis {
+            Some(network) => GenesisPlan::Create {
+                network: network.clone(),
+                open_enrollment: true,
+                mint: vec![(me, config.genesis_mint)],
+                members: Vec::new(),
+                fleet: fleet.as_ref().map(|f| f.fleet),
+            },
+            None => GenesisPlan::Join {
+                authority: None,
+                fleet: fleet.as_ref().map(|f| f.fleet),
+            },
+        },
+        config: LedgerConfig {
+            block_interval: config.block_interval,
+            ..LedgerConfig::default()
+        },
+        credits: Some(names::CREDITS),
+        bans,
     };
     let membership_args = MembershipArgs {
         signer: Arc::new(KeypairSigner(keypair.clone())),
@@ -121,6 +188,8 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
             MembershipActor,
             membership_args,
         ),
+        ChildSpec::actor("credits", names::CREDITS, CreditAccounting, ledger.clone()),
+        ChildSpec::actor("ledger", names::LEDGER, LedgerReplica, ledger_args),
     ];
     let (supervisor, supervisor_done) = Actor::spawn(
         Some(names::SUPERVISOR.into()),
@@ -135,6 +204,7 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
         config.api_addr,
         handle.clone(),
         training.clone(),
+        Some(ledger.clone()),
     )
     .await?;
     Ok(NodeHandles {

@@ -83,6 +83,9 @@ pub struct NetworkStatus {
     pub peers: Vec<PeerStatus>,
     /// Hole punching.
     pub hole_punch: HolePunchStats,
+    /// The private fleet gate, when the node runs in a fleet.
+    #[serde(default)]
+    pub fleet: Option<crate::network::fleet_gate::FleetStatus>,
 }
 
 /// One member of the live view.

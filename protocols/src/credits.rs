@@ -102,6 +102,12 @@ impl CreditState {
     }
 
     /// Total credits ever minted.
+    pub fn bans(&self) -> impl Iterator<Item = (&PeerKey, u64)> {
+        self.banned_until_unix_ms
+            .iter()
+            .map(|(peer, until)| (peer, *until))
+    }
+
     pub fn minted(&self) -> u128 {
         self.minted
     }
@@ -121,6 +127,18 @@ impl CreditState {
         }
         *self = next;
         Ok(())
+    }
+
+    /// Applies one entry of a block that is already known to apply (it passed
+    /// [`Self::apply_block`] on another replica's state equal to this one, or it is finalized).
+    /// Used to attribute a block's effects entry by entry; on error the state may be partly
+    /// changed, so callers fold whole blocks with [`Self::apply_block`] first.
+    pub fn apply_finalized_entry(
+        &mut self,
+        author: &PeerKey,
+        entry: &Entry,
+    ) -> Result<(), CreditError> {
+        self.apply_entry(0, author, entry)
     }
 
     fn debit(&mut self, index: usize, peer: &PeerKey, amount: Credits) -> Result<(), CreditError> {
@@ -224,7 +242,7 @@ impl CreditState {
                 self.debit(index, author, *amount)?;
                 self.credit(index, to, *amount)?;
             }
-            Entry::CheckpointPublished { .. } => {}
+            Entry::CheckpointPublished { .. } | Entry::Genesis { .. } => {}
             Entry::Ban {
                 peer,
                 until_unix_ms,

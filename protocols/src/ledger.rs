@@ -1,8 +1,9 @@
 //! The replicated ledger's data: signed entries, hash-chained blocks, quorum certificates, and
 //! the verification every replica runs on what it receives.
 //!
-//! A block is final when a quorum certificate carries signatures of more than two thirds of the
-//! committee over its hash. Replicas verify, for each block: the height follows, `prev_hash` is the
+//! A block is final when a quorum certificate carries the Tendermint precommits of more than two
+//! thirds of the committee for its hash at one (height, round): the precommits that made the
+//! consensus engine ([`crate::consensus`]) decide it. Replicas verify, for each block: the height follows, `prev_hash` is the
 //! hash of the previous block, every entry is signed by its author, and the certificate is a valid
 //! quorum of distinct committee members. Agreement on *which* block is final at a height comes
 //! from the consensus engine; this module only checks what it produced.
@@ -21,7 +22,7 @@ pub const MAX_ENTRIES_PER_BLOCK: usize = 10_000;
 /// Longest free-text reason in an entry, in bytes.
 pub const MAX_REASON_BYTES: usize = 256;
 const ENTRY_DOMAIN: &[u8] = b"loom/ledger-entry/v1\0";
-const VOTE_DOMAIN: &[u8] = b"loom/ledger-vote/v1\0";
+const VOTE_DOMAIN: &[u8] = b"loom/consensus-vote/v1\0";
 
 /// Credits, in the smallest unit.
 pub type Credits = u64;
@@ -105,6 +106,16 @@ pub enum Entry {
         /// Why.
         reason: String,
     },
+    /// Genesis only, first entry: names the ledger and says who may enroll peers. Its author is
+    /// the ledger's authority (a private fleet's key, or the first peer of an open mesh).
+    Genesis {
+        /// The network's name.
+        network: String,
+        /// Whether any peer may enroll itself (open mesh) or only the authority enrolls.
+        open_enrollment: bool,
+        /// A private fleet's key: it may also enroll, ban and revoke peers.
+        fleet: Option<PeerKey>,
+    },
 }
 
 /// An entry with its author's signature.
@@ -152,6 +163,7 @@ impl SignedEntry {
             Entry::Verdict { reason, .. } | Entry::Ban { reason, .. } => {
                 reason.len() <= MAX_REASON_BYTES
             }
+            Entry::Genesis { network, .. } => network.len() <= MAX_REASON_BYTES,
             _ => true,
         };
         reason_ok
@@ -195,23 +207,53 @@ impl Block {
     }
 }
 
-/// Signatures of committee members over a block hash.
+/// The two votes of Tendermint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum VoteKind {
+    /// First vote of a round: the member saw a valid proposal (or votes nil).
+    Prevote,
+    /// Second vote of a round: the member saw a quorum of prevotes for the value (or votes nil).
+    Precommit,
+}
+
+/// The precommits of committee members for one block at one (height, round): the proof that
+/// consensus decided it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QuorumCertificate {
     /// The height.
     pub height: u64,
+    /// The consensus round in which the block was decided.
+    pub round: u32,
     /// The certified block.
     pub block_hash: BlobHash,
-    /// (member, signature over the vote bytes).
+    /// (member, signature over [`precommit_bytes`]).
     pub votes: Vec<(PeerKey, Vec<u8>)>,
 }
 
-/// The bytes a committee member signs to vote for `block_hash` at `height`.
-pub fn vote_bytes(height: u64, block_hash: &BlobHash) -> Vec<u8> {
+/// The bytes a committee member signs for a consensus vote: a domain tag, the kind, the height,
+/// the round and the value (`None`: nil).
+pub fn vote_bytes(kind: VoteKind, height: u64, round: u32, value: Option<&BlobHash>) -> Vec<u8> {
     let mut out = VOTE_DOMAIN.to_vec();
+    out.push(match kind {
+        VoteKind::Prevote => 1,
+        VoteKind::Precommit => 2,
+    });
     out.extend_from_slice(&height.to_le_bytes());
-    out.extend_from_slice(block_hash);
+    out.extend_from_slice(&round.to_le_bytes());
+    match value {
+        Some(hash) => {
+            out.push(1);
+            out.extend_from_slice(hash);
+        }
+        None => out.push(0),
+    }
     out
+}
+
+/// The bytes a committee member signs to precommit `block_hash` at (`height`, `round`): what a
+/// [`QuorumCertificate`] carries signatures over.
+pub fn precommit_bytes(height: u64, round: u32, block_hash: &BlobHash) -> Vec<u8> {
+    vote_bytes(VoteKind::Precommit, height, round, Some(block_hash))
 }
 
 /// Why a block or chain was refused.
@@ -290,7 +332,7 @@ pub fn verify_certificate(
             height: block.height,
         });
     }
-    let message = vote_bytes(block.height, &hash);
+    let message = precommit_bytes(block.height, certificate.round, &hash);
     let voters: BTreeSet<&PeerKey> = certificate
         .votes
         .iter()
@@ -392,9 +434,14 @@ pub(crate) mod tests {
     }
 
     fn certify(block: &Block, voters: &[u8]) -> QuorumCertificate {
-        let message = vote_bytes(block.height, &block.hash());
+        certify_round(block, 0, voters)
+    }
+
+    fn certify_round(block: &Block, round: u32, voters: &[u8]) -> QuorumCertificate {
+        let message = precommit_bytes(block.height, round, &block.hash());
         QuorumCertificate {
             height: block.height,
+            round,
             block_hash: block.hash(),
             votes: voters
                 .iter()
@@ -460,6 +507,40 @@ pub(crate) mod tests {
         assert!(verify_certificate(&genesis, &repeated, &committee()).is_err());
         let outsider = certify(&genesis, &[1, 2, 9]);
         assert!(verify_certificate(&genesis, &outsider, &committee()).is_err());
+    }
+
+    #[test]
+    fn a_certificate_holds_precommits_of_its_own_round_only() {
+        let genesis = block(0, None, vec![]);
+        let round_three = certify_round(&genesis, 3, &[1, 2, 3]);
+        assert_eq!(
+            verify_certificate(&genesis, &round_three, &committee()),
+            Ok(())
+        );
+        // The same signatures presented as another round's precommits do not verify.
+        let relabelled = QuorumCertificate {
+            round: 2,
+            ..round_three
+        };
+        assert!(matches!(
+            verify_certificate(&genesis, &relabelled, &committee()),
+            Err(LedgerError::NoQuorum { valid: 0, .. })
+        ));
+        // Prevotes are not precommits.
+        let hash = genesis.hash();
+        let prevotes = QuorumCertificate {
+            height: 0,
+            round: 0,
+            block_hash: hash,
+            votes: [1, 2, 3]
+                .iter()
+                .map(|s| {
+                    let message = vote_bytes(VoteKind::Prevote, 0, 0, Some(&hash));
+                    (pk(*s), key(*s).sign(&message).to_bytes().to_vec())
+                })
+                .collect(),
+        };
+        assert!(verify_certificate(&genesis, &prevotes, &committee()).is_err());
     }
 
     #[test]

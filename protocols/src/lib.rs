@@ -4,14 +4,19 @@
 //! values and input come in as arguments and actions come out, so every machine here can be driven
 //! by a real node, by an in-process simulation or by a test on virtual time.
 
+pub mod anomaly;
 pub mod backoff;
 pub mod blobstore;
 pub mod compress;
 pub mod connection;
+pub mod consensus;
 pub mod contribution;
 pub mod credits;
 pub mod data;
+pub mod fleet;
 pub mod ledger;
+pub mod ledger_state;
+pub mod ledger_sync;
 pub mod membership;
 pub mod outer;
 pub mod probe;

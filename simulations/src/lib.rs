@@ -7,6 +7,9 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod chaos;
+pub mod ledger;
+
 use loom_node::localmesh::{LocalMesh, MeshError, MeshOptions};
 use loom_protocols::quantile;
 use serde::Serialize;
@@ -33,6 +36,9 @@ pub enum ScenarioError {
     /// /proc could not be read.
     #[error("reading /proc: {0}")]
     Proc(std::io::Error),
+    /// The ledger scenario failed.
+    #[error("ledger: {0}")]
+    Ledger(String),
 }
 
 /// The `loom-peer` binary next to the running executable, or `LOOM_PEER_BIN`.

@@ -47,6 +47,10 @@ pub struct Behaviour {
     pub mdns: Toggle<mdns::tokio::Behaviour>,
     /// Blob transfer (contributions and snapshots).
     pub blobs: request_response::Behaviour<super::blobs::BlobCodec>,
+    /// Ledger catch-up (finalized blocks).
+    pub ledger_sync: request_response::Behaviour<super::ledger_sync::LedgerSyncCodec>,
+    /// Private fleets: enrollment tokens shown after the handshake.
+    pub fleet: request_response::Behaviour<crate::fleet::FleetCodec>,
 }
 
 /// Why the behaviour could not be built.
@@ -156,6 +160,26 @@ impl Behaviour {
                 request_response::Config::default()
                     .with_request_timeout(Duration::from_secs(120))
                     .with_max_concurrent_streams(64),
+            ),
+            ledger_sync: request_response::Behaviour::with_codec(
+                super::ledger_sync::LedgerSyncCodec,
+                [(
+                    super::ledger_sync::LEDGER_SYNC_PROTOCOL,
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(10))
+                    .with_max_concurrent_streams(16),
+            ),
+            fleet: request_response::Behaviour::with_codec(
+                crate::fleet::FleetCodec,
+                [(
+                    crate::fleet::FLEET_PROTOCOL,
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(5))
+                    .with_max_concurrent_streams(16),
             ),
         })
     }

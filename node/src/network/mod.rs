@@ -8,6 +8,8 @@
 
 pub mod behaviour;
 pub mod blobs;
+pub mod fleet_gate;
+pub mod ledger_sync;
 pub mod task;
 pub mod transport;
 
@@ -60,6 +62,15 @@ pub enum NetCommand {
         key: PeerKey,
         /// The blob.
         hash: loom_protocols::contribution::BlobHash,
+    },
+    /// Ask a peer for finalized ledger blocks; the answer goes to the ledger replica.
+    FetchLedger {
+        /// The peer.
+        peer: PeerId,
+        /// Its key (for the answer).
+        key: PeerKey,
+        /// What to ask for.
+        request: loom_protocols::ledger_sync::SyncRequest,
     },
 }
 
@@ -118,12 +129,31 @@ impl NetworkPort for NetworkHandle {
         let peer = peer_id_of(&key).ok_or(PortError::Closed)?;
         self.send(NetCommand::FetchBlob { peer, key, hash })
     }
+
+    fn fetch_ledger(&self, key: PeerKey, from_height: u64, limit: u32) -> Result<(), PortError> {
+        let peer = peer_id_of(&key).ok_or(PortError::Closed)?;
+        self.send(NetCommand::FetchLedger {
+            peer,
+            key,
+            request: loom_protocols::ledger_sync::SyncRequest { from_height, limit },
+        })
+    }
 }
 
 /// The PeerId of an ed25519 key.
 pub fn peer_id_of(key: &PeerKey) -> Option<PeerId> {
     let public = libp2p::identity::ed25519::PublicKey::try_from_bytes(key).ok()?;
     Some(libp2p::identity::PublicKey::from(public).to_peer_id())
+}
+
+/// The ed25519 key inside a PeerId (PeerIds of ed25519 keys embed the key itself).
+pub fn key_of(peer: &PeerId) -> Option<PeerKey> {
+    let multihash: &libp2p::multihash::Multihash<64> = peer.as_ref();
+    if multihash.code() != 0 {
+        return None;
+    }
+    let public = libp2p::identity::PublicKey::try_decode_protobuf(multihash.digest()).ok()?;
+    public.try_into_ed25519().ok().map(|k| k.to_bytes())
 }
 
 /// Why the swarm could not be built or could not listen.
@@ -203,6 +233,12 @@ pub struct NetworkArgs {
     pub peer_bytes: PeerBytes,
     /// Blobs this peer serves (shared with the exchanger).
     pub blobs: loom_actors::SharedBlobs,
+    /// The ledger this peer serves catch-up requests from.
+    pub ledger: Option<loom_actors::ledger::SharedLedgerStore>,
+    /// This peer's private fleet, if any.
+    pub fleet: Option<crate::fleet::FleetMembership>,
+    /// Peers banned or revoked on the ledger.
+    pub bans: loom_actors::ledger::SharedBans,
     /// A swarm already built and listening (first start), taken once.
     pub prebuilt: Arc<Mutex<Option<Swarm<Behaviour>>>>,
 }
@@ -260,6 +296,9 @@ impl Actor for NetworkActor {
             args.config.clone(),
             args.peer_bytes.clone(),
             args.blobs.clone(),
+            args.ledger.clone(),
+            args.fleet.clone(),
+            args.bans.clone(),
         );
         let join = tokio::spawn(task.run(rx, shutdown_rx));
         // Watch the task: if it ends while we did not ask it to, tell the actor.

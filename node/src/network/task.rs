@@ -17,10 +17,17 @@ use libp2p::{
     ping, relay, request_response,
     swarm::{ConnectionId, SwarmEvent, dial_opts::DialOpts, dial_opts::PeerCondition},
 };
-use loom_actors::{ExchangerMsg, MembershipMsg, Topic, names};
+use loom_actors::{ExchangerMsg, MembershipMsg, Topic, ledger::LedgerMsg, names};
 use loom_protocols::{
     Backoff, ConnectionKind, NatTracker, PeerKey, Probe, RateLimiter, RelayPlanner,
-    SignedHeartbeat, connection::RelayAction, contribution::BlobHash, round::TrainMessage,
+    SignedHeartbeat,
+    connection::RelayAction,
+    contribution::BlobHash,
+    ledger::{Block, QuorumCertificate},
+    ledger_sync::{
+        LedgerGossip, MAX_SYNC_BLOCKS, MAX_SYNC_RESPONSE_BYTES, SyncRequest, SyncResponse,
+    },
+    round::TrainMessage,
 };
 use ractor::ActorRef;
 use tokio::sync::{mpsc, oneshot};
@@ -57,6 +64,8 @@ const YIELD_DIAL: Duration = Duration::from_secs(5);
 /// Agent strings remembered (one per connected peer at most).
 const MAX_AGENTS: usize = 4096;
 const MAX_BLOB_REQUESTS: usize = 512;
+/// Ledger catch-up requests in flight at once.
+const MAX_LEDGER_REQUESTS: usize = 16;
 
 struct Connection {
     peer: PeerId,
@@ -98,6 +107,9 @@ pub struct SwarmTask {
     gossip_limiter: RateLimiter<PeerId>,
     blobs: loom_actors::SharedBlobs,
     blob_requests: HashMap<request_response::OutboundRequestId, (BlobHash, PeerKey)>,
+    ledger: Option<loom_actors::ledger::SharedLedgerStore>,
+    ledger_requests: HashMap<request_response::OutboundRequestId, PeerKey>,
+    fleet: Option<super::fleet_gate::FleetGate>,
 }
 
 impl SwarmTask {
@@ -107,6 +119,9 @@ impl SwarmTask {
         config: NodeConfig,
         peer_bytes: PeerBytes,
         blobs: loom_actors::SharedBlobs,
+        ledger: Option<loom_actors::ledger::SharedLedgerStore>,
+        fleet: Option<crate::fleet::FleetMembership>,
+        bans: loom_actors::ledger::SharedBans,
     ) -> Self {
         let bootstrap_peers = config
             .bootstrap
@@ -115,7 +130,14 @@ impl SwarmTask {
                 Some(Protocol::P2p(peer)) => Some((peer, a.clone())),
                 _ => None,
             })
-            .collect();
+            .collect::<Vec<(PeerId, Multiaddr)>>();
+        let fleet = fleet.map(|membership| {
+            super::fleet_gate::FleetGate::new(
+                membership,
+                bootstrap_peers.iter().map(|(peer, _)| *peer).collect(),
+                bans,
+            )
+        });
         let relay_server = config
             .relay_server
             .as_ref()
@@ -156,6 +178,9 @@ impl SwarmTask {
             ),
             blobs,
             blob_requests: HashMap::new(),
+            ledger,
+            ledger_requests: HashMap::new(),
+            fleet,
             config,
         }
     }
@@ -213,6 +238,18 @@ impl SwarmTask {
                 }
                 let id = self.swarm.behaviour_mut().blobs.send_request(&peer, hash);
                 self.blob_requests.insert(id, (hash, key));
+            }
+            NetCommand::FetchLedger { peer, key, request } => {
+                if self.ledger_requests.len() >= MAX_LEDGER_REQUESTS {
+                    deliver_ledger(key, Err("too many ledger requests in flight".into()));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .ledger_sync
+                    .send_request(&peer, request);
+                self.ledger_requests.insert(id, key);
             }
             NetCommand::Publish { topic, data } => {
                 let topic_hash = gossipsub::IdentTopic::new(topic.as_str());
@@ -397,6 +434,9 @@ impl SwarmTask {
             self.swarm.behaviour_mut().kad.set_mode(Some(mode));
             tracing::info!(?mode, "kademlia mode");
         }
+        if let Some(fleet) = self.fleet.as_mut() {
+            fleet.on_tick(&mut self.swarm, now_ms);
+        }
         self.retry_hinted_dials();
         self.advertise();
         self.ticks += 1;
@@ -524,6 +564,10 @@ impl SwarmTask {
                 if let Some(state) = self.dial_state.get_mut(&peer_id) {
                     state.backoff.reset();
                 }
+                if let Some(fleet) = self.fleet.as_mut() {
+                    let now_ms = self.started.elapsed().as_millis() as u64;
+                    fleet.on_connected(&mut self.swarm, peer_id, now_ms);
+                }
                 self.update_peer_gauges();
             }
             SwarmEvent::ConnectionClosed {
@@ -533,6 +577,11 @@ impl SwarmTask {
                 ..
             } => {
                 self.connections.remove(&connection_id);
+                if num_established == 0
+                    && let Some(fleet) = self.fleet.as_mut()
+                {
+                    fleet.on_disconnected(&peer_id);
+                }
                 if num_established == 0 {
                     self.agents.remove(&peer_id);
                     if self.relay_addrs.remove(&peer_id).is_some() {
@@ -693,6 +742,27 @@ impl SwarmTask {
                 }
             }
             BehaviourEvent::Blobs(event) => self.on_blob_event(event),
+            BehaviourEvent::LedgerSync(event) => self.on_ledger_sync_event(event),
+            BehaviourEvent::Fleet(event) => {
+                let now_ms = self.now_ms();
+                match self.fleet.as_mut() {
+                    Some(fleet) => fleet.on_event(&mut self.swarm, event, now_ms),
+                    None => {
+                        // Not in a fleet: answer proofs with no token.
+                        if let request_response::Event::Message {
+                            message: request_response::Message::Request { channel, .. },
+                            ..
+                        } = event
+                        {
+                            let _ = self
+                                .swarm
+                                .behaviour_mut()
+                                .fleet
+                                .send_response(channel, Vec::new());
+                        }
+                    }
+                }
+            }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found.into_iter().take(32) {
                     self.connect_hint(peer, vec![addr], true);
@@ -705,19 +775,21 @@ impl SwarmTask {
     fn on_blob_event(&mut self, event: request_response::Event<BlobHash, BlobReply>) {
         match event {
             request_response::Event::Message {
+                peer,
                 message:
                     request_response::Message::Request {
                         request, channel, ..
                     },
                 ..
             } => {
+                let stranger = self.fleet.as_ref().is_some_and(|f| !f.admits(&peer));
                 let held = self
                     .blobs
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .get(&request);
                 let reply = match held {
-                    Some(bytes) if bytes.len() as u64 <= MAX_BLOB_BYTES => {
+                    Some(bytes) if bytes.len() as u64 <= MAX_BLOB_BYTES && !stranger => {
                         metrics::counter!("loom_blob_bytes_served_total")
                             .increment(bytes.len() as u64);
                         BlobReply::Found(bytes)
@@ -764,6 +836,71 @@ impl SwarmTask {
         }
     }
 
+    fn on_ledger_sync_event(&mut self, event: request_response::Event<SyncRequest, Vec<u8>>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let stranger = self.fleet.as_ref().is_some_and(|f| !f.admits(&peer));
+                let limit = (request.limit as usize).min(MAX_SYNC_BLOCKS);
+                let blocks = match &self.ledger {
+                    Some(_) if stranger => Vec::new(),
+                    Some(store) => store
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .range(request.from_height, limit)
+                        .unwrap_or_default(),
+                    None => Vec::new(),
+                };
+                // Keep the response under its bound: fewer blocks when they are large.
+                let mut response = SyncResponse { blocks };
+                let mut bytes = response.to_bytes();
+                while bytes.len() > MAX_SYNC_RESPONSE_BYTES && !response.blocks.is_empty() {
+                    response.blocks.truncate(response.blocks.len() / 2);
+                    bytes = response.to_bytes();
+                }
+                metrics::counter!("loom_ledger_sync_served_blocks_total")
+                    .increment(response.blocks.len() as u64);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .ledger_sync
+                    .send_response(channel, bytes);
+            }
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(key) = self.ledger_requests.remove(&request_id) {
+                    let result = SyncResponse::from_bytes(&response)
+                        .map(|r| r.blocks)
+                        .map_err(|e| e.to_string());
+                    deliver_ledger(key, result);
+                }
+            }
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some(key) = self.ledger_requests.remove(&request_id) {
+                    deliver_ledger(key, Err(error.to_string()));
+                }
+            }
+            request_response::Event::InboundFailure { error, .. } => {
+                tracing::debug!(%error, "ledger sync request from a peer failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
     fn on_relay_server_event(&mut self, event: relay::Event) {
         let Some(stats) = self.relay_server.as_mut() else {
             return;
@@ -801,10 +938,20 @@ impl SwarmTask {
                 Topic::Probe
             } else if message.topic == gossipsub::IdentTopic::new(Topic::Training.as_str()).hash() {
                 Topic::Training
+            } else if message.topic == gossipsub::IdentTopic::new(Topic::Ledger.as_str()).hash() {
+                Topic::Ledger
             } else {
                 self.report(&message_id, &source, Err("unknown-topic"));
                 return;
             };
+        // In a fleet only members' forwards count; a stranger's message never gets further.
+        if let Some(fleet) = &self.fleet
+            && !fleet.admits(&source)
+        {
+            metrics::counter!("loom_fleet_gossip_rejected_total").increment(1);
+            self.report(&message_id, &source, Err("not-in-fleet"));
+            return;
+        }
         // Valid messages are cheap to make: cap each author's rate before anything reaches an
         // actor's mailbox. Over the rate the message is ignored (not forwarded, not penalised).
         let now_ms = self.now_ms();
@@ -833,6 +980,11 @@ impl SwarmTask {
                     GossipPayload::Probe(probe) => {
                         if let Some(m) = membership() {
                             let _ = m.cast(MembershipMsg::Probe(probe));
+                        }
+                    }
+                    GossipPayload::Ledger => {
+                        if let Some(ledger) = ledger() {
+                            let _ = ledger.cast(LedgerMsg::Gossip(message.data));
                         }
                     }
                     GossipPayload::Training { from } => {
@@ -941,6 +1093,7 @@ impl SwarmTask {
             .collect();
         peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         NetworkStatus {
+            fleet: self.fleet.as_ref().map(|f| f.status()),
             peer_id: self.swarm.local_peer_id().to_string(),
             nat_status: self.nat.status(),
             listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),
@@ -981,6 +1134,8 @@ pub enum GossipPayload {
         /// The author's key.
         from: PeerKey,
     },
+    /// A ledger message (consensus, entry, tip) from its author.
+    Ledger,
 }
 
 /// Validates a gossip message: bounded decode, signature, and the payload's key must be the
@@ -1014,6 +1169,23 @@ pub fn validate_gossip(
             }
             Ok(GossipPayload::Training { from: claimed })
         }
+        Topic::Ledger => {
+            let message = LedgerGossip::from_bytes(data).map_err(|_| "invalid-ledger")?;
+            if super::peer_id_of(&message.claimed_author()) != author {
+                return Err("ledger-author-mismatch");
+            }
+            Ok(GossipPayload::Ledger)
+        }
+    }
+}
+
+fn ledger() -> Option<ActorRef<LedgerMsg>> {
+    ractor::registry::where_is(names::LEDGER).map(Into::into)
+}
+
+fn deliver_ledger(from: PeerKey, result: Result<Vec<(Block, QuorumCertificate)>, String>) {
+    if let Some(ledger) = ledger() {
+        let _ = ledger.cast(LedgerMsg::Synced { from, result });
     }
 }
 

@@ -1,0 +1,201 @@
+//! The consensus wire format: signed proposals and votes, their signing bytes, and their bounded
+//! encoding.
+//!
+//! A proposal carries its whole block (blocks are small next to gradients, and a proposal without
+//! its value cannot be voted on); its signature covers the block's hash, not the block. A vote
+//! carries the hash it votes for, or nothing for nil. Signatures are ed25519 by the message's
+//! author over [`proposal_bytes`] or [`vote_bytes`]; precommit signatures are exactly what a
+//! [`QuorumCertificate`](crate::ledger::QuorumCertificate) collects.
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    PeerKey, WireError,
+    contribution::BlobHash,
+    decode_bounded, encode,
+    ledger::{Block, MAX_BLOCK_BYTES, VoteKind, vote_bytes},
+};
+
+/// Largest encoded consensus message accepted from the wire, in bytes.
+pub const MAX_CONSENSUS_MESSAGE_BYTES: usize = MAX_BLOCK_BYTES + 1024;
+const PROPOSAL_DOMAIN: &[u8] = b"loom/consensus-proposal/v1\0";
+
+/// The bytes a proposer signs to propose the block `block_hash` at (`height`, `round`), with the
+/// round of its proof of lock (`pol_round`, `None` for a fresh value).
+pub fn proposal_bytes(
+    height: u64,
+    round: u32,
+    pol_round: Option<u32>,
+    block_hash: &BlobHash,
+) -> Vec<u8> {
+    let mut out = PROPOSAL_DOMAIN.to_vec();
+    out.extend_from_slice(&height.to_le_bytes());
+    out.extend_from_slice(&round.to_le_bytes());
+    match pol_round {
+        Some(r) => {
+            out.push(1);
+            out.extend_from_slice(&r.to_le_bytes());
+        }
+        None => out.push(0),
+    }
+    out.extend_from_slice(block_hash);
+    out
+}
+
+/// A consensus message: Tendermint's proposal or one of its two votes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ConsensusMessage {
+    /// The proposer of (height, round) proposes a block.
+    Proposal {
+        /// The height.
+        height: u64,
+        /// The round.
+        round: u32,
+        /// The round in which the block got a quorum of prevotes, when it is re-proposed.
+        pol_round: Option<u32>,
+        /// The proposed block.
+        block: Block,
+        /// The proposer.
+        proposer: PeerKey,
+        /// ed25519 over [`proposal_bytes`].
+        signature: Vec<u8>,
+    },
+    /// A prevote or precommit.
+    Vote {
+        /// Prevote or precommit.
+        kind: VoteKind,
+        /// The height.
+        height: u64,
+        /// The round.
+        round: u32,
+        /// The block hash voted for; `None` is a vote for nil.
+        value: Option<BlobHash>,
+        /// The voter.
+        voter: PeerKey,
+        /// ed25519 over [`vote_bytes`].
+        signature: Vec<u8>,
+    },
+}
+
+impl ConsensusMessage {
+    /// A proposal signed with `key`.
+    pub fn signed_proposal(
+        key: &SigningKey,
+        height: u64,
+        round: u32,
+        pol_round: Option<u32>,
+        block: Block,
+    ) -> Self {
+        let signature = key
+            .sign(&proposal_bytes(height, round, pol_round, &block.hash()))
+            .to_bytes()
+            .to_vec();
+        Self::Proposal {
+            height,
+            round,
+            pol_round,
+            block,
+            proposer: key.verifying_key().to_bytes(),
+            signature,
+        }
+    }
+
+    /// A vote signed with `key`.
+    pub fn signed_vote(
+        key: &SigningKey,
+        kind: VoteKind,
+        height: u64,
+        round: u32,
+        value: Option<BlobHash>,
+    ) -> Self {
+        let signature = key
+            .sign(&vote_bytes(kind, height, round, value.as_ref()))
+            .to_bytes()
+            .to_vec();
+        Self::Vote {
+            kind,
+            height,
+            round,
+            value,
+            voter: key.verifying_key().to_bytes(),
+            signature,
+        }
+    }
+
+    /// The height the message is for.
+    pub fn height(&self) -> u64 {
+        match self {
+            Self::Proposal { height, .. } | Self::Vote { height, .. } => *height,
+        }
+    }
+
+    /// The round the message is for.
+    pub fn round(&self) -> u32 {
+        match self {
+            Self::Proposal { round, .. } | Self::Vote { round, .. } => *round,
+        }
+    }
+
+    /// Who signed it (the proposer or the voter).
+    pub fn author(&self) -> PeerKey {
+        match self {
+            Self::Proposal { proposer, .. } => *proposer,
+            Self::Vote { voter, .. } => *voter,
+        }
+    }
+
+    /// The signature as sent.
+    pub fn signature(&self) -> &[u8] {
+        match self {
+            Self::Proposal { signature, .. } | Self::Vote { signature, .. } => signature,
+        }
+    }
+
+    /// The bytes the author signed (for a proposal this hashes the block).
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        match self {
+            Self::Proposal {
+                height,
+                round,
+                pol_round,
+                block,
+                ..
+            } => proposal_bytes(*height, *round, *pol_round, &block.hash()),
+            Self::Vote {
+                kind,
+                height,
+                round,
+                value,
+                ..
+            } => vote_bytes(*kind, *height, *round, value.as_ref()),
+        }
+    }
+
+    /// Whether the signature is the author's over [`Self::signing_bytes`].
+    pub fn verify_signature(&self) -> bool {
+        verify(&self.author(), &self.signing_bytes(), self.signature())
+    }
+
+    /// Wire bytes.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Decodes a message from the network, refusing more than [`MAX_CONSENSUS_MESSAGE_BYTES`].
+    /// The signature is not checked here: the engine checks it on receipt.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
+        decode_bounded(bytes, MAX_CONSENSUS_MESSAGE_BYTES)
+    }
+}
+
+/// ed25519 (strict) verification of `signature` by `key` over `message`.
+pub(crate) fn verify(key: &PeerKey, message: &[u8], signature: &[u8]) -> bool {
+    let (Ok(key), Ok(signature)) = (
+        VerifyingKey::from_bytes(key),
+        Signature::from_slice(signature),
+    ) else {
+        return false;
+    };
+    key.verify_strict(message, &signature).is_ok()
+}
