@@ -43,6 +43,46 @@ pub enum Command {
     /// Private fleets: make a fleet key, enroll peers, revoke them.
     #[command(subcommand)]
     Fleet(FleetCommand),
+    /// Ban a peer on the running node: its connections are closed, it is refused, and its
+    /// addresses go on the XDP drop list.
+    Ban(BanArgs),
+    /// Lift a local ban.
+    Unban(UnbanArgs),
+    /// Measure the throughput from a connected peer to this one.
+    Speedtest(SpeedtestArgs),
+}
+
+/// Options of `loom-peer speedtest`.
+#[derive(Debug, Args)]
+pub struct SpeedtestArgs {
+    /// The peer's PeerId.
+    pub peer: String,
+    /// Megabytes to transfer (1 to 64).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub mb: u32,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `loom-peer ban`.
+#[derive(Debug, Args)]
+pub struct BanArgs {
+    /// The peer's PeerId.
+    pub peer: String,
+    /// How long, e.g. 1h [default: until unbanned].
+    #[arg(long = "for", value_name = "DURATION")]
+    pub duration: Option<String>,
+    /// Why.
+    #[arg(long, default_value = "banned by the operator")]
+    pub reason: String,
+}
+
+/// Options of `loom-peer unban`.
+#[derive(Debug, Args)]
+pub struct UnbanArgs {
+    /// The peer's PeerId.
+    pub peer: String,
 }
 
 /// `loom-peer fleet` subcommands.
@@ -294,6 +334,22 @@ pub struct RunArgs {
     /// key and this peer's enrollment token. Only enrolled peers are accepted.
     #[arg(long, env = "LOOM_FLEET", value_name = "FILE")]
     pub fleet: Option<PathBuf>,
+
+    /// Kernel telemetry and the XDP drop list: auto loads the eBPF probes when permitted and
+    /// otherwise runs without them (one log line says why); on fails when they cannot load
+    /// [default: auto].
+    #[arg(long, env = "LOOM_EBPF", value_name = "auto|on|off")]
+    pub ebpf: Option<String>,
+
+    /// Interface for the XDP probe [default: the interface of the listen address, else of the
+    /// default route].
+    #[arg(long, env = "LOOM_EBPF_IFACE", value_name = "IFACE")]
+    pub ebpf_iface: Option<String>,
+
+    /// Ban peers the anomaly detector flags (traffic or retransmit outliers, repeated rejected
+    /// contributions) for an hour.
+    #[arg(long, env = "LOOM_AUTO_BAN")]
+    pub auto_ban: bool,
 
     /// Pause between ledger blocks, e.g. 500ms [default: 500ms].
     #[arg(long, env = "LOOM_BLOCK_INTERVAL", value_name = "DURATION")]

@@ -207,4 +207,66 @@ impl ControlClient {
             Err(self.error(body.trim()))
         }
     }
+
+    fn post_ok<B: serde::Serialize>(&self, path: &str, body: B) -> Result<(), ClientError> {
+        let mut r = self
+            .agent
+            .post(&self.url(path))
+            .header("Authorization", &self.bearer())
+            .send_json(body)
+            .map_err(|e| self.error(e))?;
+        if r.status().is_success() {
+            Ok(())
+        } else {
+            let body = r.body_mut().read_to_string().unwrap_or_default();
+            Err(self.error(body.trim()))
+        }
+    }
+
+    /// Bans a peer on the node.
+    pub fn ban(&self, peer: &str, for_secs: Option<u64>, reason: &str) -> Result<(), ClientError> {
+        self.post_ok(
+            "/v1/ban",
+            crate::control::BanRequest {
+                peer: peer.to_owned(),
+                for_secs,
+                reason: reason.to_owned(),
+            },
+        )
+    }
+
+    /// Lifts a local ban.
+    pub fn unban(&self, peer: &str) -> Result<(), ClientError> {
+        self.post_ok(
+            "/v1/unban",
+            crate::control::UnbanRequest {
+                peer: peer.to_owned(),
+            },
+        )
+    }
+
+    /// Active local bans.
+    pub fn bans(&self) -> Result<Vec<crate::bans::BanEntry>, ClientError> {
+        self.get_json("/v1/bans")
+    }
+
+    /// Measures the throughput from `peer` over `bytes` bytes.
+    pub fn speedtest(
+        &self,
+        peer: &str,
+        bytes: u32,
+    ) -> Result<crate::network::speedtest::SpeedtestResult, ClientError> {
+        let r = self
+            .agent
+            .post(&self.url("/v1/speedtest"))
+            .header("Authorization", &self.bearer())
+            .config()
+            .timeout_global(Some(std::time::Duration::from_secs(140)))
+            .build()
+            .send_json(crate::control::SpeedtestRequest {
+                peer: peer.to_owned(),
+                bytes,
+            });
+        self.decode(r)
+    }
 }

@@ -71,6 +71,9 @@ pub struct FileConfig {
     genesis_mint: Option<u64>,
     block_interval: Option<String>,
     fleet: Option<PathBuf>,
+    ebpf: Option<String>,
+    ebpf_iface: Option<String>,
+    auto_ban: Option<bool>,
 }
 
 impl FileConfig {
@@ -145,6 +148,12 @@ pub struct NodeConfig {
     pub block_interval: Duration,
     /// The private fleet file.
     pub fleet: Option<PathBuf>,
+    /// Kernel telemetry mode.
+    pub ebpf: crate::kernel::EbpfMode,
+    /// Interface for the XDP probe.
+    pub ebpf_iface: Option<String>,
+    /// Ban flagged peers automatically.
+    pub auto_ban: bool,
 }
 
 fn multiaddrs(option: &'static str, values: &[String]) -> Result<Vec<Multiaddr>, ConfigError> {
@@ -331,6 +340,16 @@ impl NodeConfig {
             },
             genesis_mint: args.genesis_mint.or(file.genesis_mint).unwrap_or(1_000_000),
             fleet: args.fleet.or(file.fleet),
+            ebpf: {
+                let text = args.ebpf.or(file.ebpf).unwrap_or_else(|| "auto".into());
+                text.parse().map_err(|_| ConfigError::Invalid {
+                    option: "--ebpf",
+                    value: text.clone(),
+                    reason: "must be auto, on or off".into(),
+                })?
+            },
+            ebpf_iface: args.ebpf_iface.or(file.ebpf_iface),
+            auto_ban: args.auto_ban || file.auto_ban.unwrap_or(false),
             block_interval: duration(
                 "--block-interval",
                 &args

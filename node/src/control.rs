@@ -59,6 +59,7 @@ struct ApiState {
     network: NetworkHandle,
     training: TrainingSlot,
     ledger: Option<loom_actors::ledger::SharedLedgerStore>,
+    bans: crate::network::defense::SharedBanList,
 }
 
 /// A probe publication result.
@@ -104,6 +105,33 @@ pub struct TransferRequest {
     pub amount: u64,
 }
 
+/// Body of `POST /v1/ban`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BanRequest {
+    /// The peer's PeerId.
+    pub peer: String,
+    /// How long, in seconds (none: until unbanned).
+    pub for_secs: Option<u64>,
+    /// Why.
+    pub reason: String,
+}
+
+/// Body of `POST /v1/speedtest`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SpeedtestRequest {
+    /// The serving peer's PeerId.
+    pub peer: String,
+    /// Bytes to transfer.
+    pub bytes: u32,
+}
+
+/// Body of `POST /v1/unban`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UnbanRequest {
+    /// The peer's PeerId.
+    pub peer: String,
+}
+
 /// Body of `POST /v1/ledger/submit`.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct SubmitRequest {
@@ -118,6 +146,7 @@ pub async fn serve(
     network: NetworkHandle,
     training: TrainingSlot,
     ledger: Option<loom_actors::ledger::SharedLedgerStore>,
+    bans: crate::network::defense::SharedBanList,
 ) -> Result<SocketAddr, ControlError> {
     let token = load_or_create_token(data_dir)?;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -142,6 +171,7 @@ pub async fn serve(
         network,
         training,
         ledger,
+        bans,
     };
     let app = Router::new()
         .route("/v1/status", get(status))
@@ -153,6 +183,10 @@ pub async fn serve(
         .route("/v1/ledger/transfer", post(ledger_transfer))
         .route("/v1/ledger/submit", post(ledger_submit))
         .route("/v1/credits", get(credits_report))
+        .route("/v1/bans", get(list_bans))
+        .route("/v1/speedtest", post(speedtest))
+        .route("/v1/ban", post(ban_peer))
+        .route("/v1/unban", post(unban_peer))
         .layer(DefaultBodyLimit::max(16 * 1024))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state);
@@ -401,5 +435,71 @@ async fn ledger_submit(Json(request): Json<SubmitRequest>) -> Response {
         Ok(Ok(())) => StatusCode::ACCEPTED.into_response(),
         Ok(Err(e)) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
         Err(e) => unavailable("ledger", e),
+    }
+}
+
+async fn list_bans(State(state): State<ApiState>) -> Response {
+    let now = loom_actors::unix_ms();
+    let active = state
+        .bans
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .active(now);
+    Json(active).into_response()
+}
+
+async fn ban_peer(State(state): State<ApiState>, Json(request): Json<BanRequest>) -> Response {
+    let now = loom_actors::unix_ms();
+    let result = state.bans.lock().unwrap_or_else(|e| e.into_inner()).ban(
+        &request.peer,
+        request.for_secs.map(std::time::Duration::from_secs),
+        &request.reason,
+        crate::bans::BanSource::Local,
+        now,
+    );
+    match result {
+        Ok(entry) => {
+            metrics::counter!("loom_bans_total", "source" => "local").increment(1);
+            Json(entry).into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn unban_peer(State(state): State<ApiState>, Json(request): Json<UnbanRequest>) -> Response {
+    let result = state
+        .bans
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .unban(&request.peer);
+    match result {
+        Ok(true) => StatusCode::OK.into_response(),
+        Ok(false) => (StatusCode::NOT_FOUND, "no local ban of that peer\n").into_response(),
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn speedtest(
+    State(state): State<ApiState>,
+    Json(request): Json<SpeedtestRequest>,
+) -> Response {
+    let Ok(peer) = request.peer.parse::<libp2p::PeerId>() else {
+        return (StatusCode::BAD_REQUEST, "invalid peer id\n").into_response();
+    };
+    if request.bytes == 0 || request.bytes > crate::network::speedtest::MAX_SPEEDTEST_BYTES {
+        return (StatusCode::BAD_REQUEST, "bytes must be 1 to 64 MiB\n").into_response();
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    if let Err(e) = state.network.send(NetCommand::Speedtest {
+        peer,
+        bytes: request.bytes,
+        reply: tx,
+    }) {
+        return unavailable("network", e);
+    }
+    match tokio::time::timeout(std::time::Duration::from_secs(130), rx).await {
+        Ok(Ok(Ok(result))) => Json(result).into_response(),
+        Ok(Ok(Err(e))) => (StatusCode::BAD_GATEWAY, format!("{e}\n")).into_response(),
+        _ => unavailable("network", "no answer"),
     }
 }

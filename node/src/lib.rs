@@ -2,6 +2,7 @@
 //! manifests and training, and the local-mesh launcher. The binary (`main.rs`) is a thin command-line shell over this library,
 //! which the simulation harness and the NAT lab reuse.
 
+pub mod bans;
 pub mod cli;
 pub mod client;
 pub mod config;
@@ -9,6 +10,7 @@ pub mod control;
 pub mod demo;
 pub mod fleet;
 pub mod identity;
+pub mod kernel;
 pub mod ledger_cli;
 pub mod localmesh;
 pub mod manifest;

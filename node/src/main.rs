@@ -106,6 +106,38 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Command::Ban(args) => {
+            let for_secs = args
+                .duration
+                .as_deref()
+                .map(|text| {
+                    humantime::parse_duration(text)
+                        .map(|d| d.as_secs().max(1))
+                        .map_err(|e| anyhow::anyhow!("invalid --for {text:?}: {e}"))
+                })
+                .transpose()?;
+            ControlClient::from_data_dir(&data_dir)?.ban(&args.peer, for_secs, &args.reason)?;
+            println!("{} banned", args.peer);
+            Ok(())
+        }
+        Command::Speedtest(args) => {
+            let result =
+                ControlClient::from_data_dir(&data_dir)?.speedtest(&args.peer, args.mb << 20)?;
+            if args.json {
+                println!("{}", serde_json::to_string(&result)?);
+            } else {
+                println!(
+                    "{} bytes from {} in {:.0} ms: {:.1} Mbit/s",
+                    result.bytes, result.peer, result.elapsed_ms, result.mbit_per_s
+                );
+            }
+            Ok(())
+        }
+        Command::Unban(args) => {
+            ControlClient::from_data_dir(&data_dir)?.unban(&args.peer)?;
+            println!("{} unbanned", args.peer);
+            Ok(())
+        }
         Command::Transfer(args) => {
             ControlClient::from_data_dir(&data_dir)?.transfer(&args.to, args.amount)?;
             println!(

@@ -80,6 +80,8 @@ pub struct NodeHandles {
     pub api: std::net::SocketAddr,
     /// The training status the control API reports.
     pub training: crate::status::TrainingSlot,
+    /// Kernel telemetry (stopped with the node).
+    pub kernel: crate::kernel::KernelTelemetry,
 }
 
 /// The ledger database's file name in the data directory.
@@ -121,6 +123,15 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
         None => None,
     };
     let bans: loom_actors::ledger::SharedBans = Arc::default();
+    let listen_ips: Vec<std::net::IpAddr> = config
+        .listen
+        .iter()
+        .filter_map(crate::network::defense::ip_of)
+        .collect();
+    let kernel = crate::kernel::start(config.ebpf, config.ebpf_iface.clone(), &listen_ips)
+        .map_err(|e| anyhow::anyhow!("{e} (--ebpf on)"))?;
+    let local_bans: crate::network::defense::SharedBanList =
+        Arc::new(Mutex::new(crate::bans::BanList::load(&config.data_dir)?));
     let ledger_path = config.data_dir.join(LEDGER_FILE);
     let ledger: SharedLedgerStore = Arc::new(Mutex::new(LedgerStore::open(&ledger_path).map_err(
         |e| match e {
@@ -142,6 +153,8 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
         ledger: Some(ledger.clone()),
         fleet: fleet.clone(),
         bans: bans.clone(),
+        kernel: kernel.clone(),
+        local_bans: local_bans.clone(),
         prebuilt: Arc::new(Mutex::new(Some(swarm))),
     };
     let ledger_args = LedgerArgs {
@@ -205,6 +218,7 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
         handle.clone(),
         training.clone(),
         Some(ledger.clone()),
+        local_bans.clone(),
     )
     .await?;
     Ok(NodeHandles {
@@ -215,12 +229,14 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
         blobs,
         api,
         training,
+        kernel,
     })
 }
 
 /// Stops the actor tree and removes the API address file.
 pub async fn stop_node(config: &NodeConfig, node: NodeHandles) {
     node.supervisor.stop(Some("shutdown".into()));
+    node.kernel.shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(6), node.supervisor_done).await;
     let _ = std::fs::remove_file(config.data_dir.join(control::ADDR_FILE));
 }

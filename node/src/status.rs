@@ -86,6 +86,9 @@ pub struct NetworkStatus {
     /// The private fleet gate, when the node runs in a fleet.
     #[serde(default)]
     pub fleet: Option<crate::network::fleet_gate::FleetStatus>,
+    /// Kernel telemetry (eBPF): per-peer counters, drop list, anomaly flags.
+    #[serde(default)]
+    pub kernel: Option<crate::kernel::KernelStatus>,
 }
 
 /// One member of the live view.
@@ -218,6 +221,53 @@ impl StatusReport {
                 p.bytes_in,
                 p.bytes_out
             );
+        }
+        if let Some(k) = &n.kernel {
+            if k.enabled {
+                let _ = writeln!(
+                    out,
+                    "\nKERNEL (eBPF on {}, xdp {}, object {}; bytes are IP packet bytes, libp2p counts payload)",
+                    k.iface.as_deref().unwrap_or("-"),
+                    k.xdp_mode.as_deref().unwrap_or("-"),
+                    k.object_source
+                );
+                let _ = writeln!(
+                    out,
+                    "{:<54} {:>11} {:>11} {:>11} {:>11} {:>7} {:>7}",
+                    "peer", "rx_bytes", "libp2p_in", "tx_bytes", "libp2p_out", "retx", "drops"
+                );
+                for kp in &k.peers {
+                    let libp2p = n.peers.iter().find(|p| p.peer_id == kp.peer_id);
+                    let _ = writeln!(
+                        out,
+                        "{:<54} {:>11} {:>11} {:>11} {:>11} {:>7} {:>7}{}",
+                        kp.peer_id,
+                        kp.rx_bytes,
+                        libp2p.map_or("-".into(), |p| p.bytes_in.to_string()),
+                        kp.tx_bytes,
+                        libp2p.map_or("-".into(), |p| p.bytes_out.to_string()),
+                        kp.retransmits,
+                        kp.drops,
+                        if kp.shared_address {
+                            "  (shared address)"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                if !k.drop_list.is_empty() {
+                    let _ = writeln!(out, "drop list {}", k.drop_list.join(", "));
+                }
+                for f in &k.flags {
+                    let _ = writeln!(out, "flagged   {} {} {}", f.peer_id, f.kind, f.detail);
+                }
+            } else {
+                let _ = writeln!(
+                    out,
+                    "kernel    no eBPF telemetry: {}",
+                    k.reason.as_deref().unwrap_or("not loaded")
+                );
+            }
         }
         let _ = writeln!(out, "\nLIVE VIEW ({})", self.members.len());
         for m in &self.members {

@@ -348,6 +348,12 @@ impl<P: Ord + Clone> AnomalyDetector<P> {
         let traffic_scores = enough.then(|| Scores::new(&traffic, &self.config.traffic));
         let retrans_scores = enough.then(|| Scores::new(&retrans, &self.config.retransmits));
 
+        // Peers of this tick are not eviction candidates while new ones are added.
+        for peer in tick.keys() {
+            if let Some(state) = self.peers.get_mut(*peer) {
+                state.last_seen_ms = now_ms;
+            }
+        }
         let config = self.config.clone();
         let mut raised = Vec::new();
         let mut lifted = Vec::new();
@@ -623,11 +629,14 @@ mod tests {
         let k = d.config().flag_after;
         let flood = sample(99, 50.0 * MB, 0.2, 0);
         for tick in 1..k {
-            let ev = d.observe(u64::from(tick) * 1000, &mesh(6, &[flood.clone()]));
+            let ev = d.observe(
+                u64::from(tick) * 1000,
+                &mesh(6, std::slice::from_ref(&flood)),
+            );
             assert!(ev.is_empty(), "tick {tick}: {ev:?}");
             assert!(d.flags().is_empty());
         }
-        let ev = d.observe(u64::from(k) * 1000, &mesh(6, &[flood.clone()]));
+        let ev = d.observe(u64::from(k) * 1000, &mesh(6, std::slice::from_ref(&flood)));
         assert_eq!(ev.len(), 1, "{ev:?}");
         match &ev[0] {
             AnomalyEvent::Flagged {
@@ -652,7 +661,10 @@ mod tests {
         let clear = d.config().clear_after;
         for _ in 1..clear {
             now += 1000;
-            assert!(d.observe(now, &mesh(6, &[calm.clone()])).is_empty());
+            assert!(
+                d.observe(now, &mesh(6, std::slice::from_ref(&calm)))
+                    .is_empty()
+            );
             assert_eq!(flagged_kinds(&d, 99), vec![AnomalyKind::TrafficOutlier]);
         }
         now += 1000;
@@ -849,6 +861,41 @@ mod tests {
             kind: AnomalyKind::RepeatedRejections
         }));
         assert!(!d.is_flagged(&0));
+    }
+
+    #[test]
+    fn a_tick_with_more_peers_than_the_bound_keeps_the_known_ones() {
+        let mut d = AnomalyDetector::new(AnomalyConfig {
+            max_peers: 3,
+            flag_after: 2,
+            rejection_threshold: 1,
+            ..AnomalyConfig::default()
+        });
+        // Peers 5, 6, 7 are known; peer 7 is one anomalous tick from being flagged.
+        d.observe(
+            1000,
+            &[
+                sample(5, 0.0, 0.0, 0),
+                sample(6, 0.0, 0.0, 0),
+                sample(7, 0.0, 0.0, 1),
+            ],
+        );
+        // Next tick also brings 0..4 (sorted before them): they must not evict 5, 6, 7.
+        let mut samples: Vec<_> = (0..5).map(|i| sample(i, 0.0, 0.0, 0)).collect();
+        samples.extend([
+            sample(5, 0.0, 0.0, 0),
+            sample(6, 0.0, 0.0, 0),
+            sample(7, 0.0, 0.0, 1),
+        ]);
+        let ev = d.observe(2000, &samples);
+        assert_eq!(
+            ev,
+            vec![AnomalyEvent::Flagged {
+                peer: 7,
+                flag: AnomalyFlag::RepeatedRejections { count: 1 }
+            }]
+        );
+        assert_eq!(d.tracked_peers(), 3);
     }
 
     #[test]

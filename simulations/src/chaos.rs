@@ -1,15 +1,17 @@
 //! Deterministic chaos simulation of the ledger's consensus: N [`ConsensusEngine`]s on virtual
 //! time, driven by one seed.
 //!
-//! Each peer is a host around an engine with a durable decided chain, its credit state and its
-//! signing watermark. The network delays every message by a random amount (so messages are
+//! Each peer is a host around an engine with a durable decided chain, its credit state and the
+//! engine's write-ahead log of the current height. The network gossips (an honest peer forwards
+//! what its engine accepted), delays every message by a random amount (so messages are
 //! reordered), loses some, and is split into two groups for a while, more than once. Peers are
 //! killed (the coordinator of the moment more often than not) and restarted: a restarted peer
-//! keeps its chain and watermark, loses its engine, and catches up by asking a random peer for
-//! decided (block, certificate) pairs, which it verifies before applying. Fewer than a third of
-//! the committee are byzantine: they propose two different blocks to the two halves of the
-//! committee, propose invalid blocks, vote twice, vote for random hashes, forge signatures, send
-//! garbage, spam the next heights, and answer catch-up requests with forged certificates.
+//! keeps its chain and log, loses its engine, replays the log (so it keeps its votes and lock),
+//! and catches up by asking a random peer for decided (block, certificate) pairs, which it
+//! verifies before applying. Fewer than a third of the committee are byzantine: they propose two
+//! different blocks to the two halves of the committee, propose invalid blocks, vote twice, vote
+//! for random hashes, forge signatures and certificates, send garbage, spam the next heights, and
+//! answer catch-up requests with forged certificates.
 //! Blocks carry signed transfers between honest peers, and every replica folds them into a
 //! [`CreditState`].
 //!
@@ -20,14 +22,17 @@
 //! coordinator is killed or cut off, the virtual time until a block proposed by another peer is
 //! decided. Everything is a function of the seed: a failure names it and how to replay it.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    hash::{Hash, Hasher},
+};
 
 use ed25519_dalek::{Signer, SigningKey};
 use loom_protocols::{
     PeerKey,
     consensus::{
-        Committee, ConsensusAction, ConsensusConfig, ConsensusEngine, ConsensusMessage,
-        SigningWatermark, TimeoutKey, verify_decided,
+        Committee, ConsensusAction, ConsensusConfig, ConsensusEngine, ConsensusMessage, TimeoutKey,
+        WalEntry, verify_decided,
     },
     contribution::BlobHash,
     credits::CreditState,
@@ -166,6 +171,8 @@ pub struct ChaosReport {
     pub forged_sync_refused: u64,
     /// Decided pairs applied through catch-up.
     pub synced_blocks: u64,
+    /// Restarts that replayed a non-empty write-ahead log.
+    pub wal_recoveries: u64,
     /// Events simulated.
     pub events: u64,
 }
@@ -188,7 +195,8 @@ pub enum FailureKind {
 /// A violated property, with what it takes to replay it.
 #[derive(Debug, Clone, PartialEq, Serialize, thiserror::Error)]
 #[error(
-    "chaos seed {seed}: {kind:?} violated at {at_ms} ms (virtual): {detail}; replay with: loom-sim chaos --seed {seed} --peers {peers} --byzantine {byzantine}"
+    "chaos seed {seed}: {kind:?} violated at {at_ms} ms (virtual): {detail}; \
+     replay with: loom-sim chaos --seed {seed} --peers {peers} --byzantine {byzantine}"
 )]
 pub struct ChaosFailure {
     /// The seed.
@@ -234,6 +242,8 @@ pub struct ChaosSummary {
     pub forged_sync_refused: u64,
     /// Messages sent, summed.
     pub messages_sent: u64,
+    /// Restarts that replayed a write-ahead log, summed.
+    pub wal_recoveries: u64,
 }
 
 /// Summarizes the outcomes of many runs.
@@ -254,6 +264,7 @@ pub fn summarize(outcomes: &[Result<ChaosReport, ChaosFailure>]) -> ChaosSummary
         equivocations: 0,
         forged_sync_refused: 0,
         messages_sent: 0,
+        wal_recoveries: 0,
     };
     for outcome in outcomes {
         match outcome {
@@ -265,6 +276,7 @@ pub fn summarize(outcomes: &[Result<ChaosReport, ChaosFailure>]) -> ChaosSummary
                 summary.equivocations += report.equivocations;
                 summary.forged_sync_refused += report.forged_sync_refused;
                 summary.messages_sent += report.messages_sent;
+                summary.wal_recoveries += report.wal_recoveries;
             }
             Err(failure) => summary.failures.push(failure.clone()),
         }
@@ -335,8 +347,37 @@ struct Peer {
     chain: Vec<(Block, QuorumCertificate)>,
     /// Derived from `chain`.
     credits: CreditState,
-    /// Durable: survives restarts.
-    watermark: Option<SigningWatermark>,
+    /// Durable: the engine's write-ahead log of height `wal_height`.
+    wal: Vec<WalEntry>,
+    wal_height: u64,
+    /// Digests of the gossip messages accepted recently (gossipsub's seen cache); in memory.
+    seen: BTreeSet<u64>,
+    seen_order: VecDeque<u64>,
+}
+
+/// Gossip messages a peer remembers having handled.
+const SEEN_CAPACITY: usize = 8_192;
+
+/// A digest of gossip bytes, for the seen cache.
+fn digest(bytes: &[u8]) -> u64 {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
+}
+
+impl Peer {
+    /// Remembers an accepted gossip message (forgetting the oldest past the capacity).
+    fn remember(&mut self, digest: u64) {
+        if !self.seen.insert(digest) {
+            return;
+        }
+        self.seen_order.push_back(digest);
+        if self.seen_order.len() > SEEN_CAPACITY
+            && let Some(old) = self.seen_order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+    }
 }
 
 struct Decision {
@@ -432,7 +473,10 @@ impl<'a> Sim<'a> {
                 incarnation: 0,
                 chain: Vec::new(),
                 credits: CreditState::default(),
-                watermark: None,
+                wal: Vec::new(),
+                wal_height: 0,
+                seen: BTreeSet::new(),
+                seen_order: VecDeque::new(),
             })
             .collect();
         let loss = config.loss_max * rng.next_f64();
@@ -470,6 +514,7 @@ impl<'a> Sim<'a> {
                 equivocations: 0,
                 forged_sync_refused: 0,
                 synced_blocks: 0,
+                wal_recoveries: 0,
                 events: 0,
             },
         })
@@ -570,12 +615,27 @@ impl<'a> Sim<'a> {
                 ));
             }
             if at_ms > self.deadline_ms {
-                let heights: Vec<usize> =
-                    self.honest().map(|i| self.peers[i].chain.len()).collect();
+                let heights: Vec<String> = self
+                    .honest()
+                    .map(|i| {
+                        let e = &self.peers[i].engine;
+                        let short = |v: Option<(u32, BlobHash)>| {
+                            v.map(|(r, h)| format!("{r}:{:02x}{:02x}", h[0], h[1]))
+                        };
+                        format!(
+                            "peer {i}: chain {} height {} round {} locked {:?} valid {:?}",
+                            self.peers[i].chain.len(),
+                            e.height(),
+                            e.round(),
+                            short(e.locked()),
+                            short(e.valid())
+                        )
+                    })
+                    .collect();
                 return Err(self.failure(
                     FailureKind::Liveness,
                     format!(
-                        "honest peers at heights {heights:?}, target {} not reached within {} ms of the end of the chaos",
+                        "{heights:?}, target {} not reached within {} ms of the end of the chaos",
                         self.target.unwrap_or(0),
                         self.config.liveness_bound_ms
                     ),
@@ -709,16 +769,23 @@ impl<'a> Sim<'a> {
         }
         p.alive = true;
         p.incarnation += 1;
-        // The engine's memory is gone; the chain and the watermark were on disk.
+        // The engine's memory is gone; the chain and the log were on disk.
         p.engine = ConsensusEngine::new(p.key.clone(), consensus);
-        if let Some(mark) = p.watermark {
-            p.engine.restore_signing_watermark(mark);
-        }
+        p.seen.clear();
+        p.seen_order.clear();
         let height = p.chain.len() as u64;
         let previous = p.chain.last().map(|(b, _)| b.clone());
-        let actions = p
-            .engine
-            .start_height(height, previous.as_ref(), committee, now);
+        let actions = if p.wal_height == height {
+            let wal = std::mem::take(&mut p.wal);
+            if !wal.is_empty() {
+                self.report.wal_recoveries += 1;
+            }
+            p.engine
+                .recover(height, previous.as_ref(), committee, &wal, now)
+        } else {
+            p.engine
+                .start_height(height, previous.as_ref(), committee, now)
+        };
         let incarnation = p.incarnation;
         self.apply_actions(peer, actions)?;
         // Catch up at once, then periodically.
@@ -789,6 +856,14 @@ impl<'a> Sim<'a> {
         }
         match payload {
             Payload::Consensus(bytes) => {
+                // Gossip: an honest peer forwards, once, each message its engine accepted to
+                // everyone else (gossipsub's validated forwarding), and skips copies of what it
+                // already accepted. Tendermint's liveness rests on this: what one correct peer
+                // received, the other correct peers receive too.
+                let digest = digest(&bytes);
+                if self.peers[to].seen.contains(&digest) {
+                    return Ok(());
+                }
                 let Ok(message) = ConsensusMessage::from_bytes(&bytes) else {
                     return Ok(());
                 };
@@ -797,7 +872,17 @@ impl<'a> Sim<'a> {
                     engine, credits, ..
                 } = &mut self.peers[to];
                 let mut validate = |block: &Block| block_is_valid(block, credits);
-                let actions = engine.on_message(message, now, &mut validate);
+                let Ok(actions) = engine.handle_message(message, now, &mut validate) else {
+                    return Ok(());
+                };
+                self.peers[to].remember(digest);
+                if !self.peers[to].byzantine {
+                    for next in 0..self.peers.len() {
+                        if next != to && next != from {
+                            self.send(to, next, Payload::Consensus(bytes.clone()));
+                        }
+                    }
+                }
                 self.apply_actions(to, actions)
             }
             Payload::Garbage(bytes) => {
@@ -877,9 +962,16 @@ impl<'a> Sim<'a> {
         )
     }
 
-    fn persist_watermark(&mut self, peer: usize) {
+    /// The engine's log reaches the disk (before anything the call produced is sent).
+    fn persist_wal(&mut self, peer: usize) {
         let p = &mut self.peers[peer];
-        p.watermark = p.engine.signing_watermark();
+        let wal = p.engine.wal();
+        if p.wal_height != p.engine.height() || wal.len() < p.wal.len() {
+            p.wal.clear();
+            p.wal_height = p.engine.height();
+        }
+        let stored = p.wal.len();
+        p.wal.extend_from_slice(&wal[stored..]);
     }
 
     fn apply_actions(
@@ -887,8 +979,7 @@ impl<'a> Sim<'a> {
         peer: usize,
         actions: Vec<ConsensusAction>,
     ) -> Result<(), ChaosFailure> {
-        // The watermark reaches the disk before anything signed leaves.
-        self.persist_watermark(peer);
+        self.persist_wal(peer);
         let mut work = VecDeque::from(actions);
         while let Some(action) = work.pop_front() {
             match action {
@@ -908,7 +999,7 @@ impl<'a> Sim<'a> {
                     let block = self.build_block(peer, height);
                     let now = self.now_ms;
                     let more = self.peers[peer].engine.propose(height, round, block, now);
-                    self.persist_watermark(peer);
+                    self.persist_wal(peer);
                     work.extend(more);
                 }
                 ConsensusAction::Decided { block, certificate } => {
@@ -1066,6 +1157,34 @@ impl<'a> Sim<'a> {
                     self.send_to_all(from, &message);
                 }
             }
+            ConsensusMessage::PolkaCertificate {
+                height,
+                round,
+                block_hash,
+                votes,
+                sender,
+            } => {
+                if self.chance(0.5) {
+                    // Short of a quorum, or for another block: it must be refused.
+                    let mut forged = votes.clone();
+                    forged.truncate(forged.len().saturating_sub(1));
+                    let block_hash = if self.chance(0.5) {
+                        self.random_hash()
+                    } else {
+                        *block_hash
+                    };
+                    let forged = ConsensusMessage::PolkaCertificate {
+                        height: *height,
+                        round: *round,
+                        block_hash,
+                        votes: forged,
+                        sender: *sender,
+                    };
+                    self.send_to_all(from, &forged);
+                } else {
+                    self.send_to_all(from, &message);
+                }
+            }
         }
         if self.chance(0.25) {
             self.noise(from, message.height(), message.round());
@@ -1172,7 +1291,10 @@ impl<'a> Sim<'a> {
             if honest {
                 return Err(self.failure(
                     FailureKind::Certificate,
-                    format!("peer {peer} decided height {height} with a certificate that does not verify: {error}"),
+                    format!(
+                        "peer {peer} decided height {height} with a certificate that does not \
+                         verify: {error}"
+                    ),
                 ));
             }
             return Ok(Vec::new());
@@ -1188,7 +1310,7 @@ impl<'a> Sim<'a> {
             self.peers[peer]
                 .engine
                 .start_height(height + 1, Some(&block), committee, now);
-        self.persist_watermark(peer);
+        self.persist_wal(peer);
         Ok(actions)
     }
 

@@ -112,6 +112,7 @@ pub fn run_ledger(scenario: &LedgerScenario) -> Result<LedgerReport, ScenarioErr
     options.extra_args = vec!["--block-interval".into(), scenario.block_interval.clone()];
     options.first_peer_args = vec!["--genesis".into(), "loom-sim".into()];
     options.log = "warn,loom_actors::ledger=info".into();
+    options.keep = std::env::var_os("LOOM_SIM_KEEP").is_some();
     let mut mesh = LocalMesh::start(&options)?;
     let n = scenario.peers;
     let mut clients: Vec<Option<ControlClient>> = Vec::with_capacity(n);
@@ -192,6 +193,7 @@ pub fn run_ledger(scenario: &LedgerScenario) -> Result<LedgerReport, ScenarioErr
     let mut catch_up_ms = Vec::with_capacity(scenario.kills);
     for kill in 0..scenario.kills {
         let victim = (rng.next_u64() % n as u64) as usize;
+        tracing_note(&format!("kill {kill}: peer {victim}"));
         let pause_ms = rng.next_u64() % 700;
         transfer(&clients, 1 + kill % (n - 1));
         std::thread::sleep(Duration::from_millis(pause_ms));
@@ -286,4 +288,10 @@ pub fn run_ledger(scenario: &LedgerScenario) -> Result<LedgerReport, ScenarioErr
         all_verified,
         balances_identical,
     })
+}
+
+fn tracing_note(line: &str) {
+    if std::env::var_os("LOOM_SIM_VERBOSE").is_some() {
+        eprintln!("loom-sim ledger: {line}");
+    }
 }

@@ -51,6 +51,8 @@ pub struct Behaviour {
     pub ledger_sync: request_response::Behaviour<super::ledger_sync::LedgerSyncCodec>,
     /// Private fleets: enrollment tokens shown after the handshake.
     pub fleet: request_response::Behaviour<crate::fleet::FleetCodec>,
+    /// Throughput measurements.
+    pub speedtest: request_response::Behaviour<super::speedtest::SpeedtestCodec>,
 }
 
 /// Why the behaviour could not be built.
@@ -180,6 +182,16 @@ impl Behaviour {
                 request_response::Config::default()
                     .with_request_timeout(Duration::from_secs(5))
                     .with_max_concurrent_streams(16),
+            ),
+            speedtest: request_response::Behaviour::with_codec(
+                super::speedtest::SpeedtestCodec,
+                [(
+                    super::speedtest::SPEEDTEST_PROTOCOL,
+                    request_response::ProtocolSupport::Full,
+                )],
+                request_response::Config::default()
+                    .with_request_timeout(Duration::from_secs(120))
+                    .with_max_concurrent_streams(2),
             ),
         })
     }

@@ -8,8 +8,10 @@
 
 pub mod behaviour;
 pub mod blobs;
+pub mod defense;
 pub mod fleet_gate;
 pub mod ledger_sync;
+pub mod speedtest;
 pub mod task;
 pub mod transport;
 
@@ -62,6 +64,15 @@ pub enum NetCommand {
         key: PeerKey,
         /// The blob.
         hash: loom_protocols::contribution::BlobHash,
+    },
+    /// Measure the throughput from a peer.
+    Speedtest {
+        /// The peer.
+        peer: PeerId,
+        /// Bytes to ask for.
+        bytes: u32,
+        /// The outcome.
+        reply: oneshot::Sender<Result<speedtest::SpeedtestResult, String>>,
     },
     /// Ask a peer for finalized ledger blocks; the answer goes to the ledger replica.
     FetchLedger {
@@ -239,6 +250,10 @@ pub struct NetworkArgs {
     pub fleet: Option<crate::fleet::FleetMembership>,
     /// Peers banned or revoked on the ledger.
     pub bans: loom_actors::ledger::SharedBans,
+    /// Kernel telemetry and the XDP drop list.
+    pub kernel: crate::kernel::KernelTelemetry,
+    /// The local ban list.
+    pub local_bans: defense::SharedBanList,
     /// A swarm already built and listening (first start), taken once.
     pub prebuilt: Arc<Mutex<Option<Swarm<Behaviour>>>>,
 }
@@ -299,6 +314,13 @@ impl Actor for NetworkActor {
             args.ledger.clone(),
             args.fleet.clone(),
             args.bans.clone(),
+            defense::Defense::new(
+                args.kernel.clone(),
+                args.local_bans.clone(),
+                args.bans.clone(),
+                args.config.auto_ban,
+                args.config.blocked.iter().copied().collect(),
+            ),
         );
         let join = tokio::spawn(task.run(rx, shutdown_rx));
         // Watch the task: if it ends while we did not ask it to, tell the actor.

@@ -110,6 +110,16 @@ pub struct SwarmTask {
     ledger: Option<loom_actors::ledger::SharedLedgerStore>,
     ledger_requests: HashMap<request_response::OutboundRequestId, PeerKey>,
     fleet: Option<super::fleet_gate::FleetGate>,
+    defense: super::defense::Defense,
+    speedtests: HashMap<
+        request_response::OutboundRequestId,
+        (
+            PeerId,
+            Instant,
+            oneshot::Sender<Result<super::speedtest::SpeedtestResult, String>>,
+        ),
+    >,
+    speedtest_limiter: super::speedtest::SpeedtestLimiter,
 }
 
 impl SwarmTask {
@@ -122,6 +132,7 @@ impl SwarmTask {
         ledger: Option<loom_actors::ledger::SharedLedgerStore>,
         fleet: Option<crate::fleet::FleetMembership>,
         bans: loom_actors::ledger::SharedBans,
+        defense: super::defense::Defense,
     ) -> Self {
         let bootstrap_peers = config
             .bootstrap
@@ -181,6 +192,9 @@ impl SwarmTask {
             ledger,
             ledger_requests: HashMap::new(),
             fleet,
+            defense,
+            speedtests: HashMap::new(),
+            speedtest_limiter: Default::default(),
             config,
         }
     }
@@ -238,6 +252,18 @@ impl SwarmTask {
                 }
                 let id = self.swarm.behaviour_mut().blobs.send_request(&peer, hash);
                 self.blob_requests.insert(id, (hash, key));
+            }
+            NetCommand::Speedtest { peer, bytes, reply } => {
+                if self.speedtests.len() >= 4 {
+                    let _ = reply.send(Err("too many speedtests in flight".into()));
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .speedtest
+                    .send_request(&peer, bytes);
+                self.speedtests.insert(id, (peer, Instant::now(), reply));
             }
             NetCommand::FetchLedger { peer, key, request } => {
                 if self.ledger_requests.len() >= MAX_LEDGER_REQUESTS {
@@ -437,6 +463,14 @@ impl SwarmTask {
         if let Some(fleet) = self.fleet.as_mut() {
             fleet.on_tick(&mut self.swarm, now_ms);
         }
+        if self.ticks.is_multiple_of(4) {
+            let table: Vec<(PeerId, Multiaddr)> = self
+                .connections
+                .values()
+                .map(|c| (c.peer, c.remote_addr.clone()))
+                .collect();
+            self.defense.on_tick(&mut self.swarm, &table);
+        }
         self.retry_hinted_dials();
         self.advertise();
         self.ticks += 1;
@@ -567,6 +601,9 @@ impl SwarmTask {
                 if let Some(fleet) = self.fleet.as_mut() {
                     let now_ms = self.started.elapsed().as_millis() as u64;
                     fleet.on_connected(&mut self.swarm, peer_id, now_ms);
+                }
+                if let Some(c) = self.connections.get(&connection_id) {
+                    self.defense.on_connected(peer_id, &c.remote_addr);
                 }
                 self.update_peer_gauges();
             }
@@ -743,6 +780,7 @@ impl SwarmTask {
             }
             BehaviourEvent::Blobs(event) => self.on_blob_event(event),
             BehaviourEvent::LedgerSync(event) => self.on_ledger_sync_event(event),
+            BehaviourEvent::Speedtest(event) => self.on_speedtest_event(event),
             BehaviourEvent::Fleet(event) => {
                 let now_ms = self.now_ms();
                 match self.fleet.as_mut() {
@@ -901,6 +939,64 @@ impl SwarmTask {
         }
     }
 
+    fn on_speedtest_event(&mut self, event: request_response::Event<u32, Vec<u8>>) {
+        match event {
+            request_response::Event::Message {
+                peer,
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            } => {
+                let stranger = self.fleet.as_ref().is_some_and(|f| !f.admits(&peer));
+                let now_ms = self.now_ms();
+                let bytes = if !stranger && self.speedtest_limiter.allow(peer, request, now_ms) {
+                    super::speedtest::filler(request as usize)
+                } else {
+                    Vec::new()
+                };
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .speedtest
+                    .send_response(channel, bytes);
+            }
+            request_response::Event::Message {
+                message:
+                    request_response::Message::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some((peer, started, reply)) = self.speedtests.remove(&request_id) {
+                    let elapsed = started.elapsed().as_secs_f64();
+                    let result = if response.is_empty() {
+                        Err("the peer declined (cooldown or budget)".to_owned())
+                    } else {
+                        Ok(super::speedtest::SpeedtestResult {
+                            peer: peer.to_string(),
+                            bytes: response.len() as u64,
+                            elapsed_ms: elapsed * 1e3,
+                            mbit_per_s: response.len() as f64 * 8.0 / elapsed.max(1e-9) / 1e6,
+                        })
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some((_, _, reply)) = self.speedtests.remove(&request_id) {
+                    let _ = reply.send(Err(error.to_string()));
+                }
+            }
+            request_response::Event::InboundFailure { .. }
+            | request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
     fn on_relay_server_event(&mut self, event: relay::Event) {
         let Some(stats) = self.relay_server.as_mut() else {
             return;
@@ -973,6 +1069,7 @@ impl SwarmTask {
             Ok(payload) => {
                 match payload {
                     GossipPayload::Heartbeat(hb) => {
+                        self.defense.on_heartbeat(&hb.peer_key, &hb.addrs);
                         if let Some(m) = membership() {
                             let _ = m.cast(MembershipMsg::Heartbeat(hb));
                         }
@@ -1094,6 +1191,7 @@ impl SwarmTask {
         peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
         NetworkStatus {
             fleet: self.fleet.as_ref().map(|f| f.status()),
+            kernel: Some(self.defense.kernel().snapshot()),
             peer_id: self.swarm.local_peer_id().to_string(),
             nat_status: self.nat.status(),
             listen_addrs: self.swarm.listeners().map(|a| a.to_string()).collect(),

@@ -2,11 +2,8 @@
 //!
 //! The host feeds it messages, timeouts and (when this peer is the proposer) a block, and
 //! carries out the [`ConsensusAction`]s it returns: broadcasts, timers, value requests, decisions.
-//! Inside, each input runs through `arc_malachitebft_core_consensus::process!`, and the engine
-//! answers the core's effects: it signs and verifies with ed25519, keeps the armed timers (a
-//! cancelled or superseded timer that fires later is ignored), turns published messages and
-//! liveness certificates into [`ConsensusMessage`]s, and collects the commit certificate of a
-//! decision into a [`QuorumCertificate`].
+//! Inside, each input runs through `arc_malachitebft_core_consensus::process!`, and `effects`
+//! answers what the core asks for along the way.
 //!
 //! Bounds, since every input but the host's may come from a byzantine peer: a message is checked
 //! for membership, height window and signature before it costs anything else; messages for the
@@ -14,837 +11,53 @@
 //! height) and replayed when that height starts; rounds more than the core's lookahead ahead are
 //! refused; the core itself caps proposals per round and equivocation evidence.
 //!
-//! A restarted peer has lost what it voted. So that it never signs twice in one round (which
-//! would make it byzantine), the host persists [`ConsensusEngine::signing_watermark`] before it
-//! sends the broadcasts of a call, and gives it back with
-//! [`ConsensusEngine::restore_signing_watermark`] after a restart: the engine then follows, but
-//! does not vote or propose, up to and including that round.
+//! Crash recovery: every input fed to the core is logged ([`ConsensusEngine::wal`]). The host
+//! stores the log before it sends the broadcasts of a call; after a restart,
+//! [`ConsensusEngine::recover`] replays it, so the peer keeps its votes and its lock. Without it a
+//! restarted peer could vote differently in a round it already voted in, or forget a lock, and
+//! count as one more byzantine member.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    convert::Infallible,
     fmt,
 };
 
 use arc_malachitebft_core_consensus::{
-    Effect, Error as CoreError, Input, LivenessMsg, LocallyProposedValue,
-    MAX_FUTURE_ROUND_LOOKAHEAD, Params, ProposedValue, Resumable, Resume, SignedConsensusMsg,
-    State, ThresholdParams, ValuePayload, VoteExtensionError,
+    Error as CoreError, Input, LocallyProposedValue, MAX_FUTURE_ROUND_LOOKAHEAD, Params,
+    ProposedValue, State, ThresholdParams, ValuePayload,
 };
 use arc_malachitebft_core_types::{
-    CertificateError, CommitCertificate, CommitSignature, NilOrVal, PolkaCertificate,
-    PolkaSignature, Round, RoundCertificate, RoundCertificateType, SignedMessage, SignedProposal,
-    SignedVote, Timeout, TimeoutKind as CoreTimeoutKind, ValidatorSet as _, Validity, ValueOrigin,
-    VoteExtensionPolicy, VoteType,
+    NilOrVal, PolkaCertificate, PolkaSignature, Round, SignedMessage, SignedVote, Timeout,
+    TimeoutKind as CoreTimeoutKind, Validity, ValueOrigin, VoteExtensionPolicy,
 };
-use ed25519_dalek::{Signer, SigningKey};
-use serde::{Deserialize, Serialize};
+use ed25519_dalek::{SigningKey, VerifyingKey};
 
 use super::{
     context::{
         Address, BlockId, BlockValue, Height, LoomContext, Proposal, Signature, ValidatorSet, Vote,
     },
-    message::{ConsensusMessage, proposal_bytes, verify},
+    effects::{Io, core_vote_bytes, polka_message, round_u32, signature_of, vote_type},
+    message::{ConsensusMessage, proposal_bytes},
+    types::{
+        Committee, ConsensusAction, ConsensusConfig, ConsensusError, FUTURE_HEIGHTS,
+        MAX_BUFFERED_PER_MEMBER, SigningWatermark, TimeoutKey, TimeoutKind, WalEntry,
+    },
 };
 use crate::{
     PeerKey,
     contribution::BlobHash,
-    ledger::{
-        Block, LedgerError, QuorumCertificate, VoteKind, quorum, verify_block, verify_certificate,
-        vote_bytes,
-    },
+    ledger::{Block, QuorumCertificate, VoteKind, verify_block, vote_bytes},
 };
 
-/// Heights ahead of the current one whose messages are kept for later.
-pub const FUTURE_HEIGHTS: u64 = 2;
-/// Messages kept per member for one future height.
-pub const MAX_BUFFERED_PER_MEMBER: usize = 16;
-/// Verified (signature, message) pairs remembered per height, to verify each once.
-const MAX_VERIFIED: usize = 4096;
 /// Block validity verdicts remembered per height.
 const MAX_VALIDITY: usize = 64;
 /// (round, block) proposals remembered per height, to drop repeats cheaply.
 const MAX_SEEN_PROPOSALS: usize = 256;
-
-/// Timeouts of the consensus rounds. A round's propose, prevote and precommit timeouts grow by
-/// `round_delta_ms` per round (Tendermint needs growing timeouts to be live once the network is
-/// timely again), up to `max_timeout_ms`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConsensusConfig {
-    propose_ms: u64,
-    prevote_ms: u64,
-    precommit_ms: u64,
-    rebroadcast_ms: u64,
-    round_delta_ms: u64,
-    max_timeout_ms: u64,
-}
-
-impl Default for ConsensusConfig {
-    fn default() -> Self {
-        Self {
-            propose_ms: 3_000,
-            prevote_ms: 1_000,
-            precommit_ms: 1_000,
-            rebroadcast_ms: 2_000,
-            round_delta_ms: 500,
-            max_timeout_ms: 60_000,
-        }
-    }
-}
-
-impl ConsensusConfig {
-    /// How long to wait for the proposal of round 0.
-    pub fn with_propose_ms(mut self, ms: u64) -> Self {
-        self.propose_ms = ms;
-        self
-    }
-
-    /// How long to wait, after a quorum of mixed prevotes, before precommitting nil (round 0).
-    pub fn with_prevote_ms(mut self, ms: u64) -> Self {
-        self.prevote_ms = ms;
-        self
-    }
-
-    /// How long to wait, after a quorum of mixed precommits, before the next round (round 0).
-    pub fn with_precommit_ms(mut self, ms: u64) -> Self {
-        self.precommit_ms = ms;
-        self
-    }
-
-    /// Period of re-sending this peer's latest votes and proposal (liveness under message loss).
-    pub fn with_rebroadcast_ms(mut self, ms: u64) -> Self {
-        self.rebroadcast_ms = ms.max(1);
-        self
-    }
-
-    /// Growth of the round timeouts per round.
-    pub fn with_round_delta_ms(mut self, ms: u64) -> Self {
-        self.round_delta_ms = ms;
-        self
-    }
-
-    /// Cap on any round timeout.
-    pub fn with_max_timeout_ms(mut self, ms: u64) -> Self {
-        self.max_timeout_ms = ms;
-        self
-    }
-
-    /// The proposal timeout of round 0, in ms.
-    pub fn propose_ms(&self) -> u64 {
-        self.propose_ms
-    }
-
-    /// The prevote timeout of round 0, in ms.
-    pub fn prevote_ms(&self) -> u64 {
-        self.prevote_ms
-    }
-
-    /// The precommit timeout of round 0, in ms.
-    pub fn precommit_ms(&self) -> u64 {
-        self.precommit_ms
-    }
-
-    /// The rebroadcast period, in ms.
-    pub fn rebroadcast_ms(&self) -> u64 {
-        self.rebroadcast_ms
-    }
-
-    /// The duration of `kind` in `round`, in ms.
-    pub fn timeout_ms(&self, kind: TimeoutKind, round: u32) -> u64 {
-        let base = match kind {
-            TimeoutKind::Propose => self.propose_ms,
-            TimeoutKind::Prevote => self.prevote_ms,
-            TimeoutKind::Precommit => self.precommit_ms,
-            TimeoutKind::Rebroadcast => return self.rebroadcast_ms,
-        };
-        base.saturating_add(self.round_delta_ms.saturating_mul(u64::from(round)))
-            .min(self.max_timeout_ms.max(base))
-    }
-}
-
-/// The committee of a height: sorted, unique ed25519 keys, each with one vote.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Committee {
-    members: Vec<PeerKey>,
-}
-
-impl Committee {
-    /// The committee of `members` (sorted and deduplicated here). An empty committee cannot
-    /// start a height.
-    pub fn new(mut members: Vec<PeerKey>) -> Self {
-        members.sort_unstable();
-        members.dedup();
-        Self { members }
-    }
-
-    /// The members, sorted.
-    pub fn members(&self) -> &[PeerKey] {
-        &self.members
-    }
-
-    /// Number of members.
-    pub fn len(&self) -> usize {
-        self.members.len()
-    }
-
-    /// Whether there are no members.
-    pub fn is_empty(&self) -> bool {
-        self.members.is_empty()
-    }
-
-    /// Whether `peer` is a member.
-    pub fn contains(&self, peer: &PeerKey) -> bool {
-        self.members.binary_search(peer).is_ok()
-    }
-
-    /// Votes needed for a decision: more than two thirds ([`quorum`]).
-    pub fn quorum(&self) -> usize {
-        quorum(self.members.len())
-    }
-
-    /// The members as a set (what [`verify_certificate`] takes).
-    pub fn to_set(&self) -> BTreeSet<PeerKey> {
-        self.members.iter().copied().collect()
-    }
-
-    /// The proposer (coordinator) of (`height`, `round`): Tendermint's round-robin rotation, the
-    /// member at `(height + round) mod n`. `None` for an empty committee.
-    pub fn proposer(&self, height: u64, round: u32) -> Option<PeerKey> {
-        let set = ValidatorSet::new(&self.members)?;
-        Some(set.proposer(height, round).address.0)
-    }
-}
-
-impl FromIterator<PeerKey> for Committee {
-    fn from_iter<I: IntoIterator<Item = PeerKey>>(iter: I) -> Self {
-        Self::new(iter.into_iter().collect())
-    }
-}
-
-/// The kinds of consensus timers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub enum TimeoutKind {
-    /// Waiting for the round's proposal.
-    Propose,
-    /// Waiting for prevotes to converge.
-    Prevote,
-    /// Waiting for precommits to converge.
-    Precommit,
-    /// Re-sending this peer's latest messages.
-    Rebroadcast,
-}
-
-/// A timer the host must arm: hand it back to [`ConsensusEngine::on_timeout`] when it fires. A
-/// timer cancelled or re-armed in the meantime is ignored then.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct TimeoutKey {
-    /// The height it belongs to.
-    pub height: u64,
-    /// The round it belongs to.
-    pub round: u32,
-    /// What it waits for.
-    pub kind: TimeoutKind,
-    /// Which arming of that timer this is.
-    pub seq: u64,
-}
-
-/// The highest (height, round) at which this peer signed a vote or a proposal.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct SigningWatermark {
-    /// The height.
-    pub height: u64,
-    /// The round.
-    pub round: u32,
-}
-
-/// What the host must do.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsensusAction {
-    /// Send to every committee member.
-    Broadcast(ConsensusMessage),
-    /// Arm a timer.
-    ScheduleTimeout {
-        /// Hand this back to [`ConsensusEngine::on_timeout`].
-        key: TimeoutKey,
-        /// After this long.
-        after_ms: u64,
-    },
-    /// This peer is the proposer: build a block for `height` and pass it to
-    /// [`ConsensusEngine::propose`].
-    RequestValue {
-        /// The height.
-        height: u64,
-        /// The round.
-        round: u32,
-    },
-    /// The block of the height is decided, for good. The certificate verifies with
-    /// [`verify_certificate`] against the height's committee.
-    Decided {
-        /// The block.
-        block: Block,
-        /// The precommits that decided it.
-        certificate: QuorumCertificate,
-    },
-    /// A round started, led by `proposer`: the coordinator of the height in that round.
-    NewRound {
-        /// The height.
-        height: u64,
-        /// The round.
-        round: u32,
-        /// The round's proposer.
-        proposer: PeerKey,
-    },
-}
+/// Most entries in one height's write-ahead log (thousands of rounds' worth).
+pub const MAX_WAL_ENTRIES: usize = 65_536;
 
 fn short_hex(key: &PeerKey) -> String {
     key.iter().take(4).map(|b| format!("{b:02x}")).collect()
-}
-
-/// Why a consensus message was dropped.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-pub enum ConsensusError {
-    /// No height has been started yet.
-    #[error("no height started")]
-    NotStarted,
-    /// The author is not in the committee.
-    #[error("message from {}, not a committee member", short_hex(.0))]
-    NotMember(PeerKey),
-    /// The signature is not the author's.
-    #[error("bad signature from {}", short_hex(.0))]
-    BadSignature(PeerKey),
-    /// A proposal from someone who is not the round's proposer.
-    #[error("proposal for height {height} round {round} from {}, not its proposer", short_hex(.author))]
-    NotProposer {
-        /// The height.
-        height: u64,
-        /// The round.
-        round: u32,
-        /// Who sent it.
-        author: PeerKey,
-    },
-    /// A message for a height already left.
-    #[error("message for height {height}, already at {current}")]
-    Stale {
-        /// The message's height.
-        height: u64,
-        /// The current height.
-        current: u64,
-    },
-    /// A message too far ahead (height or round) to be kept.
-    #[error(
-        "message for height {height} round {round} is too far ahead of {current_height}/{current_round}"
-    )]
-    TooFarAhead {
-        /// The message's height.
-        height: u64,
-        /// The message's round.
-        round: u32,
-        /// The current height.
-        current_height: u64,
-        /// The current round.
-        current_round: u32,
-    },
-    /// A proposal whose proof-of-lock round is not below its round.
-    #[error("proposal for round {round} with proof-of-lock round {pol_round}")]
-    BadPolRound {
-        /// The round.
-        round: u32,
-        /// The claimed proof-of-lock round.
-        pol_round: u32,
-    },
-    /// The author already has [`MAX_BUFFERED_PER_MEMBER`] messages kept for that height.
-    #[error("buffer for height {height} full for {}", short_hex(.author))]
-    BufferFull {
-        /// The height.
-        height: u64,
-        /// The author.
-        author: PeerKey,
-    },
-}
-
-/// Checks a decided block received from another replica (catch-up): it chains to `previous`
-/// (`None`: it is genesis), its entries are signed, and `certificate` holds a quorum of
-/// `committee`'s precommits for it.
-pub fn verify_decided(
-    block: &Block,
-    certificate: &QuorumCertificate,
-    previous: Option<&Block>,
-    committee: &Committee,
-) -> Result<(), LedgerError> {
-    verify_block(block, previous)?;
-    verify_certificate(block, certificate, &committee.to_set())
-}
-
-fn round_u32(round: Round) -> u32 {
-    // The core only hands out defined rounds for votes, proposals and timeouts.
-    round.as_u32().unwrap_or(u32::MAX)
-}
-
-fn vote_kind(kind: VoteType) -> VoteKind {
-    match kind {
-        VoteType::Prevote => VoteKind::Prevote,
-        VoteType::Precommit => VoteKind::Precommit,
-    }
-}
-
-fn vote_type(kind: VoteKind) -> VoteType {
-    match kind {
-        VoteKind::Prevote => VoteType::Prevote,
-        VoteKind::Precommit => VoteType::Precommit,
-    }
-}
-
-fn nil_or(value: &NilOrVal<BlockId>) -> Option<BlobHash> {
-    match value {
-        NilOrVal::Nil => None,
-        NilOrVal::Val(id) => Some(id.0),
-    }
-}
-
-fn core_vote_bytes(vote: &Vote) -> Vec<u8> {
-    vote_bytes(
-        vote_kind(vote.kind),
-        vote.height.0,
-        round_u32(vote.round),
-        nil_or(&vote.value).as_ref(),
-    )
-}
-
-fn core_proposal_bytes(proposal: &Proposal) -> Vec<u8> {
-    proposal_bytes(
-        proposal.height.0,
-        round_u32(proposal.round),
-        proposal.pol_round.as_u32(),
-        &proposal.value.hash(),
-    )
-}
-
-fn vote_message(vote: &SignedVote<LoomContext>) -> ConsensusMessage {
-    ConsensusMessage::Vote {
-        kind: vote_kind(vote.message.kind),
-        height: vote.message.height.0,
-        round: round_u32(vote.message.round),
-        value: nil_or(&vote.message.value),
-        voter: vote.message.voter.0,
-        signature: vote.signature.0.to_vec(),
-    }
-}
-
-fn proposal_message(proposal: &SignedProposal<LoomContext>) -> ConsensusMessage {
-    ConsensusMessage::Proposal {
-        height: proposal.message.height.0,
-        round: round_u32(proposal.message.round),
-        pol_round: proposal.message.pol_round.as_u32(),
-        block: proposal.message.value.block().clone(),
-        proposer: proposal.message.proposer.0,
-        signature: proposal.signature.0.to_vec(),
-    }
-}
-
-fn signature_of(message: &ConsensusMessage) -> Option<Signature> {
-    <[u8; 64]>::try_from(message.signature())
-        .ok()
-        .map(Signature)
-}
-
-fn core_timeout_kind(kind: CoreTimeoutKind) -> Option<TimeoutKind> {
-    match kind {
-        CoreTimeoutKind::Propose => Some(TimeoutKind::Propose),
-        CoreTimeoutKind::Prevote => Some(TimeoutKind::Prevote),
-        CoreTimeoutKind::Precommit => Some(TimeoutKind::Precommit),
-        CoreTimeoutKind::Rebroadcast => Some(TimeoutKind::Rebroadcast),
-        // Never emitted: heights are started without a target time.
-        CoreTimeoutKind::FinalizeHeight(_) => None,
-    }
-}
-
-/// How a set of certificate signatures failed.
-enum SignersFailure {
-    Unknown(Address),
-    Duplicate(Address),
-    BadSignature(usize),
-    NotEnough {
-        signed: u64,
-        total: u64,
-        expected: u64,
-    },
-}
-
-/// The part of the engine that answers the core's effects (everything but the core's state).
-struct Io {
-    key: SigningKey,
-    me: PeerKey,
-    config: ConsensusConfig,
-    height: u64,
-    armed: BTreeMap<(TimeoutKind, u32), u64>,
-    next_seq: u64,
-    actions: Vec<ConsensusAction>,
-    verified: BTreeSet<([u8; 64], Vec<u8>)>,
-    decided: Option<CommitCertificate<LoomContext>>,
-    own_proposal: Option<ConsensusMessage>,
-    watermark: Option<SigningWatermark>,
-}
-
-impl Io {
-    fn remember(&mut self, signature: [u8; 64], bytes: Vec<u8>) {
-        if self.verified.len() < MAX_VERIFIED {
-            self.verified.insert((signature, bytes));
-        }
-    }
-
-    /// Verifies once per height: a pair already verified (on receipt, or signed here) passes.
-    fn check(&mut self, key: &PeerKey, bytes: Vec<u8>, signature: &[u8; 64]) -> bool {
-        let entry = (*signature, bytes);
-        if self.verified.contains(&entry) {
-            return true;
-        }
-        let ok = verify(key, &entry.1, signature);
-        if ok && self.verified.len() < MAX_VERIFIED {
-            self.verified.insert(entry);
-        }
-        ok
-    }
-
-    fn raise_watermark(&mut self, height: u64, round: u32) {
-        let mark = SigningWatermark { height, round };
-        if self.watermark.is_none_or(|w| w < mark) {
-            self.watermark = Some(mark);
-        }
-    }
-
-    fn sign(&mut self, bytes: Vec<u8>) -> Signature {
-        let signature = self.key.sign(&bytes).to_bytes();
-        self.remember(signature, bytes);
-        Signature(signature)
-    }
-
-    fn schedule(&mut self, timeout: Timeout) {
-        let (Some(kind), Some(round)) = (core_timeout_kind(timeout.kind), timeout.round.as_u32())
-        else {
-            return;
-        };
-        self.next_seq += 1;
-        self.armed.insert((kind, round), self.next_seq);
-        self.actions.push(ConsensusAction::ScheduleTimeout {
-            key: TimeoutKey {
-                height: self.height,
-                round,
-                kind,
-                seq: self.next_seq,
-            },
-            after_ms: self.config.timeout_ms(kind, round),
-        });
-    }
-
-    fn broadcast_votes(&mut self, votes: impl Iterator<Item = SignedVote<LoomContext>>) {
-        for vote in votes {
-            self.actions
-                .push(ConsensusAction::Broadcast(vote_message(&vote)));
-        }
-    }
-
-    /// Distinct committee members, each with a valid signature, weighing at least `expected`.
-    fn check_signers(
-        &mut self,
-        set: &ValidatorSet,
-        signers: impl Iterator<Item = (Address, Vec<u8>, [u8; 64])>,
-        expected: u64,
-    ) -> Result<(), SignersFailure> {
-        let mut seen = BTreeSet::new();
-        for (index, (address, bytes, signature)) in signers.enumerate() {
-            if set.get_by_address(&address).is_none() {
-                return Err(SignersFailure::Unknown(address));
-            }
-            if !seen.insert(address) {
-                return Err(SignersFailure::Duplicate(address));
-            }
-            if !self.check(&address.0, bytes, &signature) {
-                return Err(SignersFailure::BadSignature(index));
-            }
-        }
-        let signed = seen.len() as u64;
-        if signed < expected {
-            return Err(SignersFailure::NotEnough {
-                signed,
-                total: set.total_voting_power(),
-                expected,
-            });
-        }
-        Ok(())
-    }
-
-    // The error type is the core's resume value.
-    #[allow(clippy::result_large_err)]
-    fn verify_commit(
-        &mut self,
-        certificate: &CommitCertificate<LoomContext>,
-        set: &ValidatorSet,
-        params: ThresholdParams,
-    ) -> Result<(), CertificateError<LoomContext>> {
-        let (height, round) = (certificate.height.0, round_u32(certificate.round));
-        let hash = certificate.value_id.0;
-        let signers = certificate.commit_signatures.iter().map(|s| {
-            (
-                s.address,
-                vote_bytes(VoteKind::Precommit, height, round, Some(&hash)),
-                s.signature.0,
-            )
-        });
-        let expected = params.quorum.min_expected(set.total_voting_power());
-        self.check_signers(set, signers, expected)
-            .map_err(|failure| match failure {
-                SignersFailure::Unknown(a) => CertificateError::UnknownValidator(a),
-                SignersFailure::Duplicate(a) => CertificateError::DuplicateVote(a),
-                SignersFailure::BadSignature(i) => CertificateError::InvalidCommitSignature(
-                    certificate
-                        .commit_signatures
-                        .get(i)
-                        .cloned()
-                        .unwrap_or_else(|| {
-                            CommitSignature::new(Address(self.me), Signature([0; 64]))
-                        }),
-                ),
-                SignersFailure::NotEnough {
-                    signed,
-                    total,
-                    expected,
-                } => CertificateError::NotEnoughVotingPower {
-                    signed,
-                    total,
-                    expected,
-                },
-            })
-    }
-
-    // The error type is the core's resume value.
-    #[allow(clippy::result_large_err)]
-    fn verify_polka(
-        &mut self,
-        certificate: &PolkaCertificate<LoomContext>,
-        set: &ValidatorSet,
-        params: ThresholdParams,
-    ) -> Result<(), CertificateError<LoomContext>> {
-        let (height, round) = (certificate.height.0, round_u32(certificate.round));
-        let hash = certificate.value_id.0;
-        let signers = certificate.polka_signatures.iter().map(|s| {
-            (
-                s.address,
-                vote_bytes(VoteKind::Prevote, height, round, Some(&hash)),
-                s.signature.0,
-            )
-        });
-        let expected = params.quorum.min_expected(set.total_voting_power());
-        self.check_signers(set, signers, expected)
-            .map_err(|failure| match failure {
-                SignersFailure::Unknown(a) => CertificateError::UnknownValidator(a),
-                SignersFailure::Duplicate(a) => CertificateError::DuplicateVote(a),
-                SignersFailure::BadSignature(i) => CertificateError::InvalidPolkaSignature(
-                    certificate
-                        .polka_signatures
-                        .get(i)
-                        .cloned()
-                        .unwrap_or_else(|| {
-                            PolkaSignature::new(Address(self.me), Signature([0; 64]))
-                        }),
-                ),
-                SignersFailure::NotEnough {
-                    signed,
-                    total,
-                    expected,
-                } => CertificateError::NotEnoughVotingPower {
-                    signed,
-                    total,
-                    expected,
-                },
-            })
-    }
-
-    // The error type is the core's resume value.
-    #[allow(clippy::result_large_err)]
-    fn verify_round(
-        &mut self,
-        certificate: &RoundCertificate<LoomContext>,
-        set: &ValidatorSet,
-        params: ThresholdParams,
-    ) -> Result<(), CertificateError<LoomContext>> {
-        let (height, round) = (certificate.height.0, round_u32(certificate.round));
-        let total = set.total_voting_power();
-        let expected = match certificate.cert_type {
-            RoundCertificateType::Skip => params.honest.min_expected(total),
-            RoundCertificateType::Precommit => {
-                if let Some(s) = certificate
-                    .round_signatures
-                    .iter()
-                    .find(|s| s.vote_type != VoteType::Precommit)
-                {
-                    return Err(CertificateError::InvalidVoteType(s.address));
-                }
-                params.quorum.min_expected(total)
-            }
-        };
-        let signers = certificate.round_signatures.iter().map(|s| {
-            (
-                s.address,
-                vote_bytes(
-                    vote_kind(s.vote_type),
-                    height,
-                    round,
-                    nil_or(&s.value_id).as_ref(),
-                ),
-                s.signature.0,
-            )
-        });
-        match self.check_signers(set, signers, expected) {
-            Ok(()) => Ok(()),
-            Err(SignersFailure::Unknown(a)) => Err(CertificateError::UnknownValidator(a)),
-            Err(SignersFailure::Duplicate(a)) => Err(CertificateError::DuplicateVote(a)),
-            Err(SignersFailure::BadSignature(i)) => match certificate.round_signatures.get(i) {
-                Some(s) => Err(CertificateError::InvalidRoundSignature(s.clone())),
-                None => Err(CertificateError::VerificationError(None)),
-            },
-            Err(SignersFailure::NotEnough {
-                signed,
-                total,
-                expected,
-            }) => Err(CertificateError::NotEnoughVotingPower {
-                signed,
-                total,
-                expected,
-            }),
-        }
-    }
-
-    /// Answers one effect of the core.
-    fn handle(&mut self, effect: Effect<LoomContext>) -> Result<Resume<LoomContext>, Infallible> {
-        Ok(match effect {
-            Effect::CancelAllTimeouts(r) => {
-                self.armed.clear();
-                r.resume_with(())
-            }
-            Effect::CancelTimeout(timeout, r) => {
-                if let (Some(kind), Some(round)) =
-                    (core_timeout_kind(timeout.kind), timeout.round.as_u32())
-                {
-                    self.armed.remove(&(kind, round));
-                }
-                r.resume_with(())
-            }
-            Effect::ScheduleTimeout(timeout, r) => {
-                self.schedule(timeout);
-                r.resume_with(())
-            }
-            Effect::StartRound(height, round, proposer, _role, r) => {
-                self.actions.push(ConsensusAction::NewRound {
-                    height: height.0,
-                    round: round_u32(round),
-                    proposer: proposer.0,
-                });
-                r.resume_with(())
-            }
-            Effect::PublishConsensusMsg(message, r) => {
-                let message = match message {
-                    SignedConsensusMsg::Vote(vote) => vote_message(&vote),
-                    SignedConsensusMsg::Proposal(proposal) => {
-                        let message = proposal_message(&proposal);
-                        self.own_proposal = Some(message.clone());
-                        message
-                    }
-                };
-                self.actions.push(ConsensusAction::Broadcast(message));
-                r.resume_with(())
-            }
-            Effect::PublishLivenessMsg(message, r) => {
-                // Certificates travel as the votes they are made of: every receiver verifies
-                // and counts them like any vote.
-                match message {
-                    LivenessMsg::Vote(vote) => self.broadcast_votes(std::iter::once(vote)),
-                    LivenessMsg::PolkaCertificate(certificate) => {
-                        self.broadcast_votes(certificate.votes(&LoomContext))
-                    }
-                    LivenessMsg::SkipRoundCertificate(certificate) => {
-                        self.broadcast_votes(certificate.votes(&LoomContext))
-                    }
-                }
-                r.resume_with(())
-            }
-            Effect::RepublishVote(vote, r) => {
-                self.broadcast_votes(std::iter::once(vote));
-                r.resume_with(())
-            }
-            Effect::RepublishRoundCertificate(certificate, r) => {
-                self.broadcast_votes(certificate.votes(&LoomContext));
-                r.resume_with(())
-            }
-            Effect::GetValue(height, round, _timeout, r) => {
-                self.actions.push(ConsensusAction::RequestValue {
-                    height: height.0,
-                    round: round_u32(round),
-                });
-                r.resume_with(())
-            }
-            // A proposal message carries its whole block, and the core publishes re-proposals
-            // itself: there are no parts to stream again.
-            Effect::RestreamProposal(_, _, _, _, _, r) => r.resume_with(()),
-            // The sync path of the core is not used: catch-up of decided blocks is the host's.
-            Effect::CertVerifiedSyncValue(_, _, r) => r.resume_with(()),
-            Effect::CertRejectedSyncValue(_, _, _, r) => r.resume_with(()),
-            Effect::Decide(certificate, _extensions, r) => {
-                self.decided = Some(certificate);
-                r.resume_with(())
-            }
-            Effect::SignVote(vote, r) => {
-                self.raise_watermark(vote.height.0, round_u32(vote.round));
-                let signature = self.sign(core_vote_bytes(&vote));
-                r.resume_with(SignedMessage::new(vote, signature))
-            }
-            Effect::SignProposal(proposal, r) => {
-                self.raise_watermark(proposal.height.0, round_u32(proposal.round));
-                let signature = self.sign(core_proposal_bytes(&proposal));
-                r.resume_with(SignedMessage::new(proposal, signature))
-            }
-            Effect::VerifySignature(message, key, r) => {
-                let bytes = match &message.message {
-                    arc_malachitebft_core_consensus::ConsensusMsg::Vote(vote) => {
-                        core_vote_bytes(vote)
-                    }
-                    arc_malachitebft_core_consensus::ConsensusMsg::Proposal(proposal) => {
-                        core_proposal_bytes(proposal)
-                    }
-                };
-                r.resume_with(self.check(&key, bytes, &message.signature.0))
-            }
-            Effect::VerifyCommitCertificate(certificate, set, params, r) => {
-                r.resume_with(self.verify_commit(&certificate, &set, params))
-            }
-            Effect::VerifyExtendedCommitCertificate(certificate, set, params, _policy, r) => {
-                let result = match certificate
-                    .commit_signatures
-                    .iter()
-                    .find(|s| s.extension.is_some())
-                {
-                    Some(s) => Err(CertificateError::UnexpectedVoteExtension(s.address)),
-                    None => self.verify_commit(&certificate.trim_vote_extensions(), &set, params),
-                };
-                r.resume_with(result)
-            }
-            Effect::VerifyPolkaCertificate(certificate, set, params, r) => {
-                r.resume_with(self.verify_polka(&certificate, &set, params))
-            }
-            Effect::VerifyRoundCertificate(certificate, set, params, r) => {
-                r.resume_with(self.verify_round(&certificate, &set, params))
-            }
-            // No write-ahead log: a restarted peer rejoins from its decided chain and its
-            // signing watermark.
-            Effect::WalAppend(_, _, r) => r.resume_with(()),
-            // Vote extensions are disabled.
-            Effect::ExtendVote(_, _, _, _, r) => r.resume_with(None),
-            Effect::VerifyVoteExtension(_, _, _, _, _, _, r) => {
-                r.resume_with(Err(VoteExtensionError::InvalidVoteExtension))
-            }
-            // Decide already reported the block; the host starts the next height.
-            Effect::Finalize(_, _, _, r) => r.resume_with(()),
-        })
-    }
 }
 
 /// One peer's consensus: Tendermint (Malachite's core) for the ledger, one height at a time.
@@ -859,6 +72,7 @@ pub struct ConsensusEngine {
     pending_proposals: Vec<ConsensusMessage>,
     validity: BTreeMap<BlobHash, bool>,
     seen_proposals: BTreeSet<(u32, BlobHash)>,
+    wal: Vec<WalEntry>,
     restored: Option<SigningWatermark>,
     decision: Option<(Block, QuorumCertificate)>,
     last_core_error: Option<String>,
@@ -892,6 +106,7 @@ impl ConsensusEngine {
                 verified: BTreeSet::new(),
                 decided: None,
                 own_proposal: None,
+                keys: BTreeMap::new(),
                 watermark: None,
             },
             core: None,
@@ -903,6 +118,7 @@ impl ConsensusEngine {
             pending_proposals: Vec::new(),
             validity: BTreeMap::new(),
             seen_proposals: BTreeSet::new(),
+            wal: Vec::new(),
             restored: None,
             decision: None,
             last_core_error: None,
@@ -943,14 +159,37 @@ impl ConsensusEngine {
         self.decision.as_ref()
     }
 
-    /// The highest (height, round) this peer has signed at. The host must store it durably
-    /// before sending the broadcasts of the call that raised it.
+    /// The value this peer is locked on in the current height, and the round it locked in
+    /// (Tendermint's `lockedValue`, `lockedRound`).
+    pub fn locked(&self) -> Option<(u32, BlobHash)> {
+        let locked = self.core.as_ref()?.driver.round_state().locked.as_ref()?;
+        Some((locked.round.as_u32()?, locked.value.hash()))
+    }
+
+    /// The latest value this peer saw a quorum of prevotes for in the current height, and that
+    /// round (Tendermint's `validValue`, `validRound`): what it re-proposes as proposer.
+    pub fn valid(&self) -> Option<(u32, BlobHash)> {
+        let valid = self.core.as_ref()?.driver.round_state().valid.as_ref()?;
+        Some((valid.round.as_u32()?, valid.value.hash()))
+    }
+
+    /// The write-ahead log of the current height: every input fed to the core, in order. It only
+    /// grows within a height and starts empty at each [`Self::start_height`]. The host stores
+    /// what is new after each call, before it sends that call's broadcasts, and hands it to
+    /// [`Self::recover`] after a restart.
+    pub fn wal(&self) -> &[WalEntry] {
+        &self.wal
+    }
+
+    /// The highest (height, round) this peer has signed at.
     pub fn signing_watermark(&self) -> Option<SigningWatermark> {
         self.io.watermark
     }
 
-    /// After a restart: the watermark stored before. The engine will not sign at or below it
-    /// (it follows those rounds without voting or proposing). Call before [`Self::start_height`].
+    /// After a restart without a write-ahead log: the watermark stored before. The engine then
+    /// follows the rounds up to and including it without voting or proposing, so it never signs
+    /// twice in a round. This is weaker than [`Self::recover`]: the peer forgets its lock, and
+    /// a round it stays silent in may need its vote. Call before [`Self::start_height`].
     pub fn restore_signing_watermark(&mut self, watermark: SigningWatermark) {
         if self.io.watermark.is_none_or(|w| w < watermark) {
             self.io.watermark = Some(watermark);
@@ -967,8 +206,9 @@ impl ConsensusEngine {
 
     /// Starts deciding `height`, whose block must chain to `previous` (`None` for genesis, height
     /// 0), with `committee`. Messages kept for this height are replayed (proposals wait for the
-    /// next [`Self::on_message`], which brings the host's validation). An empty committee starts
-    /// nothing.
+    /// next [`Self::on_message`], which brings the host's validation). Heights only go up: starting
+    /// the height in progress again, or an earlier one, does nothing (it would forget what this
+    /// peer voted). An empty committee starts nothing.
     pub fn start_height(
         &mut self,
         height: u64,
@@ -977,9 +217,19 @@ impl ConsensusEngine {
         now_ms: u64,
     ) -> Vec<ConsensusAction> {
         let _ = now_ms;
+        if self.started && height <= self.io.height {
+            return Vec::new();
+        }
         let Some(validator_set) = ValidatorSet::new(committee.members()) else {
             return Vec::new();
         };
+        if committee != self.committee || self.io.keys.is_empty() {
+            self.io.keys = committee
+                .members()
+                .iter()
+                .filter_map(|m| Some((*m, VerifyingKey::from_bytes(m).ok()?)))
+                .collect();
+        }
         self.committee = committee;
         self.previous = previous.cloned();
         self.started = true;
@@ -992,6 +242,7 @@ impl ConsensusEngine {
         self.seen_proposals.clear();
         self.pending_proposals.clear();
         self.decision = None;
+        self.wal.clear();
 
         if self.restored.is_some_and(|w| w.height < height) {
             self.restored = None;
@@ -1032,15 +283,25 @@ impl ConsensusEngine {
             .filter(|((h, _), _)| *h > height)
             .collect();
         for message in replay {
-            let Some(signature) = signature_of(&message) else {
-                continue;
-            };
             match &message {
                 ConsensusMessage::Vote { .. } => {
                     // Verified when it was kept.
-                    self.io.remember(signature.0, message.signing_bytes());
+                    let (Some(signature), Some(bytes)) =
+                        (signature_of(&message), message.signing_bytes())
+                    else {
+                        continue;
+                    };
+                    self.io.remember(signature.0, bytes);
                     if let Some(vote) = self.to_core_vote(&message, signature) {
-                        self.run(Input::Vote(vote));
+                        self.feed_vote(message, vote);
+                    }
+                }
+                ConsensusMessage::PolkaCertificate { .. } => {
+                    // Checked against the committee of this height now.
+                    if let Some(certificate) = self.to_core_polka(&message)
+                        && self.polka_is_quorum(&certificate)
+                    {
+                        self.feed_polka(message, certificate);
                     }
                 }
                 ConsensusMessage::Proposal { .. } => self.pending_proposals.push(message),
@@ -1057,11 +318,8 @@ impl ConsensusEngine {
         now_ms: u64,
         validate: &mut dyn FnMut(&Block) -> bool,
     ) -> Vec<ConsensusAction> {
-        match self.handle_message(message, now_ms, validate) {
-            Ok(actions) => actions,
-            // A refused message may follow the replay of kept proposals: their actions go out.
-            Err(_) => self.take_actions(),
-        }
+        self.handle_message(message, now_ms, validate)
+            .unwrap_or_default()
     }
 
     /// A message from the network, from any author. Dropped with an error: non-members, bad
@@ -1085,9 +343,6 @@ impl ConsensusEngine {
         if !self.committee.contains(&author) {
             return Err(ConsensusError::NotMember(author));
         }
-        let Some(signature) = signature_of(&message) else {
-            return Err(ConsensusError::BadSignature(author));
-        };
         let (height, round) = (message.height(), message.round());
         let current = self.io.height;
         let current_round = self.round();
@@ -1103,78 +358,187 @@ impl ConsensusEngine {
         if height > current.saturating_add(FUTURE_HEIGHTS) {
             return Err(too_far);
         }
-        if let ConsensusMessage::Proposal { pol_round, .. } = &message {
-            if self.committee.proposer(height, round) != Some(author) {
-                return Err(ConsensusError::NotProposer {
-                    height,
-                    round,
-                    author,
-                });
+        match &message {
+            ConsensusMessage::Proposal { pol_round, .. } => {
+                if self.committee.proposer(height, round) != Some(author) {
+                    return Err(ConsensusError::NotProposer {
+                        height,
+                        round,
+                        author,
+                    });
+                }
+                if let Some(pol_round) = *pol_round
+                    && pol_round >= round
+                {
+                    return Err(ConsensusError::BadPolRound { round, pol_round });
+                }
             }
-            if let Some(pol_round) = *pol_round
-                && pol_round >= round
-            {
-                return Err(ConsensusError::BadPolRound { round, pol_round });
+            ConsensusMessage::Vote { .. } => {}
+            ConsensusMessage::PolkaCertificate { votes, .. } => {
+                if votes.is_empty() || votes.len() > self.committee.len() {
+                    return Err(ConsensusError::BadCertificate { height, round });
+                }
             }
         }
+        let signature = match message.signature() {
+            Some(_) => match signature_of(&message) {
+                Some(signature) => Some(signature),
+                None => return Err(ConsensusError::BadSignature(author)),
+            },
+            None => None,
+        };
 
         if height > current {
             if round > MAX_FUTURE_ROUND_LOOKAHEAD {
                 return Err(too_far);
             }
-            let count = self.future_per_author.entry((height, author)).or_insert(0);
-            if *count >= MAX_BUFFERED_PER_MEMBER {
+            if self
+                .future
+                .get(&height)
+                .is_some_and(|kept| kept.contains(&message))
+            {
+                return Ok(Vec::new());
+            }
+            let kept = self
+                .future_per_author
+                .get(&(height, author))
+                .copied()
+                .unwrap_or(0);
+            if kept >= MAX_BUFFERED_PER_MEMBER {
                 return Err(ConsensusError::BufferFull { height, author });
             }
             if !message.verify_signature() {
                 return Err(ConsensusError::BadSignature(author));
             }
-            *count += 1;
+            if let Some(certificate) = self.to_core_polka(&message)
+                && !self.polka_is_quorum(&certificate)
+            {
+                return Err(ConsensusError::BadCertificate { height, round });
+            }
+            self.future_per_author.insert((height, author), kept + 1);
             self.future.entry(height).or_default().push(message);
             return Ok(Vec::new());
         }
 
-        // Proposals kept from before this height started get the host's validation now; what
-        // they produce goes out with this call, or with the next one if this message is refused.
-        self.replay_pending(validate);
         if round > current_round.saturating_add(MAX_FUTURE_ROUND_LOOKAHEAD) {
             return Err(too_far);
         }
-        match message {
-            ConsensusMessage::Vote { .. } => {
+        // Proposals kept from before this height started get the host's validation once a
+        // message of the height is accepted (a refused message leaves them waiting).
+        match (message, signature) {
+            (message @ ConsensusMessage::Vote { .. }, Some(signature)) => {
                 let Some(vote) = self.to_core_vote(&message, signature.clone()) else {
-                    return Ok(self.take_actions());
+                    return Ok(Vec::new());
                 };
                 let duplicate = self
                     .core
                     .as_ref()
                     .is_some_and(|s| s.driver.votes().has_vote(&vote));
-                if duplicate {
-                    return Ok(self.take_actions());
+                if !duplicate {
+                    if !self
+                        .io
+                        .check(&author, core_vote_bytes(&vote.message), &signature.0)
+                    {
+                        return Err(ConsensusError::BadSignature(author));
+                    }
+                    self.replay_pending(validate);
+                    self.feed_vote(message, vote);
                 }
-                if !self
-                    .io
-                    .check(&author, core_vote_bytes(&vote.message), &signature.0)
-                {
-                    return Err(ConsensusError::BadSignature(author));
-                }
-                self.run(Input::Vote(vote));
             }
-            ConsensusMessage::Proposal {
-                pol_round, block, ..
-            } => {
+            (
+                ConsensusMessage::Proposal {
+                    pol_round, block, ..
+                },
+                Some(signature),
+            ) => {
                 let value = BlockValue::new(block);
-                if self.seen_proposals.contains(&(round, value.hash())) {
-                    return Ok(self.take_actions());
+                if !self.seen_proposals.contains(&(round, value.hash())) {
+                    let bytes = proposal_bytes(height, round, pol_round, &value.hash());
+                    if !self.io.check(&author, bytes, &signature.0) {
+                        return Err(ConsensusError::BadSignature(author));
+                    }
+                    self.replay_pending(validate);
+                    self.feed_proposal(round, pol_round, author, value, signature, validate);
                 }
-                let bytes = proposal_bytes(height, round, pol_round, &value.hash());
-                if !self.io.check(&author, bytes, &signature.0) {
-                    return Err(ConsensusError::BadSignature(author));
+            }
+            (message @ ConsensusMessage::PolkaCertificate { .. }, _) => {
+                let Some(certificate) = self.to_core_polka(&message) else {
+                    return Err(ConsensusError::BadCertificate { height, round });
+                };
+                let known = self.core.as_ref().is_some_and(|s| {
+                    s.polka_certificate(certificate.round, &certificate.value_id)
+                        .is_some()
+                });
+                if !known {
+                    if !self.polka_is_quorum(&certificate) {
+                        return Err(ConsensusError::BadCertificate { height, round });
+                    }
+                    self.replay_pending(validate);
+                    self.feed_polka(message, certificate);
                 }
-                self.feed_proposal(round, pol_round, author, value, signature, validate);
+            }
+            (_, None) => return Err(ConsensusError::BadSignature(author)),
+        }
+        self.replay_pending(validate);
+        Ok(self.take_actions())
+    }
+
+    /// The core's form of a polka certificate message (`None` for another message, or a
+    /// signature of the wrong length).
+    fn to_core_polka(&self, message: &ConsensusMessage) -> Option<PolkaCertificate<LoomContext>> {
+        let ConsensusMessage::PolkaCertificate {
+            height,
+            round,
+            block_hash,
+            votes,
+            ..
+        } = message
+        else {
+            return None;
+        };
+        let polka_signatures = votes
+            .iter()
+            .map(|(voter, signature)| {
+                let signature = <[u8; 64]>::try_from(signature.as_slice()).ok()?;
+                Some(PolkaSignature::new(Address(*voter), Signature(signature)))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(PolkaCertificate {
+            height: Height(*height),
+            round: Round::new(*round),
+            value_id: BlockId(*block_hash),
+            polka_signatures,
+        })
+    }
+
+    /// Whether a polka certificate holds valid prevotes of a quorum of distinct members.
+    fn polka_is_quorum(&mut self, certificate: &PolkaCertificate<LoomContext>) -> bool {
+        let message = vote_bytes(
+            VoteKind::Prevote,
+            certificate.height.0,
+            round_u32(certificate.round),
+            Some(&certificate.value_id.0),
+        );
+        let mut voters = BTreeSet::new();
+        for s in &certificate.polka_signatures {
+            if !self.committee.contains(&s.address.0)
+                || !voters.insert(s.address.0)
+                || !self.io.check(&s.address.0, message.clone(), &s.signature.0)
+            {
+                return false;
             }
         }
-        Ok(self.take_actions())
+        voters.len() >= self.committee.quorum()
+    }
+
+    /// A verified polka certificate of the current height, into the log and the core.
+    fn feed_polka(
+        &mut self,
+        message: ConsensusMessage,
+        certificate: PolkaCertificate<LoomContext>,
+    ) {
+        self.log(WalEntry::Message(message));
+        self.run(Input::PolkaCertificate(certificate));
     }
 
     /// A timer armed by [`ConsensusAction::ScheduleTimeout`] fired.
@@ -1186,24 +550,27 @@ impl ConsensusEngine {
         if self.io.armed.get(&(timeout.kind, timeout.round)) != Some(&timeout.seq) {
             return Vec::new();
         }
-        self.io.armed.remove(&(timeout.kind, timeout.round));
-        let kind = match timeout.kind {
-            TimeoutKind::Propose => CoreTimeoutKind::Propose,
-            TimeoutKind::Prevote => CoreTimeoutKind::Prevote,
-            TimeoutKind::Precommit => CoreTimeoutKind::Precommit,
-            TimeoutKind::Rebroadcast => CoreTimeoutKind::Rebroadcast,
-        };
-        self.run(Input::TimeoutElapsed(Timeout::new(
-            Round::new(timeout.round),
-            kind,
-        )));
+        self.elapse(timeout.kind, timeout.round);
         if timeout.kind == TimeoutKind::Rebroadcast
             && let Some(proposal) = &self.io.own_proposal
             && proposal.height() == self.io.height
             && proposal.round() == self.round()
         {
-            // The core re-sends our votes; the proposal of our round goes with them.
+            // The core re-sends our votes; the proposal of our round goes with them, after the
+            // proof of lock it relies on, if any.
             let proposal = proposal.clone();
+            if let ConsensusMessage::Proposal {
+                pol_round: Some(pol_round),
+                block,
+                ..
+            } = &proposal
+                && let Some(certificate) = self.core.as_ref().and_then(|s| {
+                    s.polka_certificate(Round::new(*pol_round), &BlockId(block.hash()))
+                })
+            {
+                let message = polka_message(certificate, self.io.me);
+                self.io.actions.push(ConsensusAction::Broadcast(message));
+            }
             self.io.actions.push(ConsensusAction::Broadcast(proposal));
         }
         self.take_actions()
@@ -1220,13 +587,141 @@ impl ConsensusEngine {
         now_ms: u64,
     ) -> Vec<ConsensusAction> {
         let _ = now_ms;
-        if !self.started
-            || height != self.io.height
-            || self.committee.proposer(height, round) != Some(self.io.me)
-            || verify_block(&block, self.previous.as_ref()).is_err()
-        {
+        if !self.started || height != self.io.height {
             return Vec::new();
         }
+        self.propose_block(round, block);
+        self.take_actions()
+    }
+
+    /// Recovers the current height after a restart: starts `height` like
+    /// [`Self::start_height`], then replays `wal` (what [`Self::wal`] held for that height before
+    /// the restart), so that this peer's votes and lock are what they were. The actions include
+    /// this peer's votes again (identical: signing is deterministic), and a
+    /// [`ConsensusAction::RequestValue`] only for a round whose block it had not proposed yet.
+    /// Entries that do not fit (another height, bad signature) are skipped. Only a fresh engine
+    /// (no height started yet) recovers; on another this does nothing.
+    pub fn recover(
+        &mut self,
+        height: u64,
+        previous: Option<&Block>,
+        committee: Committee,
+        wal: &[WalEntry],
+        now_ms: u64,
+    ) -> Vec<ConsensusAction> {
+        if self.started {
+            return Vec::new();
+        }
+        // The log restores exactly what was signed: no need to stay silent.
+        if self.restored.is_some_and(|w| w.height <= height) {
+            self.restored = None;
+        }
+        let mut actions = self.start_height(height, previous, committee, now_ms);
+        if !self.started || self.io.height != height {
+            return actions;
+        }
+        let proposed: BTreeSet<u32> = wal
+            .iter()
+            .filter_map(|entry| match entry {
+                WalEntry::Propose { round, .. } => Some(*round),
+                _ => None,
+            })
+            .collect();
+        for entry in wal {
+            self.replay(entry.clone());
+        }
+        actions.extend(self.take_actions());
+        actions.retain(|action| {
+            !matches!(action, ConsensusAction::RequestValue { height: h, round }
+                if *h == height && proposed.contains(round))
+        });
+        actions
+    }
+
+    /// One logged input, fed again.
+    fn replay(&mut self, entry: WalEntry) {
+        let height = self.io.height;
+        match entry {
+            WalEntry::Message(message) => {
+                let author = message.author();
+                if message.height() != height
+                    || !self.committee.contains(&author)
+                    || !message.verify_signature()
+                {
+                    return;
+                }
+                if let Some(certificate) = self.to_core_polka(&message) {
+                    if self.polka_is_quorum(&certificate) {
+                        self.feed_polka(message, certificate);
+                    }
+                    return;
+                }
+                let (Some(signature), Some(bytes)) =
+                    (signature_of(&message), message.signing_bytes())
+                else {
+                    return;
+                };
+                self.io.remember(signature.0, bytes);
+                if let Some(vote) = self.to_core_vote(&message, signature) {
+                    self.feed_vote(message, vote);
+                }
+            }
+            WalEntry::Proposal { message, valid } => {
+                let Some(signature) = signature_of(&message) else {
+                    return;
+                };
+                let author = message.author();
+                if message.height() != height
+                    || self.committee.proposer(height, message.round()) != Some(author)
+                    || !message.verify_signature()
+                {
+                    return;
+                }
+                let ConsensusMessage::Proposal {
+                    round,
+                    pol_round,
+                    block,
+                    ..
+                } = message
+                else {
+                    return;
+                };
+                let value = BlockValue::new(block);
+                if self.seen_proposals.len() < MAX_SEEN_PROPOSALS {
+                    self.seen_proposals.insert((round, value.hash()));
+                }
+                if self.validity.len() < MAX_VALIDITY {
+                    self.validity.insert(value.hash(), valid);
+                }
+                self.io.remember(
+                    signature.0,
+                    proposal_bytes(height, round, pol_round, &value.hash()),
+                );
+                self.apply_proposal(round, pol_round, author, value, signature, valid);
+            }
+            WalEntry::Timeout { kind, round } => {
+                // It fired before the restart; the timer armed again by the replay must not
+                // fire it twice.
+                self.io.armed.remove(&(kind, round));
+                self.elapse(kind, round);
+            }
+            WalEntry::Propose { round, block } => self.propose_block(round, block),
+        }
+    }
+
+    /// This peer's block for `round` of the current height, if it is that round's proposer and
+    /// the block chains.
+    fn propose_block(&mut self, round: u32, block: Block) {
+        let height = self.io.height;
+        if self.committee.proposer(height, round) != Some(self.io.me)
+            || verify_block(&block, self.previous.as_ref()).is_err()
+        {
+            return;
+        }
+        self.log(WalEntry::Propose {
+            round,
+            block: block.clone(),
+        });
         let value = BlockValue::new(block);
         if self.seen_proposals.len() < MAX_SEEN_PROPOSALS {
             self.seen_proposals.insert((round, value.hash()));
@@ -1236,7 +731,35 @@ impl ConsensusEngine {
             Round::new(round),
             value,
         )));
-        self.take_actions()
+    }
+
+    /// A timeout of the current height, into the core (logged unless it only re-sends).
+    fn elapse(&mut self, kind: TimeoutKind, round: u32) {
+        let core_kind = match kind {
+            TimeoutKind::Propose => CoreTimeoutKind::Propose,
+            TimeoutKind::Prevote => CoreTimeoutKind::Prevote,
+            TimeoutKind::Precommit => CoreTimeoutKind::Precommit,
+            TimeoutKind::Rebroadcast => CoreTimeoutKind::Rebroadcast,
+        };
+        if kind != TimeoutKind::Rebroadcast {
+            self.log(WalEntry::Timeout { kind, round });
+        }
+        self.run(Input::TimeoutElapsed(Timeout::new(
+            Round::new(round),
+            core_kind,
+        )));
+    }
+
+    fn log(&mut self, entry: WalEntry) {
+        if self.wal.len() < MAX_WAL_ENTRIES {
+            self.wal.push(entry);
+        }
+    }
+
+    /// A verified vote of the current height, into the log and the core.
+    fn feed_vote(&mut self, message: ConsensusMessage, vote: SignedVote<LoomContext>) {
+        self.log(WalEntry::Message(message));
+        self.run(Input::Vote(vote));
     }
 
     fn to_core_vote(
@@ -1330,6 +853,32 @@ impl ConsensusEngine {
                 valid
             }
         };
+        self.apply_proposal(round, pol_round, proposer, value, signature, valid);
+    }
+
+    /// A verified proposal with its validity, into the log and the core: the signed proposal,
+    /// then the block with its validity.
+    fn apply_proposal(
+        &mut self,
+        round: u32,
+        pol_round: Option<u32>,
+        proposer: PeerKey,
+        value: BlockValue,
+        signature: Signature,
+        valid: bool,
+    ) {
+        let height = self.io.height;
+        self.log(WalEntry::Proposal {
+            message: ConsensusMessage::Proposal {
+                height,
+                round,
+                pol_round,
+                block: value.block().clone(),
+                proposer,
+                signature: signature.0.to_vec(),
+            },
+            valid,
+        });
         let pol = pol_round.map_or(Round::Nil, Round::new);
         let proposal = Proposal {
             height: Height(height),
@@ -1387,7 +936,7 @@ impl ConsensusEngine {
                 .actions
                 .push(ConsensusAction::Decided { block, certificate });
         }
-        // A restarted peer votes again once past the last round it signed in before.
+        // A peer restored from a watermark votes again once past the round it last signed in.
         if let Some(mark) = self.restored {
             let past = state.height().0 > mark.height
                 || (state.height().0 == mark.height

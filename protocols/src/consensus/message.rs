@@ -5,7 +5,9 @@
 //! its value cannot be voted on); its signature covers the block's hash, not the block. A vote
 //! carries the hash it votes for, or nothing for nil. Signatures are ed25519 by the message's
 //! author over [`proposal_bytes`] or [`vote_bytes`]; precommit signatures are exactly what a
-//! [`QuorumCertificate`](crate::ledger::QuorumCertificate) collects.
+//! [`QuorumCertificate`](crate::ledger::QuorumCertificate) collects. A polka certificate is a
+//! quorum of prevotes for one block, relayed whole: a receiver that already holds another prevote
+//! of a byzantine voter would drop that voter's prevote if it came alone, and miss the polka.
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -76,6 +78,20 @@ pub enum ConsensusMessage {
         /// ed25519 over [`vote_bytes`].
         signature: Vec<u8>,
     },
+    /// A quorum of prevotes for one block in one round (a "polka"), as a whole. Sent with the
+    /// re-proposal of a block, so that every member can accept it.
+    PolkaCertificate {
+        /// The height.
+        height: u64,
+        /// The round of the prevotes.
+        round: u32,
+        /// The block they prevoted.
+        block_hash: BlobHash,
+        /// (voter, ed25519 over the prevote's [`vote_bytes`]).
+        votes: Vec<(PeerKey, Vec<u8>)>,
+        /// Who sent it; not signed: the prevotes are the proof.
+        sender: PeerKey,
+    },
 }
 
 impl ConsensusMessage {
@@ -126,34 +142,40 @@ impl ConsensusMessage {
     /// The height the message is for.
     pub fn height(&self) -> u64 {
         match self {
-            Self::Proposal { height, .. } | Self::Vote { height, .. } => *height,
+            Self::Proposal { height, .. }
+            | Self::Vote { height, .. }
+            | Self::PolkaCertificate { height, .. } => *height,
         }
     }
 
     /// The round the message is for.
     pub fn round(&self) -> u32 {
         match self {
-            Self::Proposal { round, .. } | Self::Vote { round, .. } => *round,
+            Self::Proposal { round, .. }
+            | Self::Vote { round, .. }
+            | Self::PolkaCertificate { round, .. } => *round,
         }
     }
 
-    /// Who signed it (the proposer or the voter).
+    /// Who sent it: the proposer, the voter, or the sender of a certificate.
     pub fn author(&self) -> PeerKey {
         match self {
             Self::Proposal { proposer, .. } => *proposer,
             Self::Vote { voter, .. } => *voter,
+            Self::PolkaCertificate { sender, .. } => *sender,
         }
     }
 
-    /// The signature as sent.
-    pub fn signature(&self) -> &[u8] {
+    /// The author's signature (a certificate has one per prevote instead).
+    pub fn signature(&self) -> Option<&[u8]> {
         match self {
-            Self::Proposal { signature, .. } | Self::Vote { signature, .. } => signature,
+            Self::Proposal { signature, .. } | Self::Vote { signature, .. } => Some(signature),
+            Self::PolkaCertificate { .. } => None,
         }
     }
 
     /// The bytes the author signed (for a proposal this hashes the block).
-    pub fn signing_bytes(&self) -> Vec<u8> {
+    pub fn signing_bytes(&self) -> Option<Vec<u8>> {
         match self {
             Self::Proposal {
                 height,
@@ -161,20 +183,39 @@ impl ConsensusMessage {
                 pol_round,
                 block,
                 ..
-            } => proposal_bytes(*height, *round, *pol_round, &block.hash()),
+            } => Some(proposal_bytes(*height, *round, *pol_round, &block.hash())),
             Self::Vote {
                 kind,
                 height,
                 round,
                 value,
                 ..
-            } => vote_bytes(*kind, *height, *round, value.as_ref()),
+            } => Some(vote_bytes(*kind, *height, *round, value.as_ref())),
+            Self::PolkaCertificate { .. } => None,
         }
     }
 
-    /// Whether the signature is the author's over [`Self::signing_bytes`].
+    /// Whether the author's signature is valid; for a certificate, whether every prevote's is
+    /// (membership and quorum are the engine's to check, against its committee).
     pub fn verify_signature(&self) -> bool {
-        verify(&self.author(), &self.signing_bytes(), self.signature())
+        match self {
+            Self::PolkaCertificate {
+                height,
+                round,
+                block_hash,
+                votes,
+                ..
+            } => {
+                let message = vote_bytes(VoteKind::Prevote, *height, *round, Some(block_hash));
+                votes
+                    .iter()
+                    .all(|(voter, signature)| verify(voter, &message, signature))
+            }
+            _ => match (self.signing_bytes(), self.signature()) {
+                (Some(bytes), Some(signature)) => verify(&self.author(), &bytes, signature),
+                _ => false,
+            },
+        }
     }
 
     /// Wire bytes.

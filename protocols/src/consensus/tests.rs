@@ -24,6 +24,9 @@ fn config() -> ConsensusConfig {
         .with_round_delta_ms(50)
 }
 
+/// Whether to lose a message (from, to, message).
+type DropFilter = Box<dyn FnMut(usize, usize, &ConsensusMessage) -> bool>;
+
 /// Peers on virtual time: messages are delivered in order, timers fire when nothing is in flight.
 struct Net {
     keys: Vec<SigningKey>,
@@ -37,7 +40,7 @@ struct Net {
     down: BTreeSet<usize>,
     target_height: u64,
     /// Whether to lose a message (from, to, message).
-    drop: Box<dyn FnMut(usize, usize, &ConsensusMessage) -> bool>,
+    drop: DropFilter,
 }
 
 impl Net {
@@ -444,74 +447,120 @@ fn a_byzantine_double_vote_does_not_break_agreement() {
     }
 }
 
-#[test]
-fn a_restored_watermark_keeps_a_restarted_peer_from_signing_again_in_its_rounds() {
-    let committee = Committee::new((1..=4).map(|s| key(s).verifying_key().to_bytes()).collect());
-    let proposer = committee.proposer(0, 0).expect("proposer");
-    let me = (1..=4u8)
-        .find(|s| key(*s).verifying_key().to_bytes() != proposer)
-        .expect("a non-proposer");
-    let mut engine = ConsensusEngine::new(key(me), config());
-    let actions = engine.start_height(0, None, committee.clone(), 0);
-    // Time out round 0 until it prevotes nil: the watermark records it.
-    let propose = actions.iter().find_map(|a| match a {
-        ConsensusAction::ScheduleTimeout { key, .. } if key.kind == TimeoutKind::Propose => {
-            Some(*key)
-        }
-        _ => None,
-    });
-    if let Some(timeout) = propose {
-        engine.on_timeout(timeout, 300);
-    }
-    let mark = engine.signing_watermark().expect("signed in round 0");
-    assert_eq!(
-        mark,
-        SigningWatermark {
-            height: 0,
-            round: 0
-        }
-    );
+/// Own votes among `actions`.
+fn own_votes(actions: &[ConsensusAction], me: &PeerKey) -> Vec<ConsensusMessage> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            ConsensusAction::Broadcast(m @ ConsensusMessage::Vote { voter, .. }) if voter == me => {
+                Some(m.clone())
+            }
+            _ => None,
+        })
+        .collect()
+}
 
-    // After a restart with the watermark, round 0 passes without any signature.
-    let mut restarted = ConsensusEngine::new(key(me), config());
-    restarted.restore_signing_watermark(mark);
-    let mut actions = restarted.start_height(0, None, committee.clone(), 0);
-    let mut now = 0;
-    let mut voted_in_round_zero = false;
-    for _ in 0..50 {
-        let mut next = Vec::new();
-        for action in &actions {
-            match action {
-                ConsensusAction::Broadcast(m) if m.round() == 0 && m.height() == 0 => {
-                    voted_in_round_zero = true;
-                }
-                ConsensusAction::ScheduleTimeout { key, after_ms } => {
-                    now += after_ms;
-                    next.extend(restarted.on_timeout(*key, now));
-                }
-                _ => {}
-            }
-        }
-        // Other members' nil precommits of round 0 move it to round 1.
-        if restarted.round() == 0 {
-            for s in (1..=4u8).filter(|s| *s != me) {
-                next.extend(restarted.on_message(
-                    ConsensusMessage::signed_vote(&key(s), VoteKind::Precommit, 0, 0, None),
-                    now,
-                    &mut |_| true,
-                ));
-            }
-        }
-        actions = next;
-        if restarted.round() >= 1 && restarted.signing_watermark() > Some(mark) {
-            break;
+/// Nil precommits of round 0 from `others`, then the precommit timeout: the engine enters round 1.
+fn nil_round_zero(engine: &mut ConsensusEngine, others: &[SigningKey]) {
+    let mut actions = Vec::new();
+    for k in others {
+        let nil = ConsensusMessage::signed_vote(k, VoteKind::Precommit, 0, 0, None);
+        actions.extend(engine.on_message(nil, 0, &mut |_| true));
+    }
+    for action in actions {
+        if let ConsensusAction::ScheduleTimeout { key, .. } = action
+            && key.kind == TimeoutKind::Precommit
+        {
+            engine.on_timeout(key, 1_000);
         }
     }
-    assert!(
-        !voted_in_round_zero,
-        "no signature at or below the watermark"
+    assert_eq!(engine.round(), 1);
+}
+
+#[test]
+fn a_restarted_peer_replays_its_log_and_keeps_its_votes_and_its_lock() {
+    let keys: Vec<SigningKey> = (1..=4).map(key).collect();
+    let committee = Committee::new(keys.iter().map(|k| k.verifying_key().to_bytes()).collect());
+    let key_of = |peer: PeerKey| {
+        keys.iter()
+            .find(|k| k.verifying_key().to_bytes() == peer)
+            .cloned()
+            .expect("a member")
+    };
+    let (p0, p1) = (
+        committee.proposer(0, 0).expect("proposer"),
+        committee.proposer(0, 1).expect("proposer"),
     );
-    assert!(restarted.round() >= 1);
+    let me_key = keys
+        .iter()
+        .find(|k| ![p0, p1].contains(&k.verifying_key().to_bytes()))
+        .cloned()
+        .expect("a member proposing neither round");
+    let me = me_key.verifying_key().to_bytes();
+    let others: Vec<SigningKey> = keys.iter().filter(|k| **k != me_key).cloned().collect();
+    let block = |proposer: PeerKey, timestamp_unix_ms: u64| Block {
+        height: 0,
+        prev_hash: [0; 32],
+        proposer,
+        timestamp_unix_ms,
+        entries: vec![],
+    };
+
+    // Round 0: a proposal for A and two other prevotes for it: this peer prevotes A, sees the
+    // polka, precommits A and locks on it.
+    let a = block(p0, 1);
+    let mut engine = ConsensusEngine::new(me_key.clone(), config());
+    let mut sent = engine.start_height(0, None, committee.clone(), 0);
+    let proposal_a = ConsensusMessage::signed_proposal(&key_of(p0), 0, 0, None, a.clone());
+    sent.extend(engine.on_message(proposal_a, 0, &mut |_| true));
+    for k in others
+        .iter()
+        .filter(|k| k.verifying_key().to_bytes() != p1)
+        .take(2)
+    {
+        let prevote = ConsensusMessage::signed_vote(k, VoteKind::Prevote, 0, 0, Some(a.hash()));
+        sent.extend(engine.on_message(prevote, 0, &mut |_| true));
+    }
+    let before = own_votes(&sent, &me);
+    assert!(before.contains(&ConsensusMessage::signed_vote(
+        &me_key,
+        VoteKind::Precommit,
+        0,
+        0,
+        Some(a.hash())
+    )));
+
+    // The peer restarts: replaying its log gives back exactly the votes it had sent.
+    let wal = engine.wal().to_vec();
+    let encoded: Vec<Vec<u8>> = wal.iter().map(WalEntry::to_bytes).collect();
+    let decoded: Vec<WalEntry> = encoded
+        .iter()
+        .map(|b| WalEntry::from_bytes(b).expect("decodes"))
+        .collect();
+    assert_eq!(decoded, wal);
+    let mut restarted = ConsensusEngine::new(me_key.clone(), config());
+    let replayed = restarted.recover(0, None, committee.clone(), &decoded, 0);
+    assert_eq!(own_votes(&replayed, &me), before);
+
+    // Round 1 proposes B without a proof of lock. The restarted peer is still locked on A and
+    // prevotes nil, as the original would; a peer that forgot its lock would prevote B.
+    let b = block(p1, 2);
+    let proposal_b = ConsensusMessage::signed_proposal(&key_of(p1), 0, 1, None, b.clone());
+    let mut amnesiac = ConsensusEngine::new(me_key.clone(), config());
+    amnesiac.start_height(0, None, committee.clone(), 0);
+    for (engine, expected) in [
+        (&mut engine, None),
+        (&mut restarted, None),
+        (&mut amnesiac, Some(b.hash())),
+    ] {
+        nil_round_zero(engine, &others);
+        let actions = engine.on_message(proposal_b.clone(), 1_000, &mut |_| true);
+        let prevote = ConsensusMessage::signed_vote(&me_key, VoteKind::Prevote, 0, 1, expected);
+        assert!(
+            own_votes(&actions, &me).contains(&prevote),
+            "expected prevote {expected:?}: {actions:?}"
+        );
+    }
 }
 
 #[test]
@@ -533,4 +582,132 @@ fn a_decided_pair_with_a_bad_certificate_is_refused() {
     let mut other_block = block.clone();
     other_block.timestamp_unix_ms += 1;
     assert!(verify_decided(&other_block, &certificate, None, &net.committee).is_err());
+}
+
+#[test]
+fn a_polka_relayed_whole_counts_even_against_an_equivocators_other_prevote() {
+    // Members by rotation: m[0] proposes round 0, m[1] round 1; this peer is m[2]; m[3] is
+    // byzantine. Round 0: this peer missed the proposal of A and prevoted nil; the byzantine
+    // member prevoted nil to it but A to the others, who saw a polka for A. Round 1: m[1]
+    // re-proposes A with that polka.
+    let committee = Committee::new((1..=4).map(|s| key(s).verifying_key().to_bytes()).collect());
+    let m: Vec<SigningKey> = committee
+        .members()
+        .iter()
+        .map(|pk| {
+            (1..=4)
+                .map(key)
+                .find(|k| &k.verifying_key().to_bytes() == pk)
+                .expect("a member")
+        })
+        .collect();
+    let me = m[2].verifying_key().to_bytes();
+    let a = Block {
+        height: 0,
+        prev_hash: [0; 32],
+        proposer: m[0].verifying_key().to_bytes(),
+        timestamp_unix_ms: 5,
+        entries: vec![],
+    };
+    let prevote =
+        |k: &SigningKey, value| ConsensusMessage::signed_vote(k, VoteKind::Prevote, 0, 0, value);
+    let run_round_one = |whole: bool| {
+        let mut engine = ConsensusEngine::new(m[2].clone(), config());
+        let actions = engine.start_height(0, None, committee.clone(), 0);
+        for action in actions {
+            if let ConsensusAction::ScheduleTimeout { key, .. } = action
+                && key.kind == TimeoutKind::Propose
+            {
+                engine.on_timeout(key, 300);
+            }
+        }
+        for message in [
+            prevote(&m[3], None),
+            prevote(&m[0], Some(a.hash())),
+            prevote(&m[1], Some(a.hash())),
+        ] {
+            engine.on_message(message, 300, &mut |_| true);
+        }
+        nil_round_zero(&mut engine, &[m[0].clone(), m[1].clone(), m[3].clone()]);
+        let polka = [&m[0], &m[1], &m[3]].map(|k| prevote(k, Some(a.hash())));
+        let mut actions = Vec::new();
+        if whole {
+            let certificate = ConsensusMessage::PolkaCertificate {
+                height: 0,
+                round: 0,
+                block_hash: a.hash(),
+                votes: polka
+                    .iter()
+                    .map(|v| (v.author(), v.signature().unwrap_or_default().to_vec()))
+                    .collect(),
+                sender: m[1].verifying_key().to_bytes(),
+            };
+            actions.extend(
+                engine
+                    .handle_message(certificate, 1_000, &mut |_| true)
+                    .expect("a valid certificate"),
+            );
+        } else {
+            for vote in polka {
+                actions.extend(engine.on_message(vote, 1_000, &mut |_| true));
+            }
+        }
+        let reproposal = ConsensusMessage::signed_proposal(&m[1], 0, 1, Some(0), a.clone());
+        actions.extend(engine.on_message(reproposal, 1_000, &mut |_| true));
+        own_votes(&actions, &me)
+    };
+    let accept = ConsensusMessage::signed_vote(&m[2], VoteKind::Prevote, 0, 1, Some(a.hash()));
+    let refuse = ConsensusMessage::signed_vote(&m[2], VoteKind::Prevote, 0, 1, None);
+    // Vote by vote, the byzantine member's prevote for A is dropped as a conflict: no polka.
+    assert!(!run_round_one(false).contains(&accept));
+    // As a whole, the certificate proves the polka: this peer prevotes the re-proposal.
+    let votes = run_round_one(true);
+    assert!(votes.contains(&accept), "{votes:?}");
+    assert!(!votes.contains(&refuse));
+}
+
+#[test]
+fn a_polka_certificate_short_of_a_quorum_or_forged_is_refused() {
+    let committee = Committee::new((1..=4).map(|s| key(s).verifying_key().to_bytes()).collect());
+    let mut engine = ConsensusEngine::new(key(1), config());
+    engine.start_height(0, None, committee, 0);
+    let hash = [3; 32];
+    let signed = |s: u8| {
+        let vote = ConsensusMessage::signed_vote(&key(s), VoteKind::Prevote, 0, 0, Some(hash));
+        (vote.author(), vote.signature().unwrap_or_default().to_vec())
+    };
+    let certificate = |votes: Vec<(PeerKey, Vec<u8>)>| ConsensusMessage::PolkaCertificate {
+        height: 0,
+        round: 0,
+        block_hash: hash,
+        votes,
+        sender: key(2).verifying_key().to_bytes(),
+    };
+    let refused = ConsensusError::BadCertificate {
+        height: 0,
+        round: 0,
+    };
+    let mut engine_says = |message| engine.handle_message(message, 0, &mut |_| true).map(|_| ());
+    assert_eq!(
+        engine_says(certificate(vec![signed(2), signed(3)])),
+        Err(refused.clone())
+    );
+    assert_eq!(
+        engine_says(certificate(vec![signed(2), signed(3), signed(3)])),
+        Err(refused.clone())
+    );
+    let mut forged = signed(4);
+    forged.1[0] ^= 1;
+    assert_eq!(
+        engine_says(certificate(vec![signed(2), signed(3), forged])),
+        Err(refused.clone())
+    );
+    assert_eq!(
+        engine_says(certificate(vec![signed(2), signed(3), signed(9)])),
+        Err(refused)
+    );
+    assert_eq!(
+        engine_says(certificate(vec![signed(2), signed(3), signed(4)])),
+        Ok(())
+    );
 }
