@@ -21,7 +21,18 @@
 #   (b) c, behind the symmetric NAT, stays reachable through the relay;
 #   (c) pub has a public address and connects directly.
 #
-# Usage: nat-lab.sh [--bin PATH] [--repeat N] [--timeout SECS] [--delay-ms MS] [--keep]
+# Scenarios (--scenario):
+#   nat      (default) the claims above;
+#   defense  a and b run with --ebpf on: after a speedtest from b, a's kernel byte count for b
+#            agrees with its libp2p count within 10 % (IP/TCP or UDP/QUIC headers, framing,
+#            retransmits); a bans b: b's addresses reach a's XDP drop list (time printed) and its
+#            packets are counted as drops; a unbans b and they connect again;
+#   fleet    a and c are enrolled in a private fleet, b is not: b dials both through the relay
+#            and is refused by both; a and c (c behind the symmetric NAT, so through the relay)
+#            train testnet/lab-job.yaml together and end with the same model.
+#
+# Usage: nat-lab.sh [--bin PATH] [--scenario nat|defense|fleet] [--repeat N] [--timeout SECS]
+#                   [--delay-ms MS] [--keep]
 # Exit status: 0 when every run passed, 1 when any failed, 77 when it cannot run here (not root,
 # tools missing): callers must report that as skipped, never as passed.
 set -euo pipefail
@@ -31,6 +42,7 @@ REPEAT=1
 TIMEOUT=45
 DELAY_MS=10
 KEEP=0
+SCENARIO=nat
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 while [ $# -gt 0 ]; do
@@ -40,7 +52,8 @@ while [ $# -gt 0 ]; do
     --timeout) TIMEOUT="$2"; shift 2 ;;
     --delay-ms) DELAY_MS="$2"; shift 2 ;;
     --keep) KEEP=1; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    --scenario) SCENARIO="$2"; shift 2 ;;
+    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
     *) echo "nat-lab: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -180,14 +193,18 @@ build_lab() {
   fi
 }
 
-# start_peer NS extra-args...
-start_peer() {
+# start_peer NS extra-args...   (start_peer_cmd NS SUBCOMMAND... -- extra-args...)
+start_peer() { local ns="$1"; shift; start_peer_cmd "$ns" run -- "$@"; }
+start_peer_cmd() {
   local ns="$1"; shift
+  local sub=()
+  while [ "$1" != "--" ]; do sub+=("$1"); shift; done
+  shift
   local dir="$WORK/$ns"
   mkdir -p "$dir"
   # `ip netns exec` itself in the background (not the nsx function, which would fork a
   # subshell): $! is then the peer's own pid, since ip and env exec into it.
-  ip netns exec "$P$ns" env RUST_LOG="${LOOM_LAB_LOG:-info}" "$BIN" --data-dir "$dir" run \
+  ip netns exec "$P$ns" env RUST_LOG="${LOOM_LAB_LOG:-info}" "$BIN" --data-dir "$dir" "${sub[@]}" \
     --listen /ip4/0.0.0.0/tcp/4001,/ip4/0.0.0.0/udp/4001/quic-v1 \
     --no-mdns --metrics-addr off --api-addr 127.0.0.1:0 --heartbeat-interval 500ms \
     --relay-grace 1s "$@" >"$dir/peer.log" 2>&1 &
@@ -196,6 +213,111 @@ start_peer() {
 }
 
 status_json() { nsx "$1" "$BIN" --data-dir "$WORK/$1" status --json 2>/dev/null || echo '{}'; }
+
+# Prints the verdict of a scenario and the logs on failure; returns its status.
+finish() {
+  local result="$1" verdict="$2" secs
+  secs=$(python3 -c "import time; print(f'{time.time() - $t0:.1f}')")
+  echo "$verdict" | sed "s/^/  run $run: /"
+  if [ "$result" -eq 0 ]; then
+    echo "run $run: PASS in ${secs}s"
+  else
+    echo "run $run: FAIL after ${secs}s (logs in $WORK)"
+    for ns in relay pub a b c; do
+      [ -f "$WORK/$ns/peer.log" ] || continue
+      echo "--- $ns: last log lines"; tail -n 15 "$WORK/$ns/peer.log" | sed 's/^/    /'
+    done
+    FAILED=1
+  fi
+  return "$result"
+}
+
+# wait_for SECS PYTHON-EXPRESSION-SCRIPT: polls `python3 $HERE/defense_check.py <check>` until it
+# exits 0 or the time is up; its last output is in $verdict.
+wait_check() {
+  local secs="$1"; shift
+  local until=$(( $(date +%s) + secs ))
+  while :; do
+    verdict=$("$@") && return 0
+    [ "$(date +%s)" -ge "$until" ] && return 1
+    sleep 0.2
+  done
+}
+
+check() { python3 "$HERE/defense_check.py" "$ids" "$@"; }
+
+scenario_defense() {
+  for ns in pub c; do start_peer "$ns" --bootstrap "$relay_addr"; done
+  for ns in a b; do start_peer "$ns" --bootstrap "$relay_addr" --ebpf on --ebpf-iface eth0; done
+  local lines=()
+  wait_check "$TIMEOUT" eval 'check connected "$(status_json a)" a b' || {
+    finish 1 "a and b never connected: $verdict"; return 1; }
+  lines+=("$verdict")
+  # A bulk transfer from b to a, then a's kernel and libp2p byte counts for b.
+  local speed
+  speed=$(nsx a "$BIN" --data-dir "$WORK/a" speedtest "${ID[b]}" --mb 16 --json 2>&1) || {
+    sleep 11; speed=$(nsx a "$BIN" --data-dir "$WORK/a" speedtest "${ID[b]}" --mb 16 --json 2>&1); } || {
+    finish 1 "speedtest failed: $speed"; return 1; }
+  lines+=("speedtest b->a: $speed")
+  wait_check 10 eval 'check bytes-agree "$(status_json a)" a b' || { finish 1 "$(printf '%s\n' "${lines[@]}" "$verdict")"; return 1; }
+  lines+=("$verdict")
+  # Ban: b's addresses on a's drop list, b's packets dropped.
+  local t_ban t_listed
+  t_ban=$(date +%s.%N)
+  nsx a "$BIN" --data-dir "$WORK/a" ban "${ID[b]}" --reason "lab" >/dev/null
+  wait_check 10 eval 'check drop-listed "$(status_json a)" a b' || { finish 1 "$(printf '%s\n' "${lines[@]}" "$verdict")"; return 1; }
+  t_listed=$(python3 -c "import time; print(f'{time.time() - $t_ban:.2f}')")
+  lines+=("$verdict; on the drop list ${t_listed}s after the ban")
+  # b keeps trying (its dials, its QUIC packets): they are dropped at XDP and counted.
+  wait_check "$TIMEOUT" eval 'check dropping "$(status_json a)" a b' || { finish 1 "$(printf '%s\n' "${lines[@]}" "$verdict")"; return 1; }
+  lines+=("$verdict")
+  nsx a "$BIN" --data-dir "$WORK/a" unban "${ID[b]}" >/dev/null
+  wait_check "$TIMEOUT" eval 'check reconnected "$(status_json a)" a b' || { finish 1 "$(printf '%s\n' "${lines[@]}" "$verdict")"; return 1; }
+  lines+=("$verdict")
+  finish 0 "$(printf '%s\n' "${lines[@]}")"
+}
+
+scenario_fleet() {
+  local key="$WORK/fleet.key"
+  "$BIN" --data-dir "$WORK/relay" fleet init --key "$key" >/dev/null
+  for ns in a c; do
+    "$BIN" fleet enroll "${ID[$ns]}" --key "$key" --out "$WORK/$ns.fleet" 2>/dev/null
+  done
+  local job="$HERE/lab-job.yaml" lines=()
+  local FLEET_A="--fleet $WORK/a.fleet" FLEET_C="--fleet $WORK/c.fleet"
+  [ -n "${LAB_NOFLEET:-}" ] && FLEET_A="" && FLEET_C=""
+  start_peer pub --bootstrap "$relay_addr"
+  # Members know each other's PeerIds (the owner enrolled them) and reach each other through the
+  # relay's circuits; the relay itself is not enrolled and carries only relayed bytes.
+  local via="/ip4/198.51.100.10/tcp/4001/p2p/${ID[relay]}/p2p-circuit/p2p"
+  start_peer_cmd a train --manifest "$job" -- --bootstrap "$relay_addr" --bootstrap "$via/${ID[c]}" \
+    $FLEET_A --genesis lab-fleet
+  start_peer_cmd c train --manifest "$job" -- --bootstrap "$relay_addr" --bootstrap "$via/${ID[a]}" \
+    $FLEET_C
+  # The stranger dials both members through the relay.
+  start_peer b --bootstrap "$relay_addr" \
+    --bootstrap "/ip4/198.51.100.10/tcp/4001/p2p/${ID[relay]}/p2p-circuit/p2p/${ID[a]}" \
+    --bootstrap "/ip4/198.51.100.10/tcp/4001/p2p/${ID[relay]}/p2p-circuit/p2p/${ID[c]}"
+  wait_check "$TIMEOUT" eval 'check fleet-admitted "$(status_json a)" a c' || { finish 1 "$verdict"; return 1; }
+  lines+=("$verdict")
+  wait_check "$TIMEOUT" eval 'check fleet-refused "$(status_json a)" a b && check fleet-refused "$(status_json c)" c b' || {
+    finish 1 "$(printf '%s\n' "${lines[@]}" "$verdict")"; return 1; }
+  lines+=("$(check fleet-refused "$(status_json a)" a b)" "$(check fleet-refused "$(status_json c)" c b)")
+  # Training to the end: both summaries, the same final model.
+  local until=$(( $(date +%s) + TIMEOUT * 4 ))
+  until [ -f "$WORK/a/jobs"/*/summary.json ] 2>/dev/null && [ -f "$WORK/c/jobs"/*/summary.json ] 2>/dev/null; do
+    if [ "$(date +%s)" -ge "$until" ]; then
+      for ns in a c; do status_json "$ns" >"$WORK/$ns/status-at-failure.json"; done
+      finish 1 "$(printf '%s\n' "${lines[@]}" "training did not finish (status in $WORK/{a,c}/status-at-failure.json)")"
+      return 1
+    fi
+    sleep 1
+  done
+  verdict=$(python3 "$HERE/defense_check.py" "$ids" trained "$WORK/a/jobs" "$WORK/c/jobs") || {
+    finish 1 "$(printf '%s\n' "${lines[@]}" "$verdict")"; return 1; }
+  lines+=("$verdict")
+  finish 0 "$(printf '%s\n' "${lines[@]}")"
+}
 
 run_once() {
   local run="$1" t0 deadline
@@ -210,12 +332,16 @@ run_once() {
   local relay_addr="/ip4/198.51.100.10/tcp/4001/p2p/${ID[relay]}"
   start_peer relay --relay-server \
     --external-address /ip4/198.51.100.10/tcp/4001,/ip4/198.51.100.10/udp/4001/quic-v1
-  for ns in pub a b c; do start_peer "$ns" --bootstrap "$relay_addr"; done
   local ids
   ids=$(printf '{"relay":"%s","pub":"%s","a":"%s","b":"%s","c":"%s"}' \
     "${ID[relay]}" "${ID[pub]}" "${ID[a]}" "${ID[b]}" "${ID[c]}")
   deadline=$(( $(date +%s) + TIMEOUT ))
   local verdict="" result=1
+  case "$SCENARIO" in
+    defense) scenario_defense; return $? ;;
+    fleet) scenario_fleet; return $? ;;
+  esac
+  for ns in pub a b c; do start_peer "$ns" --bootstrap "$relay_addr"; done
   while :; do
     sleep 1
     verdict=$(python3 "$HERE/lab_check.py" "$ids" "$(status_json a)" "$(status_json b)" "$(status_json c)" \

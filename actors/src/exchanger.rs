@@ -240,6 +240,9 @@ pub struct ExchangerState {
     finished: bool,
     seen_future: bool,
     last_state: Option<(u64, ModelState)>,
+    /// This peer's commitment of the open round and when it was last published: republished
+    /// until the round closes, so peers that connect (or are admitted) after it went out hear it.
+    own_commit: Option<(u64, u64, loom_protocols::contribution::SignedCommitment)>,
     /// Size of this job's snapshots.
     snapshot_len: u64,
 }
@@ -294,6 +297,7 @@ impl Actor for ExchangerActor {
             finished: false,
             seen_future: false,
             last_state: None,
+            own_commit: None,
             snapshot_len,
             args,
         };
@@ -334,6 +338,17 @@ impl ExchangerState {
             // Nobody is further along: start the job from the initial model.
             self.engine.start_fresh();
             self.after_model_changed(myself, self.engine.current_round() - 1, 0);
+        }
+        if let Some((at, round, signed)) = &self.own_commit
+            && now >= at + STATE_REPUBLISH_MS
+        {
+            let (round, signed) = (*round, signed.clone());
+            if round >= self.engine.current_round() && !self.engine.is_closed() {
+                self.publish(&TrainMessage::Commit(signed.clone()));
+                self.own_commit = Some((now, round, signed));
+            } else {
+                self.own_commit = None;
+            }
         }
         if let Some((at, state)) = &self.last_state
             && now >= at + STATE_REPUBLISH_MS
@@ -381,7 +396,10 @@ impl ExchangerState {
                 metrics::counter!("loom_train_late_contributions_total").increment(1);
                 tracing::info!(round, "late contribution excluded");
             }
-            Err(loom_protocols::round::RoundRejected::OtherJob) => {}
+            Err(
+                loom_protocols::round::RoundRejected::OtherJob
+                | loom_protocols::round::RoundRejected::Duplicate,
+            ) => {}
             Err(loom_protocols::round::RoundRejected::Future { .. }) => {
                 // Others are further along: wait for their model state instead of starting.
                 self.seen_future = true;
@@ -867,7 +885,8 @@ impl ExchangerState {
         let now = unix_ms();
         match self.engine.on_commit(signed.clone(), now) {
             Ok(actions) => {
-                self.publish(&TrainMessage::Commit(signed));
+                self.publish(&TrainMessage::Commit(signed.clone()));
+                self.own_commit = Some((now, round, signed));
                 self.run(myself, actions, now);
             }
             Err(why) => tracing::warn!(%why, round, "own contribution not taken"),

@@ -4,12 +4,12 @@
 //!
 //! A fleet file holds the fleet's public key and this peer's token. A node started with
 //! `--fleet <file>` treats every remote peer as a stranger until it has shown a valid token for
-//! its own authenticated key: strangers get no gossip (they are blacklisted in gossipsub), none of
-//! their gossip is accepted, they are served no blobs and no ledger blocks, and their connections
-//! are closed when they do not prove membership within [`PROOF_DEADLINE_MS`]. The only strangers
-//! kept connected are the relays and bootstrap peers the operator configured, and only as
-//! transport (a relay the fleet does not control carries circuits between members; it can read
-//! nothing it is not sent and it is sent no gossip).
+//! its own authenticated key: none of a stranger's gossip is accepted, it is served no blobs, no
+//! ledger blocks and no speedtests, and its connections are closed (and it is blacklisted in
+//! gossipsub and blocked) when it does not prove membership within [`PROOF_DEADLINE_MS`]. The
+//! only strangers kept connected are the relays and bootstrap peers the operator configured, and
+//! only as transport: a relay the fleet does not control carries circuits between members and is
+//! sent no gossip.
 
 use std::{io, path::Path};
 

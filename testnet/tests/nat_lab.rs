@@ -1,12 +1,28 @@
-//! Drives the NAT lab: two peers behind endpoint-independent NATs must end up hole-punched,
-//! a peer behind a symmetric NAT must stay reachable through the relay, and a public peer must
-//! connect directly. Needs root (network namespaces); without it the test says SKIPPED loudly.
+//! Drives the NAT lab's three scenarios (`testnet/nat-lab.sh --scenario`): `nat` (two peers
+//! behind endpoint-independent NATs end up hole-punched, a peer behind a symmetric NAT stays
+//! reachable through the relay, a public peer connects directly), `defense` (kernel byte counts
+//! per peer agree with libp2p's, a ban drops the peer at XDP, an unban lets it back) and `fleet`
+//! (strangers refused through the relay, enrolled peers train together through it). Needs root (network namespaces); without it the test says SKIPPED loudly.
 //! `LOOM_NAT_LAB_REPEAT` sets the number of runs (default 1).
 
 use std::process::Command;
 
 #[test]
 fn nat_lab_hole_punches_and_falls_back_to_the_relay() {
+    run_lab("nat");
+}
+
+#[test]
+fn nat_lab_kernel_counts_agree_and_a_ban_drops_at_xdp() {
+    run_lab("defense");
+}
+
+#[test]
+fn nat_lab_private_fleet_refuses_strangers_and_trains_through_the_relay() {
+    run_lab("fleet");
+}
+
+fn run_lab(scenario: &str) {
     let bin = loom_testnet::loom_peer_bin();
     assert!(
         bin.exists(),
@@ -20,6 +36,8 @@ fn nat_lab_hole_punches_and_falls_back_to_the_relay() {
         .arg(&bin)
         .arg("--repeat")
         .arg(&repeat)
+        .arg("--scenario")
+        .arg(scenario)
         .env("LOOM_LAB_LOG", "warn")
         .output()
         .expect("bash runs");

@@ -1,12 +1,13 @@
 //! The swarm task's fleet gate: which connected peers have proven membership of this node's
 //! private fleet, and what happens to those that have not (see [`crate::fleet`]).
 //!
-//! Every connected peer starts as a stranger: blacklisted in gossipsub (nothing sent to it,
-//! nothing accepted from it) and asked for its token over `/loom/fleet/1`. A valid token for
+//! Every connected peer starts as a stranger: none of its gossip is accepted, it is served
+//! nothing, and it is asked for its token over `/loom/fleet/1`. A valid token for
 //! the peer's authenticated key, not revoked on the ledger, makes it a member. A peer that
 //! answers with no token, an invalid one, or not at all within the deadline is refused: its
-//! connections are closed and it is blocked for [`REFUSAL_BLOCK_MS`]. Bootstrap peers configured
-//! by the operator (relays) are kept as transport but stay blacklisted.
+//! connections are closed, it is blacklisted in gossipsub and blocked for [`REFUSAL_BLOCK_MS`].
+//! Bootstrap peers configured by the operator (relays) are kept as transport but are
+//! blacklisted in gossipsub from the start: they are sent no gossip.
 
 use std::collections::{HashMap, HashSet};
 
@@ -91,7 +92,13 @@ impl FleetGate {
         if self.verified.contains(&peer) || self.pending.contains_key(&peer) {
             return;
         }
-        swarm.behaviour_mut().gossipsub.blacklist_peer(&peer);
+        // Relays kept as transport never get gossip. Others are not blacklisted while they
+        // prove membership (one round trip): gossipsub ignores the subscriptions of a
+        // blacklisted peer for good, so a member would never hear its topics; their gossip is
+        // refused by the validator until they are admitted.
+        if self.transport_only.contains(&peer) {
+            swarm.behaviour_mut().gossipsub.blacklist_peer(&peer);
+        }
         if self.pending.len() >= MAX_TRACKED {
             self.refuse(swarm, peer, now_ms, "too many unproven peers");
             return;

@@ -142,13 +142,20 @@ impl SwarmTask {
                 _ => None,
             })
             .collect::<Vec<(PeerId, Multiaddr)>>();
-        let fleet = fleet.map(|membership| {
-            super::fleet_gate::FleetGate::new(
-                membership,
-                bootstrap_peers.iter().map(|(peer, _)| *peer).collect(),
-                bans,
-            )
-        });
+        // In a fleet the configured bootstrap peers, or the relays of configured circuit
+        // addresses, are kept as transport even though they show no token.
+        let transport_only = config
+            .bootstrap
+            .iter()
+            .filter_map(|a| {
+                a.iter().find_map(|p| match p {
+                    Protocol::P2p(peer) => Some(peer),
+                    _ => None,
+                })
+            })
+            .collect();
+        let fleet = fleet
+            .map(|membership| super::fleet_gate::FleetGate::new(membership, transport_only, bans));
         let relay_server = config
             .relay_server
             .as_ref()

@@ -431,7 +431,11 @@ impl Io {
                     SignedConsensusMsg::Vote(vote) => vote_message(&vote),
                     SignedConsensusMsg::Proposal(proposal) => {
                         let message = proposal_message(&proposal);
-                        self.own_proposal = Some(message.clone());
+                        // From round 10 the core also re-publishes the proposal it is locked on,
+                        // which may be another member's.
+                        if proposal.message.proposer.0 == self.me {
+                            self.own_proposal = Some(message.clone());
+                        }
                         message
                     }
                 };
