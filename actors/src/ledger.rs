@@ -206,6 +206,10 @@ pub struct LedgerReplicaState {
     coordinator_changes: u64,
     last_round_zero_proposer: Option<PeerKey>,
     saved_watermark: Option<loom_protocols::consensus::SigningWatermark>,
+    /// Write-ahead entries of the current height already on disk.
+    wal_saved: usize,
+    /// The write-ahead log read back at start-up, for the height it belongs to.
+    recovered_wal: Option<(u64, Vec<loom_protocols::consensus::WalEntry>)>,
     rng_state: u64,
 }
 
@@ -375,13 +379,48 @@ impl LedgerReplicaState {
         Some(block)
     }
 
+    /// Stores the engine's new write-ahead entries durably; false when that failed (the caller
+    /// then withholds its votes).
+    fn persist_wal(&mut self) -> bool {
+        let wal = self.engine.wal();
+        if wal.len() < self.wal_saved {
+            self.wal_saved = 0;
+        }
+        if wal.len() == self.wal_saved {
+            return true;
+        }
+        let height = self.engine.height();
+        let new = wal[self.wal_saved..].to_vec();
+        let from = self.wal_saved as u32;
+        let stored = self
+            .args
+            .store
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .append_wal(height, from, &new);
+        match stored {
+            Ok(()) => {
+                self.wal_saved += new.len();
+                true
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot store the consensus log; votes withheld");
+                false
+            }
+        }
+    }
+
     fn run_actions(&mut self, myself: &ActorRef<LedgerMsg>, actions: Vec<ConsensusAction>) {
+        let wal_ok = self.persist_wal();
         let mut queue = std::collections::VecDeque::from(actions);
         while let Some(action) = queue.pop_front() {
             match action {
                 ConsensusAction::Broadcast(message) => {
                     // Never send a signature the disk does not know of: a restart must not
-                    // sign again at the same height and round.
+                    // sign again at the same height and round, nor forget its lock.
+                    if !wal_ok {
+                        continue;
+                    }
                     if let Some(mark) = self.engine.signing_watermark()
                         && self.saved_watermark.is_none_or(|saved| saved < mark)
                     {
@@ -409,7 +448,11 @@ impl LedgerReplicaState {
                 ConsensusAction::RequestValue { height, round } => {
                     if let Some(block) = self.build_block(height) {
                         let now = self.now_ms();
-                        queue.extend(self.engine.propose(height, round, block, now));
+                        let more = self.engine.propose(height, round, block, now);
+                        if !self.persist_wal() {
+                            continue;
+                        }
+                        queue.extend(more);
                     }
                 }
                 ConsensusAction::NewRound {
@@ -465,7 +508,20 @@ impl LedgerReplicaState {
         let committee = Committee::new(state.committee().iter().copied().collect());
         let tip = state.tip().clone();
         let now = self.now_ms();
-        let actions = self.engine.start_height(height, Some(&tip), committee, now);
+        self.wal_saved = 0;
+        let actions = match self.recovered_wal.take() {
+            Some((wal_height, wal)) if wal_height == height && !wal.is_empty() => {
+                tracing::info!(
+                    height,
+                    entries = wal.len(),
+                    "consensus state recovered from the log"
+                );
+                self.wal_saved = wal.len();
+                self.engine
+                    .recover(height, Some(&tip), committee, &wal, now)
+            }
+            _ => self.engine.start_height(height, Some(&tip), committee, now),
+        };
         self.run_actions(myself, actions);
         if self.args.config.self_enroll
             && let Some(state) = &self.state
@@ -640,6 +696,8 @@ impl Actor for LedgerReplica {
             coordinator_changes: 0,
             last_round_zero_proposer: None,
             saved_watermark: None,
+            wal_saved: 0,
+            recovered_wal: None,
             rng_state: u64::from_le_bytes(me[..8].try_into().unwrap_or_default()) ^ unix_ms(),
             args,
         };
@@ -648,6 +706,11 @@ impl Actor for LedgerReplica {
             if let Some(mark) = store.watermark()? {
                 state.engine.restore_signing_watermark(mark);
                 state.saved_watermark = Some(mark);
+            }
+            let next = store.next_height();
+            let wal = store.wal(next)?;
+            if !wal.is_empty() {
+                state.recovered_wal = Some((next, wal));
             }
             let mut genesis = None;
             let folded = store.replay(|block, _, _| {

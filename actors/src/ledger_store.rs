@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use loom_protocols::{
-    consensus::SigningWatermark,
+    consensus::{SigningWatermark, WalEntry},
     decode_bounded, encode,
     ledger::{Block, MAX_BLOCK_BYTES, QuorumCertificate},
     ledger_state::{LedgerState, LedgerStateError},
@@ -20,6 +20,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 const BLOCKS: TableDefinition<u64, &[u8]> = TableDefinition::new("blocks");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const WATERMARK_KEY: &str = "signing_watermark";
+const WAL: TableDefinition<(u64, u32), &[u8]> = TableDefinition::new("consensus_wal");
 /// Largest stored record: a block and its certificate.
 const MAX_RECORD_BYTES: usize = MAX_BLOCK_BYTES + 64 * 1024;
 
@@ -91,6 +92,7 @@ impl LedgerStore {
         let write = db.begin_write().map_err(db_error)?;
         write.open_table(BLOCKS).map_err(db_error)?;
         write.open_table(META).map_err(db_error)?;
+        write.open_table(WAL).map_err(db_error)?;
         write.commit().map_err(db_error)?;
         let next_height = {
             let read = db.begin_read().map_err(db_error)?;
@@ -145,6 +147,53 @@ impl LedgerStore {
                 .map_err(db_error)?;
         }
         write.commit().map_err(db_error)
+    }
+
+    /// Appends consensus write-ahead entries of `height` from index `from`, durably, and drops
+    /// those of earlier heights. Called before the votes they lead to are sent.
+    pub fn append_wal(
+        &mut self,
+        height: u64,
+        from: u32,
+        entries: &[WalEntry],
+    ) -> Result<(), LedgerStoreError> {
+        let write = self.db.begin_write().map_err(db_error)?;
+        {
+            let mut table = write.open_table(WAL).map_err(db_error)?;
+            let stale: Vec<(u64, u32)> = table
+                .range(..(height, 0))
+                .map_err(db_error)?
+                .filter_map(|item| item.ok().map(|(k, _)| k.value()))
+                .collect();
+            for key in stale {
+                table.remove(key).map_err(db_error)?;
+            }
+            for (offset, entry) in entries.iter().enumerate() {
+                let bytes = entry.to_bytes();
+                table
+                    .insert((height, from + offset as u32), bytes.as_slice())
+                    .map_err(db_error)?;
+            }
+        }
+        write.commit().map_err(db_error)
+    }
+
+    /// The write-ahead entries stored for `height`, in order (corrupt ones end the log).
+    pub fn wal(&self, height: u64) -> Result<Vec<WalEntry>, LedgerStoreError> {
+        let read = self.db.begin_read().map_err(db_error)?;
+        let table = read.open_table(WAL).map_err(db_error)?;
+        let mut out = Vec::new();
+        for item in table
+            .range((height, 0)..=(height, u32::MAX))
+            .map_err(db_error)?
+        {
+            let (_, value) = item.map_err(db_error)?;
+            match WalEntry::from_bytes(value.value()) {
+                Ok(entry) => out.push(entry),
+                Err(_) => break,
+            }
+        }
+        Ok(out)
     }
 
     /// The stored signing watermark.

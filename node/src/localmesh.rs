@@ -332,10 +332,12 @@ impl LocalMesh {
         &self.root
     }
 
-    /// Kills peer `index` (SIGKILL).
+    /// Kills peer `index` (SIGKILL). Its stale control API address file goes too, so a client
+    /// made after a restart finds the new process, not the dead one's port.
     pub fn kill(&mut self, index: usize) {
         let _ = self.peers[index].child.kill();
         let _ = self.peers[index].child.wait();
+        let _ = std::fs::remove_file(self.peers[index].data_dir.join(crate::control::ADDR_FILE));
     }
 }
 

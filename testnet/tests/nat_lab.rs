@@ -22,7 +22,11 @@ fn nat_lab_private_fleet_refuses_strangers_and_trains_through_the_relay() {
     run_lab("fleet");
 }
 
+/// One lab at a time: they share the machine's two cores with real training.
+static LAB: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run_lab(scenario: &str) {
+    let _one_at_a_time = LAB.lock().unwrap_or_else(|e| e.into_inner());
     let bin = loom_testnet::loom_peer_bin();
     assert!(
         bin.exists(),

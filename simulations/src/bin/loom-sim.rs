@@ -4,6 +4,7 @@
 //!   loom-sim idle --secs 60 --json target/sim-idle.json
 //!   loom-sim chaos --seeds 5000 --json target/sim-chaos.json
 //!   loom-sim chaos --seed 1234 --peers 7 --byzantine 2
+//!   loom-sim ledger --peers 5 --kills 50 --json target/sim-ledger.json
 
 use std::{
     path::{Path, PathBuf},
@@ -15,7 +16,9 @@ use clap::{Parser, Subcommand};
 use loom_simulations::{
     MeshScenario,
     chaos::{self, ChaosConfig},
-    default_peer_bin, run_idle, run_mesh,
+    default_peer_bin,
+    ledger::{LedgerScenario, run_ledger},
+    run_idle, run_mesh,
 };
 
 #[derive(Debug, Parser)]
@@ -45,6 +48,26 @@ enum Scenario {
         #[arg(long, default_value_t = 20)]
         probe_interval_ms: u64,
         /// Formation timeout in seconds.
+        #[arg(long, default_value_t = 60)]
+        timeout_secs: u64,
+    },
+    /// N real peers run the replicated ledger: the coordinator is killed (failover time
+    /// measured), then random peers are killed with SIGKILL and restarted while credits move;
+    /// every replica must verify with the same blocks and balances at the end.
+    Ledger {
+        /// Peers.
+        #[arg(long, default_value_t = 5)]
+        peers: usize,
+        /// Random kill-and-restart cycles.
+        #[arg(long, default_value_t = 50)]
+        kills: usize,
+        /// Seed of the kill schedule.
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// Pause between blocks.
+        #[arg(long, default_value = "200ms")]
+        block_interval: String,
+        /// Timeout of each wait, in seconds.
         #[arg(long, default_value_t = 60)]
         timeout_secs: u64,
     },
@@ -116,6 +139,36 @@ fn main() -> ExitCode {
                 Some(seed) => chaos_one(seed, size, cli.json.as_deref()),
                 None => chaos_many(start, seeds, size, threads, cli.json.as_deref()),
             };
+        }
+        Scenario::Ledger {
+            peers,
+            kills,
+            seed,
+            block_interval,
+            timeout_secs,
+        } => {
+            if peers < 2 {
+                eprintln!("error: --peers must be at least 2");
+                return ExitCode::FAILURE;
+            }
+            run_ledger(&LedgerScenario {
+                peers,
+                kills,
+                seed,
+                block_interval,
+                timeout: Duration::from_secs(timeout_secs),
+                bin,
+            })
+            .and_then(|r| {
+                if r.all_verified && r.balances_identical {
+                    Ok(serde_json::to_value(r).unwrap_or_default())
+                } else {
+                    Err(loom_simulations::ScenarioError::Ledger(format!(
+                        "replicas disagree: {} (seed {seed})",
+                        serde_json::to_string(&r).unwrap_or_default()
+                    )))
+                }
+            })
         }
         Scenario::Idle { secs } => {
             run_idle(bin, secs).map(|r| serde_json::to_value(r).unwrap_or_default())
