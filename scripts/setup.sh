@@ -4,7 +4,8 @@
 set -euo pipefail
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-PACKAGES=(build-essential pkg-config iproute2 nftables iptables ethtool python3 python3-venv iputils-ping)
+PACKAGES=(build-essential pkg-config iproute2 nftables iptables ethtool python3 python3-venv iputils-ping
+  clang libbpf-dev linux-libc-dev util-linux)
 missing=()
 for p in "${PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ "${#missing[@]}" -gt 0 ]; then

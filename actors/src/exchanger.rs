@@ -155,7 +155,14 @@ pub struct ExchangerArgs {
     pub checkpoints: Option<Arc<dyn CheckpointSink>>,
     /// Where round reports go (bounded; a full queue drops reports, never blocks).
     pub reports: mpsc::Sender<RoundReport>,
+    /// Refused contributions per serving peer, read by the node's anomaly detector.
+    pub rejections: SharedRejections,
 }
+
+/// Refused contributions (blobs that failed their checks) per peer that served them; bounded.
+pub type SharedRejections = Arc<std::sync::Mutex<std::collections::BTreeMap<PeerKey, u64>>>;
+/// Most peers counted in [`SharedRejections`].
+const MAX_REJECTION_PEERS: usize = 4_096;
 
 impl std::fmt::Debug for ExchangerArgs {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -643,6 +650,16 @@ impl ExchangerState {
                     self.report.rejected_blobs += 1;
                     metrics::counter!("loom_train_blobs_rejected_total").increment(1);
                     tracing::warn!(%why, peer = %hex(&from), "blob refused");
+                    {
+                        let mut counts = self
+                            .args
+                            .rejections
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        if counts.len() < MAX_REJECTION_PEERS || counts.contains_key(&from) {
+                            *counts.entry(from).or_insert(0) += 1;
+                        }
+                    }
                     // A holder that served bad bytes is not asked again for this blob.
                     if let Some(fetch) = self.fetches.get_mut(&hash) {
                         fetch.candidates.retain(|c| *c != from);

@@ -286,7 +286,7 @@ impl LedgerReplicaState {
         metrics::gauge!("loom_ledger_height").set(block.height as f64);
         self.refresh_bans();
         if let Some(name) = self.args.credits
-            && let Some(credits) = ractor::registry::where_is(name.to_string())
+            && let Some(credits) = ractor::registry::where_is(name)
         {
             let credits: ActorRef<crate::credits::CreditsMsg> = credits.into();
             let _ = credits.cast(crate::credits::CreditsMsg::Finalized(Box::new(

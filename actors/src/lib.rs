@@ -17,7 +17,7 @@ pub mod trainer;
 
 pub use exchanger::{
     CheckpointSink, ExchangerActor, ExchangerArgs, ExchangerMsg, JobPlan, RoundReport, SharedBlobs,
-    Strategy,
+    SharedRejections, Strategy,
 };
 pub use learner::{Learner, LearnerError, ShardKey, StepReport};
 pub use membership::{MemberSummary, MembershipActor, MembershipArgs, MembershipMsg};

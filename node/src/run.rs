@@ -82,6 +82,8 @@ pub struct NodeHandles {
     pub training: crate::status::TrainingSlot,
     /// Kernel telemetry (stopped with the node).
     pub kernel: crate::kernel::KernelTelemetry,
+    /// Refused contributions per peer (the exchanger counts, the anomaly detector reads).
+    pub rejections: loom_actors::SharedRejections,
 }
 
 /// The ledger database's file name in the data directory.
@@ -130,6 +132,7 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
         .collect();
     let kernel = crate::kernel::start(config.ebpf, config.ebpf_iface.clone(), &listen_ips)
         .map_err(|e| anyhow::anyhow!("{e} (--ebpf on)"))?;
+    let rejections = loom_actors::SharedRejections::default();
     let local_bans: crate::network::defense::SharedBanList =
         Arc::new(Mutex::new(crate::bans::BanList::load(&config.data_dir)?));
     let ledger_path = config.data_dir.join(LEDGER_FILE);
@@ -155,6 +158,7 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
         bans: bans.clone(),
         kernel: kernel.clone(),
         local_bans: local_bans.clone(),
+        rejections: rejections.clone(),
         prebuilt: Arc::new(Mutex::new(Some(swarm))),
     };
     let ledger_args = LedgerArgs {
@@ -230,6 +234,7 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
         api,
         training,
         kernel,
+        rejections,
     })
 }
 

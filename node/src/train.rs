@@ -272,6 +272,7 @@ async fn train_async(run: TrainRun) -> anyhow::Result<TrainSummary> {
         tokens_per_step: run.tokens_per_step,
         checkpoints: Some(Arc::new(CheckpointDir(run.checkpoints.clone()))),
         reports: reports_tx,
+        rejections: node.rejections.clone(),
     };
     let (exchanger, exchanger_done) = Actor::spawn(
         Some(names::EXCHANGER.into()),

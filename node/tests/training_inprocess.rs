@@ -232,6 +232,7 @@ async fn spawn_peer_with(
         tokens_per_step: 32,
         checkpoints: None,
         reports: tx,
+        rejections: Default::default(),
     };
     let (exchanger, _) = Actor::spawn(None, ExchangerActor, args).await.unwrap();
     bus.peers.lock().unwrap().insert(

@@ -54,7 +54,8 @@ pub struct LedgerReport {
     pub failover_heights: (u64, u64),
     /// Random kills performed.
     pub kills: usize,
-    /// Restart until the restarted peer caught up, per kill, median and max, in ms.
+    /// Restart until the restarted peer holds a block finalized after its restart (it caught up
+    /// and the committee, with it, is live again), per kill, median and max, in ms.
     pub catch_up_ms_p50: f64,
     /// Maximum.
     pub catch_up_ms_max: f64,
@@ -111,7 +112,8 @@ pub fn run_ledger(scenario: &LedgerScenario) -> Result<LedgerReport, ScenarioErr
     let mut options = MeshOptions::run(scenario.peers, scenario.bin.clone(), root);
     options.extra_args = vec!["--block-interval".into(), scenario.block_interval.clone()];
     options.first_peer_args = vec!["--genesis".into(), "loom-sim".into()];
-    options.log = "warn,loom_actors::ledger=info".into();
+    options.log =
+        std::env::var("LOOM_SIM_LOG").unwrap_or_else(|_| "warn,loom_actors::ledger=info".into());
     options.keep = std::env::var_os("LOOM_SIM_KEEP").is_some();
     let mut mesh = LocalMesh::start(&options)?;
     let n = scenario.peers;
@@ -207,15 +209,19 @@ pub fn run_ledger(scenario: &LedgerScenario) -> Result<LedgerReport, ScenarioErr
         mesh.restart(victim, &options, &[])?;
         let restarted = Instant::now();
         clients[victim] = Some(mesh.client(victim, scenario.timeout)?);
-        wait_until(scenario.timeout, "the restarted peer to catch up", || {
-            mesh.check_alive()?;
-            let height = clients[victim]
-                .as_ref()
-                .and_then(|c| c.ledger_status().ok())
-                .map(|s| s.next_height)
-                .unwrap_or(0);
-            Ok((height >= before).then_some(()))
-        })
+        wait_until(
+            scenario.timeout,
+            "the restarted peer to catch up and a new block",
+            || {
+                mesh.check_alive()?;
+                let height = clients[victim]
+                    .as_ref()
+                    .and_then(|c| c.ledger_status().ok())
+                    .map(|s| s.next_height)
+                    .unwrap_or(0);
+                Ok((height > before).then_some(()))
+            },
+        )
         .map_err(|e| fail(seed, e))?;
         catch_up_ms.push(restarted.elapsed().as_secs_f64() * 1e3);
     }

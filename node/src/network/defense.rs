@@ -42,6 +42,7 @@ pub struct Defense {
     ledger: loom_actors::ledger::SharedBans,
     auto_ban: bool,
     static_blocked: HashSet<PeerId>,
+    rejections: loom_actors::SharedRejections,
     heard: HashMap<PeerId, Vec<IpAddr>>,
     banned: HashSet<PeerId>,
 }
@@ -60,15 +61,17 @@ pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
 
 impl Defense {
     /// Defense with these sources of bans; `static_blocked` are the `--block` peers, never
-    /// unblocked here.
+    /// unblocked here; `rejections` are the exchanger's refused contributions per peer.
     pub fn new(
         kernel: KernelTelemetry,
         local: SharedBanList,
         ledger: loom_actors::ledger::SharedBans,
         auto_ban: bool,
         static_blocked: HashSet<PeerId>,
+        rejections: loom_actors::SharedRejections,
     ) -> Self {
         Self {
+            rejections,
             kernel,
             local,
             ledger,
@@ -124,6 +127,16 @@ impl Defense {
     /// `table` is the node's connection table (peer, remote address).
     pub fn on_tick(&mut self, swarm: &mut Swarm<Behaviour>, table: &[(PeerId, Multiaddr)]) {
         let now = loom_actors::unix_ms();
+        let rejected: Vec<(String, u64)> = self
+            .rejections
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|(key, count)| peer_id_of(key).map(|p| (p.to_string(), *count)))
+            .collect();
+        if !rejected.is_empty() {
+            self.kernel.set_rejections(rejected);
+        }
         if self.auto_ban {
             for candidate in self.kernel.take_auto_ban_candidates() {
                 let mut list = self.local.lock().unwrap_or_else(|e| e.into_inner());

@@ -254,6 +254,8 @@ pub struct NetworkArgs {
     pub kernel: crate::kernel::KernelTelemetry,
     /// The local ban list.
     pub local_bans: defense::SharedBanList,
+    /// Refused contributions per peer.
+    pub rejections: loom_actors::SharedRejections,
     /// A swarm already built and listening (first start), taken once.
     pub prebuilt: Arc<Mutex<Option<Swarm<Behaviour>>>>,
 }
@@ -310,17 +312,20 @@ impl Actor for NetworkActor {
             swarm,
             args.config.clone(),
             args.peer_bytes.clone(),
-            args.blobs.clone(),
-            args.ledger.clone(),
-            args.fleet.clone(),
-            args.bans.clone(),
-            defense::Defense::new(
-                args.kernel.clone(),
-                args.local_bans.clone(),
-                args.bans.clone(),
-                args.config.auto_ban,
-                args.config.blocked.iter().copied().collect(),
-            ),
+            task::TaskServices {
+                blobs: args.blobs.clone(),
+                ledger: args.ledger.clone(),
+                fleet: args.fleet.clone(),
+                bans: args.bans.clone(),
+                defense: defense::Defense::new(
+                    args.kernel.clone(),
+                    args.local_bans.clone(),
+                    args.bans.clone(),
+                    args.config.auto_ban,
+                    args.config.blocked.iter().copied().collect(),
+                    args.rejections.clone(),
+                ),
+            },
         );
         let join = tokio::spawn(task.run(rx, shutdown_rx));
         // Watch the task: if it ends while we did not ask it to, tell the actor.

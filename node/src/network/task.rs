@@ -111,15 +111,29 @@ pub struct SwarmTask {
     ledger_requests: HashMap<request_response::OutboundRequestId, PeerKey>,
     fleet: Option<super::fleet_gate::FleetGate>,
     defense: super::defense::Defense,
-    speedtests: HashMap<
-        request_response::OutboundRequestId,
-        (
-            PeerId,
-            Instant,
-            oneshot::Sender<Result<super::speedtest::SpeedtestResult, String>>,
-        ),
-    >,
+    speedtests: HashMap<request_response::OutboundRequestId, PendingSpeedtest>,
     speedtest_limiter: super::speedtest::SpeedtestLimiter,
+}
+
+/// A speedtest in flight: the serving peer, when it was asked, and where the answer goes.
+type PendingSpeedtest = (
+    PeerId,
+    Instant,
+    oneshot::Sender<Result<super::speedtest::SpeedtestResult, String>>,
+);
+
+/// What the swarm task shares with the rest of the node.
+pub struct TaskServices {
+    /// Blobs this peer serves.
+    pub blobs: loom_actors::SharedBlobs,
+    /// The ledger it serves catch-up requests from.
+    pub ledger: Option<loom_actors::ledger::SharedLedgerStore>,
+    /// Its private fleet, if any.
+    pub fleet: Option<crate::fleet::FleetMembership>,
+    /// Peers banned or revoked on the ledger.
+    pub bans: loom_actors::ledger::SharedBans,
+    /// Bans and kernel telemetry.
+    pub defense: super::defense::Defense,
 }
 
 impl SwarmTask {
@@ -128,12 +142,15 @@ impl SwarmTask {
         swarm: Swarm<Behaviour>,
         config: NodeConfig,
         peer_bytes: PeerBytes,
-        blobs: loom_actors::SharedBlobs,
-        ledger: Option<loom_actors::ledger::SharedLedgerStore>,
-        fleet: Option<crate::fleet::FleetMembership>,
-        bans: loom_actors::ledger::SharedBans,
-        defense: super::defense::Defense,
+        services: TaskServices,
     ) -> Self {
+        let TaskServices {
+            blobs,
+            ledger,
+            fleet,
+            bans,
+            defense,
+        } = services;
         let bootstrap_peers = config
             .bootstrap
             .iter()
