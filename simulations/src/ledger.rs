@@ -48,10 +48,14 @@ pub struct LedgerReport {
     pub peers: usize,
     /// Launch until every peer is a committee member of the same ledger, in ms.
     pub committee_formed_ms: u64,
-    /// Coordinator kill until a block finalized by another proposer, in ms.
+    /// Kill of the next height's round-0 coordinator until that height is finalized by another
+    /// member, in ms (includes the rest of the current height, the block interval and the
+    /// propose timeout).
     pub coordinator_failover_ms: u64,
     /// Height at the coordinator kill, and the height finalized by the new coordinator.
     pub failover_heights: (u64, u64),
+    /// The consensus round in which that height was decided (round 0 was the killed one's).
+    pub failover_round: u32,
     /// Random kills performed.
     pub kills: usize,
     /// Restart until the restarted peer holds a block finalized after its restart (it caught up
@@ -154,39 +158,54 @@ pub fn run_ledger(scenario: &LedgerScenario) -> Result<LedgerReport, ScenarioErr
         transfer(&clients, to);
     }
 
-    // Kill the coordinator of the current height.
+    // Kill the coordinator of the next height (the committee member its round 0 rotates to)
+    // while the current one is being decided: the rest must time out on it and elect the next
+    // member of the rotation.
     let status = clients[1]
         .as_ref()
         .ok_or_else(|| ScenarioError::Ledger("no client".into()))?
         .ledger_status()?;
-    let proposer = status
-        .proposer
-        .ok_or_else(|| ScenarioError::Ledger("no proposer reported".into()))?;
-    let proposer_id = loom_node::network::peer_id_of(&proposer)
-        .map(|p| p.to_string())
-        .unwrap_or_default();
-    let victim = ids
+    let mut keys: Vec<(loom_protocols::PeerKey, usize)> = mesh
+        .peers
         .iter()
-        .position(|id| *id == proposer_id)
-        .ok_or_else(|| ScenarioError::Ledger("proposer is not one of the peers".into()))?;
+        .enumerate()
+        .filter_map(|(i, p)| loom_node::network::key_of(&p.peer_id).map(|k| (k, i)))
+        .collect();
+    keys.sort();
+    let target_height = status.next_height + 1;
+    let (proposer, victim) = keys[(target_height % n as u64) as usize];
     let observer = (victim + 1) % n;
     let height_at_kill = status.next_height;
     let killed_at = Instant::now();
     mesh.kill(victim);
     clients[victim] = None;
-    let (failover_height, failover) =
-        wait_until(scenario.timeout, "a block by another coordinator", || {
-            let Some(c) = &clients[observer] else {
-                return Ok(None);
-            };
+    let (failover_height, failover, failover_round) = wait_until(
+        scenario.timeout,
+        "the height after the killed coordinator's to be decided",
+        || {
             let chain = load_chain(&mesh.peers[observer].data_dir).unwrap_or_default();
-            let _ = c;
             Ok(chain
                 .iter()
-                .find(|(block, _)| block.height >= height_at_kill && block.proposer != proposer)
-                .map(|(block, _)| (block.height, killed_at.elapsed())))
-        })
-        .map_err(|e| fail(seed, e))?;
+                .find(|(block, _)| block.height >= target_height)
+                .map(|(block, certificate)| {
+                    (block.height, killed_at.elapsed(), certificate.round)
+                }))
+        },
+    )
+    .map_err(|e| fail(seed, e))?;
+    let new_coordinator = load_chain(&mesh.peers[observer].data_dir)
+        .ok()
+        .and_then(|c| c.get(failover_height as usize).map(|(b, _)| b.proposer));
+    if new_coordinator == Some(proposer) {
+        return Err(fail(
+            seed,
+            ScenarioError::Ledger("the killed coordinator's height was decided by itself".into()),
+        ));
+    }
+    tracing_note(&format!(
+        "coordinator of height {target_height} killed; decided in round {failover_round} by another, {} ms after the kill",
+        failover.as_millis()
+    ));
     mesh.restart(victim, &options, &[])?;
     clients[victim] = Some(mesh.client(victim, scenario.timeout)?);
 
@@ -291,6 +310,7 @@ pub fn run_ledger(scenario: &LedgerScenario) -> Result<LedgerReport, ScenarioErr
         committee_formed_ms: committee_formed.as_millis() as u64,
         coordinator_failover_ms: failover.as_millis() as u64,
         failover_heights: (height_at_kill, failover_height),
+        failover_round,
         kills: scenario.kills,
         catch_up_ms_p50: p50,
         catch_up_ms_max: catch_up_ms.last().copied().unwrap_or(0.0),
