@@ -187,9 +187,7 @@ pub fn run_ledger(scenario: &LedgerScenario) -> Result<LedgerReport, ScenarioErr
             Ok(chain
                 .iter()
                 .find(|(block, _)| block.height >= target_height)
-                .map(|(block, certificate)| {
-                    (block.height, killed_at.elapsed(), certificate.round)
-                }))
+                .map(|(block, certificate)| (block.height, killed_at.elapsed(), certificate.round)))
         },
     )
     .map_err(|e| fail(seed, e))?;

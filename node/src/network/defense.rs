@@ -1,7 +1,7 @@
 //! The swarm task's active defense: bans (local, from the ledger, automatic) enforced at every
 //! layer, and the kernel telemetry fed with the node's own connection table.
 //!
-//! Once a second it gathers the banned peers: the local ban list (`loom-peer ban`, persisted in
+//! Every tick (250 ms) it gathers the banned peers: the local ban list (`loom-peer ban`, persisted in
 //! `bans.json`), the peers banned or revoked on the ledger, and, with `--auto-ban`, the peers the
 //! anomaly detector newly flagged (banned locally for [`AUTO_BAN_MS`]). A banned peer is blocked
 //! in libp2p and disconnected, and every address it is known by goes on the XDP drop list: the
@@ -45,6 +45,8 @@ pub struct Defense {
     rejections: loom_actors::SharedRejections,
     heard: HashMap<PeerId, Vec<IpAddr>>,
     banned: HashSet<PeerId>,
+    sent_table: Vec<(String, Vec<IpAddr>)>,
+    sent_dropped: Vec<(String, Vec<IpAddr>)>,
 }
 
 /// The IP address of a multiaddr, unless it goes through a relay.
@@ -79,6 +81,8 @@ impl Defense {
             static_blocked,
             heard: HashMap::new(),
             banned: HashSet::new(),
+            sent_table: Vec::new(),
+            sent_dropped: Vec::new(),
         }
     }
 
@@ -123,7 +127,7 @@ impl Defense {
         self.remember(peer, ips);
     }
 
-    /// Once a second: recompute the banned set, enforce it, and refresh the kernel's tables.
+    /// Every tick: recompute the banned set, enforce it, and refresh the kernel's tables.
     /// `table` is the node's connection table (peer, remote address).
     pub fn on_tick(&mut self, swarm: &mut Swarm<Behaviour>, table: &[(PeerId, Multiaddr)]) {
         let now = loom_actors::unix_ms();
@@ -203,30 +207,41 @@ impl Defense {
             .filter(|(peer, _)| !self.banned.contains(peer))
             .flat_map(|(_, ips)| ips.iter().copied())
             .collect();
-        self.kernel.set_peer_addresses(
-            by_peer
-                .into_iter()
-                .map(|(peer, ips)| (peer.to_string(), ips))
-                .collect(),
-        );
-        self.kernel.set_dropped_peers(
-            self.banned
-                .iter()
-                .map(|peer| {
-                    let ips = self
-                        .heard
-                        .get(peer)
-                        .map(|ips| {
-                            ips.iter()
-                                .filter(|ip| !ip.is_loopback() && !protected.contains(ip))
-                                .copied()
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    (peer.to_string(), ips)
-                })
-                .collect(),
-        );
+        let mut table: Vec<(String, Vec<IpAddr>)> = by_peer
+            .into_iter()
+            .map(|(peer, mut ips)| {
+                ips.sort();
+                (peer.to_string(), ips)
+            })
+            .collect();
+        table.sort();
+        // Only changes wake the telemetry thread.
+        if table != self.sent_table {
+            self.kernel.set_peer_addresses(table.clone());
+            self.sent_table = table;
+        }
+        let mut dropped: Vec<(String, Vec<IpAddr>)> = self
+            .banned
+            .iter()
+            .map(|peer| {
+                let ips = self
+                    .heard
+                    .get(peer)
+                    .map(|ips| {
+                        ips.iter()
+                            .filter(|ip| !ip.is_loopback() && !protected.contains(ip))
+                            .copied()
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                (peer.to_string(), ips)
+            })
+            .collect();
+        dropped.sort();
+        if dropped != self.sent_dropped {
+            self.kernel.set_dropped_peers(dropped.clone());
+            self.sent_dropped = dropped;
+        }
     }
 
     /// Whether `peer` is banned now.

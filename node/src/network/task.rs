@@ -487,7 +487,8 @@ impl SwarmTask {
         if let Some(fleet) = self.fleet.as_mut() {
             fleet.on_tick(&mut self.swarm, now_ms);
         }
-        if self.ticks.is_multiple_of(4) {
+        {
+            // Every tick (250 ms): a ban reaches the XDP drop list within a tick.
             let table: Vec<(PeerId, Multiaddr)> = self
                 .connections
                 .values()
