@@ -513,3 +513,84 @@ fn a_missing_interface_disables_auto_and_fails_on() {
         .expect("off never fails");
     assert_eq!(off.snapshot().reason.as_deref(), Some("off"));
 }
+
+/// `loom-peer` started without the capabilities BPF needs: `--ebpf auto` runs normally and its
+/// status says why there is no kernel telemetry; `--ebpf on` refuses to start with one line.
+#[test]
+fn the_node_runs_without_bpf_permission_and_on_refuses() {
+    let Some(setpriv) = tool("setpriv") else {
+        println!("skipping the_node_runs_without_bpf_permission_and_on_refuses: no setpriv");
+        return;
+    };
+    let bin = env!("CARGO_BIN_EXE_loom-peer");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().to_str().expect("utf8").to_owned();
+    // Same user (so the libtorch it links stays readable), no capabilities at all.
+    let drop_caps = [
+        "--bounding-set=-all",
+        "--inh-caps=-all",
+        "--ambient-caps=-all",
+        "--no-new-privs",
+    ];
+    let refused = Command::new(&setpriv)
+        .args(drop_caps)
+        .args([
+            bin,
+            "--data-dir",
+            &data,
+            "run",
+            "--no-mdns",
+            "--metrics-addr",
+            "off",
+        ])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--ebpf", "on"])
+        .env("RUST_LOG", "error")
+        .output()
+        .expect("setpriv runs");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        !refused.status.success(),
+        "--ebpf on started without permission"
+    );
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("eBPF"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+
+    let mut node = Command::new(&setpriv)
+        .args(drop_caps)
+        .args([
+            bin,
+            "--data-dir",
+            &data,
+            "run",
+            "--no-mdns",
+            "--metrics-addr",
+            "off",
+        ])
+        .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--ebpf", "auto"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let status = wait_for(|| {
+        let out = Command::new(bin)
+            .args(["--data-dir", &data, "status", "--json"])
+            .output()
+            .ok()?;
+        out.status
+            .success()
+            .then(|| serde_json::from_slice::<serde_json::Value>(&out.stdout).ok())
+            .flatten()
+    });
+    let _ = node.kill();
+    let _ = node.wait();
+    let status = status.expect("the node runs and answers status without BPF permission");
+    let kernel = &status["network"]["kernel"];
+    assert_eq!(kernel["enabled"], false, "{kernel}");
+    let reason = kernel["reason"].as_str().unwrap_or_default().to_lowercase();
+    assert!(
+        reason.contains("permi") || reason.contains("cap") || reason.contains("root"),
+        "{reason}"
+    );
+}
