@@ -137,20 +137,12 @@ impl ControlClient {
 
     /// Asks the node to dial `addr`.
     pub fn dial(&self, addr: &str) -> Result<(), ClientError> {
-        let mut r = self
-            .agent
-            .post(&self.url("/v1/dial"))
-            .header("Authorization", &self.bearer())
-            .send_json(DialRequest {
+        self.post_ok(
+            "/v1/dial",
+            DialRequest {
                 addr: addr.to_owned(),
-            })
-            .map_err(|e| self.error(e))?;
-        if r.status().is_success() {
-            Ok(())
-        } else {
-            let body = r.body_mut().read_to_string().unwrap_or_default();
-            Err(self.error(body.trim()))
-        }
+            },
+        )
     }
 
     /// Finalized ledger blocks from `from`, as hex records.
@@ -170,21 +162,13 @@ impl ControlClient {
 
     /// Submits a transfer signed by the node.
     pub fn transfer(&self, to: &str, amount: u64) -> Result<(), ClientError> {
-        let mut r = self
-            .agent
-            .post(&self.url("/v1/ledger/transfer"))
-            .header("Authorization", &self.bearer())
-            .send_json(crate::control::TransferRequest {
+        self.post_ok(
+            "/v1/ledger/transfer",
+            crate::control::TransferRequest {
                 to: to.to_owned(),
                 amount,
-            })
-            .map_err(|e| self.error(e))?;
-        if r.status().is_success() {
-            Ok(())
-        } else {
-            let body = r.body_mut().read_to_string().unwrap_or_default();
-            Err(self.error(body.trim()))
-        }
+            },
+        )
     }
 
     /// Submits an entry signed elsewhere (a fleet revocation).
@@ -192,20 +176,12 @@ impl ControlClient {
         &self,
         entry: &loom_protocols::ledger::SignedEntry,
     ) -> Result<(), ClientError> {
-        let mut r = self
-            .agent
-            .post(&self.url("/v1/ledger/submit"))
-            .header("Authorization", &self.bearer())
-            .send_json(crate::control::SubmitRequest {
+        self.post_ok(
+            "/v1/ledger/submit",
+            crate::control::SubmitRequest {
                 entry: crate::ledger_cli::hex(&loom_protocols::encode(entry)),
-            })
-            .map_err(|e| self.error(e))?;
-        if r.status().is_success() {
-            Ok(())
-        } else {
-            let body = r.body_mut().read_to_string().unwrap_or_default();
-            Err(self.error(body.trim()))
-        }
+            },
+        )
     }
 
     fn post_ok<B: serde::Serialize>(&self, path: &str, body: B) -> Result<(), ClientError> {
