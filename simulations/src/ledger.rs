@@ -125,6 +125,23 @@ pub fn run_ledger(scenario: &LedgerScenario) -> Result<LedgerReport, ScenarioErr
     for i in 0..n {
         clients.push(Some(mesh.client(i, scenario.timeout)?));
     }
+    // What every replica says, for failure messages.
+    let snapshot = |mesh: &LocalMesh| -> String {
+        mesh.peers
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                match ControlClient::from_data_dir(&p.data_dir).and_then(|c| c.ledger_status()) {
+                    Ok(s) => format!(
+                        "peer {i}: height {} round {} member {} mempool {} synced {}",
+                        s.next_height, s.round, s.member, s.mempool, s.synced_blocks
+                    ),
+                    Err(e) => format!("peer {i}: {e}"),
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
     let fail = |seed: u64, e: ScenarioError| {
         ScenarioError::Ledger(format!(
             "{e} (seed {seed}; replay with: loom-sim ledger --seed {seed})"
@@ -239,7 +256,12 @@ pub fn run_ledger(scenario: &LedgerScenario) -> Result<LedgerReport, ScenarioErr
                 Ok((height > before).then_some(()))
             },
         )
-        .map_err(|e| fail(seed, e))?;
+        .map_err(|e| {
+            fail(
+                seed,
+                ScenarioError::Ledger(format!("{e} [{}]", snapshot(&mesh))),
+            )
+        })?;
         catch_up_ms.push(restarted.elapsed().as_secs_f64() * 1e3);
     }
 

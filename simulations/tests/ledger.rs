@@ -21,7 +21,7 @@ fn the_ledger_survives_coordinator_loss_and_random_kills() {
         kills: 6,
         seed,
         block_interval: "200ms".into(),
-        timeout: Duration::from_secs(60),
+        timeout: Duration::from_secs(120),
         bin: default_peer_bin(),
     })
     .expect("ledger scenario");

@@ -54,6 +54,11 @@ const MAX_PENDING_PUNCHED: usize = 256;
 /// Gossip messages accepted per author per second (heartbeats and probes together), and burst.
 const GOSSIP_RATE_PER_AUTHOR: f64 = 20.0;
 const GOSSIP_BURST_PER_AUTHOR: u32 = 40;
+/// Ledger gossip per author per second, and burst: a committee member sends a proposal, two
+/// votes and re-sends per height, at up to five heights a second, plus its tip and entries. Kept
+/// apart from the other topics so a busy ledger never starves heartbeats, and the reverse.
+const LEDGER_GOSSIP_RATE_PER_AUTHOR: f64 = 60.0;
+const LEDGER_GOSSIP_BURST_PER_AUTHOR: u32 = 120;
 /// Authors the rate limiter tracks at once.
 const MAX_RATE_LIMITED_AUTHORS: usize = 8192;
 /// Redundant connections younger than this are left alone (an AutoNAT dial-back or a DCUtR
@@ -105,6 +110,7 @@ pub struct SwarmTask {
     loopback_only: bool,
     ticks: u64,
     gossip_limiter: RateLimiter<PeerId>,
+    ledger_gossip_limiter: RateLimiter<PeerId>,
     blobs: loom_actors::SharedBlobs,
     blob_requests: HashMap<request_response::OutboundRequestId, (BlobHash, PeerKey)>,
     ledger: Option<loom_actors::ledger::SharedLedgerStore>,
@@ -209,6 +215,11 @@ impl SwarmTask {
             gossip_limiter: RateLimiter::new(
                 GOSSIP_RATE_PER_AUTHOR,
                 GOSSIP_BURST_PER_AUTHOR,
+                MAX_RATE_LIMITED_AUTHORS,
+            ),
+            ledger_gossip_limiter: RateLimiter::new(
+                LEDGER_GOSSIP_RATE_PER_AUTHOR,
+                LEDGER_GOSSIP_BURST_PER_AUTHOR,
                 MAX_RATE_LIMITED_AUTHORS,
             ),
             blobs,
@@ -1077,7 +1088,12 @@ impl SwarmTask {
         // actor's mailbox. Over the rate the message is ignored (not forwarded, not penalised).
         let now_ms = self.now_ms();
         if let Some(author) = message.source
-            && !self.gossip_limiter.allow(&author, now_ms)
+            && !(if topic == Topic::Ledger {
+                &mut self.ledger_gossip_limiter
+            } else {
+                &mut self.gossip_limiter
+            })
+            .allow(&author, now_ms)
         {
             metrics::counter!("loom_gossip_rate_limited_total").increment(1);
             self.swarm
