@@ -79,14 +79,22 @@ impl CreditBook {
                 block.height, self.next_height
             ));
         }
+        // The block applies whole or not at all; then each entry is replayed on the book's own
+        // state to attribute it (the slashes need the balance before the entry).
         let mut whole = self.state.clone();
         whole.apply_block(block).map_err(|e| e.to_string())?;
         for signed in &block.entries {
-            let before = self.state.clone();
+            let slashed_before: Vec<(PeerKey, Credits)> = match &signed.entry {
+                Entry::RoundResult { rejected, .. } => rejected
+                    .iter()
+                    .map(|p| (*p, self.state.balance(p)))
+                    .collect(),
+                _ => Vec::new(),
+            };
             self.state
                 .apply_finalized_entry(&signed.author, &signed.entry)
                 .map_err(|e| e.to_string())?;
-            self.attribute(&before, &signed.author, &signed.entry);
+            self.attribute(&slashed_before, &signed.author, &signed.entry);
         }
         debug_assert_eq!(self.state, whole);
         self.state = whole;
@@ -107,7 +115,12 @@ impl CreditBook {
         })
     }
 
-    fn attribute(&mut self, before: &CreditState, author: &PeerKey, entry: &Entry) {
+    fn attribute(
+        &mut self,
+        slashed_before: &[(PeerKey, Credits)],
+        author: &PeerKey,
+        entry: &Entry,
+    ) {
         match entry {
             Entry::Mint { to, amount } => self.row(to).received += amount,
             Entry::Transfer { to, amount } => {
@@ -126,9 +139,11 @@ impl CreditBook {
                     row.accepted += 1;
                 }
                 for peer in rejected {
-                    let slashed = before
-                        .balance(peer)
-                        .saturating_sub(self.state.balance(peer));
+                    let before = slashed_before
+                        .iter()
+                        .find(|(p, _)| p == peer)
+                        .map_or(0, |(_, b)| *b);
+                    let slashed = before.saturating_sub(self.state.balance(peer));
                     let row = self.row(peer);
                     row.slashed += slashed;
                     row.rejected += 1;

@@ -24,10 +24,7 @@ const MAX_RECORD_BYTES: usize = MAX_BLOCK_BYTES + 64 * 1024;
 /// Blocks asked for per API call.
 const PAGE: u64 = 256;
 
-/// Lowercase hex.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use loom_actors::exchanger::hex;
 
 /// Parses lowercase or uppercase hex.
 pub fn unhex(text: &str) -> Option<Vec<u8>> {
