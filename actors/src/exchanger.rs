@@ -130,6 +130,24 @@ pub struct RoundReport {
     pub rejected_blobs: u64,
     /// The job's last round is done.
     pub finished: bool,
+    /// Whether this peer's close is the one it applied (it coordinated the round).
+    #[serde(default)]
+    pub closed_by_me: bool,
+    /// Hex keys of the contributors whose updates went into the model.
+    #[serde(default)]
+    pub accepted: Vec<String>,
+    /// Contributions of the round refused by the verifier, with the reason.
+    #[serde(default)]
+    pub refused: Vec<RefusedContribution>,
+}
+
+/// A contribution refused in a round and why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RefusedContribution {
+    /// Hex key of its author.
+    pub author: String,
+    /// Why it was refused.
+    pub reason: String,
 }
 
 /// Everything the exchanger starts from.
@@ -245,6 +263,12 @@ pub struct ExchangerState {
     report: RoundReport,
     pending_reports: HashMap<u64, RoundReport>,
     finished: bool,
+    /// The last round's report, held until that round's model is confirmed by its proposer
+    /// (or the settle time has passed), so a peer does not finish on a model the mesh did not
+    /// keep.
+    final_report: Option<RoundReport>,
+    /// When this peer last took on a model of the last round.
+    final_applied_ms: Option<u64>,
     seen_future: bool,
     last_state: Option<(u64, ModelState)>,
     /// This peer's commitment of the open round and when it was last published: republished
@@ -302,6 +326,8 @@ impl Actor for ExchangerActor {
             report: RoundReport::default(),
             pending_reports: HashMap::new(),
             finished: false,
+            final_report: None,
+            final_applied_ms: None,
             seen_future: false,
             last_state: None,
             own_commit: None,
@@ -368,6 +394,7 @@ impl ExchangerState {
         self.retry_slow_fetches(now);
         let actions = self.engine_poll(now);
         self.run(myself, actions, now);
+        self.try_finish(now);
     }
 
     /// "Is this blob held?" for the engine, owning its own handle on the store.
@@ -428,8 +455,11 @@ impl ExchangerState {
                 Action::Apply {
                     round,
                     contributions,
-                    proposer: _,
-                } => self.apply(myself, round, &contributions),
+                    proposer,
+                } => {
+                    self.report.closed_by_me = proposer == self.me;
+                    self.apply(myself, round, &contributions)
+                }
                 Action::Resync {
                     round,
                     model_hash: _,
@@ -721,6 +751,7 @@ impl ExchangerState {
         let refs: Vec<(PeerKey, &compress::SparseUpdate)> =
             updates.iter().map(|(k, u)| (*k, u)).collect();
         let (average, used) = contribution::aggregate(len, &refs);
+        self.report.accepted = used.iter().map(|k| hex(k)).collect();
         let mut params = self.params.as_ref().clone();
         if !used.is_empty() {
             match (&mut self.outer, self.args.plan.strategy) {
@@ -802,6 +833,9 @@ impl ExchangerState {
         report.hash_mismatches = counters.hash_mismatches;
         report.resyncs = counters.resyncs;
         report.finished = round >= self.args.plan.rounds;
+        if report.finished {
+            self.final_applied_ms = Some(unix_ms());
+        }
         if let Some(last) = self.last_train {
             report.train_loss = Some(last.loss_mean);
         }
@@ -928,17 +962,50 @@ impl ExchangerState {
             Err(why) if why.is_empty() => {}
             Err(why) => tracing::warn!(%why, round, "validation failed"),
         }
-        if report.finished {
-            if self.finished {
-                return;
-            }
-            self.finished = true;
+        if self.finished {
+            return;
         }
         if let Some(loss) = report.val_loss {
             metrics::gauge!("loom_train_val_loss").set(f64::from(loss));
         }
         metrics::gauge!("loom_train_round").set(round as f64);
+        if report.finished {
+            self.final_report = Some(report);
+            self.try_finish(unix_ms());
+            return;
+        }
         let _ = self.args.reports.try_send(report);
+    }
+
+    /// Reports the last round once its model is confirmed: the winning proposer announced the
+    /// same hash, or this peer closed it itself and no better-ranked close came within two
+    /// grace periods. A peer whose model differs resyncs first (the engine asks for it when
+    /// the proposer's state arrives) and reports the model it resynced to.
+    fn try_finish(&mut self, now: u64) {
+        let Some(applied_ms) = self.final_applied_ms else {
+            return;
+        };
+        if self.finished || self.final_report.is_none() {
+            return;
+        }
+        let round = self.args.plan.rounds;
+        let grace_ms = self.args.plan.round.proposer_grace_ms;
+        let own_close = self.engine.round_proposer(round) == Some(self.me);
+        let confirmed = self.engine.confirmed(round) && (!own_close || now >= applied_ms + 2 * grace_ms);
+        let settle_max_ms = applied_ms + 2 * self.args.plan.round.round_deadline_ms + 4 * grace_ms;
+        if !confirmed && now < settle_max_ms {
+            return;
+        }
+        if !confirmed {
+            tracing::warn!(
+                round,
+                "the last round's model was not confirmed by its proposer; finishing with it"
+            );
+        }
+        if let Some(report) = self.final_report.take() {
+            self.finished = true;
+            let _ = self.args.reports.try_send(report);
+        }
     }
 }
 

@@ -92,7 +92,16 @@ fn bad_manifests_get_one_line_naming_the_field() {
 #[test]
 fn three_processes_agree_every_round_and_a_killed_peer_resumes_from_its_checkpoint() {
     let root = tempfile::tempdir().unwrap();
-    let manifest = write_manifest(root.path(), MANIFEST);
+    // LOOM_TEST_KEEP=1 leaves the peers' directories (logs, progress) for inspection.
+    let (_guard, root) = if std::env::var_os("LOOM_TEST_KEEP").is_some() {
+        let kept = root.keep();
+        eprintln!("keeping {}", kept.display());
+        (None, kept)
+    } else {
+        let path = root.path().to_path_buf();
+        (Some(root), path)
+    };
+    let manifest = write_manifest(root.as_path(), MANIFEST);
     let options = MeshOptions {
         subcommand: vec![
             "train".into(),
@@ -100,7 +109,8 @@ fn three_processes_agree_every_round_and_a_killed_peer_resumes_from_its_checkpoi
             manifest.display().to_string(),
         ],
         log: "info".into(),
-        ..MeshOptions::run(3, BIN.into(), root.path().join("mesh"))
+        keep: _guard.is_none(),
+        ..MeshOptions::run(3, BIN.into(), root.as_path().join("mesh"))
     };
     let mut mesh = LocalMesh::start(&options).unwrap();
     let progress: Vec<PathBuf> = mesh

@@ -320,6 +320,31 @@ impl RoundEngine {
         self.current
     }
 
+    /// The proposer whose close this peer holds as the outcome of `round` (the best-ranked close
+    /// it heard of), when known.
+    pub fn round_proposer(&self, round: u64) -> Option<PeerKey> {
+        self.proposers.get(&round).copied()
+    }
+
+    /// Whether the model this peer holds after `round` is confirmed as the mesh's: the proposer
+    /// of the best-ranked close of that round announced the same hash, or this peer is that
+    /// proposer (the caller then gives better-ranked closes time to arrive). After a resync
+    /// with no known proposer, any other peer announcing the same hash confirms it.
+    pub fn confirmed(&self, round: u64) -> bool {
+        if self.resync_pending || self.applying {
+            return false;
+        }
+        let Some(mine) = self.my_hashes.get(&round) else {
+            return false;
+        };
+        let holders = self.holders.get(&round).and_then(|h| h.get(mine));
+        match self.proposers.get(&round) {
+            Some(proposer) if *proposer == self.me => true,
+            Some(proposer) => holders.is_some_and(|h| h.contains(proposer)),
+            None => holders.is_some_and(|h| h.iter().any(|k| *k != self.me)),
+        }
+    }
+
     /// Whether this peer holds the mesh's model and takes part in rounds.
     pub fn is_synced(&self) -> bool {
         self.synced
@@ -1078,6 +1103,7 @@ mod tests {
             "{actions:?}"
         );
         engine.applied(1, [1; 32]);
+        assert!(engine.confirmed(1), "its own close, until a better one is heard of");
         // The better-ranked close arrives late, then its proposer's state with another hash.
         let close = RoundClose {
             job_id: JOB,
@@ -1088,6 +1114,8 @@ mod tests {
         engine
             .on_close(close, pks[best], &all, 1_600)
             .expect("valid");
+        assert_eq!(engine.round_proposer(1), Some(pks[best]));
+        assert!(!engine.confirmed(1), "the better-ranked proposer has not confirmed it");
         let state = model_state(1, [2; 32], [2; 32], 10, pks[best]);
         let actions = engine.on_state(state, pks[best]).expect("valid");
         assert!(
@@ -1095,6 +1123,9 @@ mod tests {
             "{actions:?}"
         );
         assert_eq!(engine.counters().hash_mismatches, 1);
+        assert!(!engine.confirmed(1), "a resync is under way");
+        engine.resynced(1, [2; 32]);
+        assert!(engine.confirmed(1), "the proposer's model, now held");
     }
 
     #[test]
