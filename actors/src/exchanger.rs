@@ -2,9 +2,12 @@
 //!
 //! A shell around [`RoundEngine`]: it asks the Trainer for this peer's update, compresses it
 //! (top-k with error feedback, see [`loom_protocols::compress`]), stores the blob under its
-//! blake3 hash, signs and gossips the commitment, fetches the blobs others commit (checking hash
-//! and size on receipt, trying other holders on failure), aggregates the accepted set of each
-//! round in canonical order, applies the outer step (DiLoCo's Nesterov or the `sync` AdamW) in
+//! blake3 hash, signs and gossips the commitment, serves the blob only once the round's expected
+//! contributors have all committed (commit-then-reveal: nobody can copy an update it has not
+//! committed before), fetches the blobs others commit (checking hash and size on receipt, trying
+//! other holders on failure), screens the accepted set with the verifier's checks
+//! ([`loom_protocols::verify`]) and aggregates what passes in canonical order (mean, trimmed
+//! mean or coordinate-wise median), applies the outer step (DiLoCo's Nesterov or the `sync` AdamW) in
 //! plain Rust so every peer's model is bit-identical, publishes the model hash and a snapshot,
 //! writes checkpoints, and reports each round.
 //!
@@ -19,8 +22,10 @@ use loom_protocols::{
     compress::{self, Codec},
     contribution::{self, BlobHash, Commitment},
     outer::{self, AdamWConfig, OuterConfig},
+    robust,
     round::{Action, JobId, ModelState, RoundConfig, RoundEngine, TrainMessage},
     snapshot::{OuterState, Snapshot},
+    verify::{self, ScreeningConfig},
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
@@ -66,6 +71,21 @@ pub enum Strategy {
     },
 }
 
+/// How a round's accepted updates are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Aggregation {
+    /// The plain mean.
+    #[default]
+    Mean,
+    /// Coordinate-wise mean without the `trim` largest and `trim` smallest values.
+    TrimmedMean {
+        /// Values dropped at each end.
+        trim: usize,
+    },
+    /// Coordinate-wise median.
+    Median,
+}
+
 /// Everything about a job the exchanger needs.
 #[derive(Debug, Clone)]
 pub struct JobPlan {
@@ -89,6 +109,10 @@ pub struct JobPlan {
     pub join_wait_ms: u64,
     /// Evaluate the model every this many rounds (and after round 0 and the last).
     pub eval_every: u64,
+    /// How accepted updates are combined.
+    pub aggregation: Aggregation,
+    /// The verifier's screening of each round's updates (None: off).
+    pub screening: Option<ScreeningConfig>,
 }
 
 /// Writes checkpoints (the node writes them atomically to its data directory).
@@ -139,6 +163,15 @@ pub struct RoundReport {
     /// Contributions of the round refused by the verifier, with the reason.
     #[serde(default)]
     pub refused: Vec<RefusedContribution>,
+    /// Commitments refused so far for a bad signature.
+    #[serde(default)]
+    pub forged_commitments: u64,
+    /// Commitments refused so far for replaying an earlier round's blob.
+    #[serde(default)]
+    pub stale_commitments: u64,
+    /// Commitments so far that came after this peer's reveal (left out of its closes).
+    #[serde(default)]
+    pub after_reveal_commitments: u64,
 }
 
 /// A contribution refused in a round and why.
@@ -276,6 +309,8 @@ pub struct ExchangerState {
     own_commit: Option<(u64, u64, loom_protocols::contribution::SignedCommitment)>,
     /// Size of this job's snapshots.
     snapshot_len: u64,
+    /// This peer's blob of the open round, held back until the engine says to reveal it.
+    unrevealed: Option<(u64, Vec<u8>)>,
 }
 
 /// The GradientExchanger actor.
@@ -332,6 +367,7 @@ impl Actor for ExchangerActor {
             last_state: None,
             own_commit: None,
             snapshot_len,
+            unrevealed: None,
             args,
         };
         if state.args.resumed {
@@ -446,8 +482,24 @@ impl ExchangerState {
     }
 
     fn run(&mut self, myself: &ActorRef<ExchangerMsg>, actions: Vec<Action>, now: u64) {
-        for action in actions {
+        let mut queue = std::collections::VecDeque::from(actions);
+        while let Some(action) = queue.pop_front() {
             match action {
+                Action::Reveal { round } => {
+                    if let Some((held_round, blob)) = self.unrevealed.take() {
+                        if held_round == round {
+                            self.args
+                                .blobs
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .insert(blob);
+                            // With the blob in hand the round may close now.
+                            queue.extend(self.engine_poll(now));
+                        } else {
+                            self.unrevealed = Some((held_round, blob));
+                        }
+                    }
+                }
                 Action::Fetch { hash, len, from } => {
                     self.fetch(hash, len, from, Purpose::Contribution, now);
                 }
@@ -456,8 +508,16 @@ impl ExchangerState {
                     round,
                     contributions,
                     proposer,
+                    refused,
                 } => {
                     self.report.closed_by_me = proposer == self.me;
+                    self.report.refused = refused
+                        .into_iter()
+                        .map(|(author, reason)| RefusedContribution {
+                            author: hex(&author),
+                            reason,
+                        })
+                        .collect();
                     self.apply(myself, round, &contributions)
                 }
                 Action::Resync {
@@ -742,16 +802,53 @@ impl ExchangerState {
                     }
                     // Every peer holds the same bytes, so every peer skips the same update.
                     _ => {
+                        self.report.refused.push(RefusedContribution {
+                            author: hex(&commitment.author),
+                            reason: "undecodable or wrong-sized update".into(),
+                        });
                         self.report.rejected_blobs += 1;
                         metrics::counter!("loom_train_blobs_rejected_total").increment(1);
                     }
                 }
             }
         }
-        let refs: Vec<(PeerKey, &compress::SparseUpdate)> =
+        let mut refs: Vec<(PeerKey, &compress::SparseUpdate)> =
             updates.iter().map(|(k, u)| (*k, u)).collect();
-        let (average, used) = contribution::aggregate(len, &refs);
+        if let Some(config) = &self.args.plan.screening {
+            let refused = verify::screen(&refs, config);
+            if !refused.is_empty() {
+                let mut rejections = self
+                    .args
+                    .rejections
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                for (author, why) in &refused {
+                    tracing::warn!(round, author = %crate::short(author), %why, "contribution refused");
+                    metrics::counter!("loom_train_contributions_refused_total").increment(1);
+                    if rejections.len() < MAX_REJECTION_PEERS || rejections.contains_key(author) {
+                        *rejections.entry(*author).or_default() += 1;
+                    }
+                    self.report.refused.push(RefusedContribution {
+                        author: hex(author),
+                        reason: why.to_string(),
+                    });
+                }
+            }
+            refs.retain(|(k, _)| !refused.iter().any(|(r, _)| r == k));
+        }
+        let (mean, used) = contribution::aggregate(len, &refs);
+        let average = match self.args.plan.aggregation {
+            Aggregation::Mean => mean,
+            Aggregation::TrimmedMean { trim } => {
+                robust::trimmed_mean(len, &sorted_updates(&refs, &used), trim)
+            }
+            Aggregation::Median => robust::coordinate_median(len, &sorted_updates(&refs, &used)),
+        };
         self.report.accepted = used.iter().map(|k| hex(k)).collect();
+        let counters = self.engine.counters();
+        self.report.forged_commitments = counters.forged_commitments;
+        self.report.stale_commitments = counters.stale_commitments;
+        self.report.after_reveal_commitments = counters.after_reveal_commitments;
         let mut params = self.params.as_ref().clone();
         if !used.is_empty() {
             match (&mut self.outer, self.args.plan.strategy) {
@@ -916,12 +1013,9 @@ impl ExchangerState {
         }
         let (blob, _) = compress::compress(&update, &mut self.residual, self.args.plan.codec);
         let blob_len = blob.len() as u64;
-        let hash = self
-            .args
-            .blobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(blob);
+        let hash = contribution::blob_hash(&blob);
+        // Commit-then-reveal: the blob is served only when the engine says so.
+        self.unrevealed = Some((round, blob));
         let signer = self.args.signer.clone();
         let signed = Commitment {
             job_id: self.args.plan.job_id,
@@ -991,7 +1085,8 @@ impl ExchangerState {
         let round = self.args.plan.rounds;
         let grace_ms = self.args.plan.round.proposer_grace_ms;
         let own_close = self.engine.round_proposer(round) == Some(self.me);
-        let confirmed = self.engine.confirmed(round) && (!own_close || now >= applied_ms + 2 * grace_ms);
+        let confirmed =
+            self.engine.confirmed(round) && (!own_close || now >= applied_ms + 2 * grace_ms);
         let settle_max_ms = applied_ms + 2 * self.args.plan.round.round_deadline_ms + 4 * grace_ms;
         if !confirmed && now < settle_max_ms {
             return;
@@ -1007,6 +1102,16 @@ impl ExchangerState {
             let _ = self.args.reports.try_send(report);
         }
     }
+}
+
+/// The updates of `used` (sorted by author), in that order.
+fn sorted_updates<'a>(
+    refs: &[(PeerKey, &'a compress::SparseUpdate)],
+    used: &[PeerKey],
+) -> Vec<&'a compress::SparseUpdate> {
+    used.iter()
+        .filter_map(|k| refs.iter().find(|(r, _)| r == k).map(|(_, u)| *u))
+        .collect()
 }
 
 /// Lower-case hex of a hash.

@@ -16,9 +16,8 @@ pub mod supervisor;
 pub mod trainer;
 
 pub use exchanger::{
-    CheckpointSink, ExchangerActor, ExchangerArgs, ExchangerMsg, JobPlan, RefusedContribution, RoundReport,
-    SharedBlobs,
-    SharedRejections, Strategy,
+    Aggregation, CheckpointSink, ExchangerActor, ExchangerArgs, ExchangerMsg, JobPlan,
+    RefusedContribution, RoundReport, SharedBlobs, SharedRejections, Strategy,
 };
 pub use learner::{Learner, LearnerError, ShardKey, StepReport};
 pub use membership::{MemberSummary, MembershipActor, MembershipArgs, MembershipMsg};

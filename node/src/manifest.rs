@@ -9,11 +9,12 @@
 
 use std::{path::Path, time::Duration};
 
-use loom_actors::{JobPlan, Strategy};
+use loom_actors::{Aggregation, JobPlan, Strategy};
 use loom_protocols::{
     compress::{Codec, Sparsity, ValueFormat},
     outer::{AdamWConfig, OuterConfig},
     round::{JobId, RoundConfig},
+    verify::ScreeningConfig,
 };
 use loom_trainer::{Dataset, DeviceChoice, LearnerConfig, ModelSpec, Vocab};
 use serde::{Deserialize, Serialize};
@@ -101,6 +102,66 @@ pub struct Manifest {
     /// Evaluate every this many rounds (and the first and last); not part of the job id.
     #[serde(default = "default_eval_every")]
     pub eval_every: u64,
+    /// How a round's accepted updates are combined.
+    #[serde(default)]
+    pub aggregation: AggregationSpec,
+    /// The verifier's screening of each round's updates.
+    #[serde(default)]
+    pub verification: VerificationSpec,
+}
+
+/// How a round's accepted updates are combined: `{kind: mean}`, `{kind: trimmed_mean, trim: 1}`
+/// or `{kind: median}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AggregationSpec {
+    /// The plain mean.
+    #[default]
+    Mean,
+    /// Coordinate-wise mean without the `trim` largest and smallest values.
+    TrimmedMean {
+        /// Values dropped at each end of every coordinate.
+        trim: usize,
+    },
+    /// Coordinate-wise median.
+    Median,
+}
+
+/// The verifier's screening: `{screen: true, min_cosine: 0.05, max_norm_ratio: 10}`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerificationSpec {
+    /// Whether updates are screened at all.
+    #[serde(default = "default_screen")]
+    pub screen: bool,
+    /// Smallest cosine between an update and the sum of the others.
+    #[serde(default = "default_min_cosine")]
+    pub min_cosine: f64,
+    /// Largest ratio between an update's norm and the round's median norm.
+    #[serde(default = "default_max_norm_ratio")]
+    pub max_norm_ratio: f64,
+}
+
+impl Default for VerificationSpec {
+    fn default() -> Self {
+        Self {
+            screen: default_screen(),
+            min_cosine: default_min_cosine(),
+            max_norm_ratio: default_max_norm_ratio(),
+        }
+    }
+}
+
+fn default_screen() -> bool {
+    true
+}
+
+fn default_min_cosine() -> f64 {
+    loom_protocols::verify::ScreeningConfig::default().min_cosine
+}
+
+fn default_max_norm_ratio() -> f64 {
+    loom_protocols::verify::ScreeningConfig::default().max_norm_ratio
 }
 
 fn default_eval_every() -> u64 {
@@ -324,6 +385,25 @@ impl Manifest {
 
     /// Checks ranges, naming the field at fault.
     pub fn validate(&self) -> Result<(), ManifestError> {
+        if let AggregationSpec::TrimmedMean { trim } = self.aggregation
+            && (trim == 0 || 2 * trim >= self.replicas.max)
+        {
+            return Err(field(
+                "aggregation.trim",
+                format!(
+                    "must be at least 1 and leave values with replicas.max {} (got {trim})",
+                    self.replicas.max
+                ),
+            ));
+        }
+        if !(-1.0..=1.0).contains(&self.verification.min_cosine) {
+            return Err(field("verification.min_cosine", "must be in [-1, 1]"));
+        }
+        if !(self.verification.max_norm_ratio >= 1.0
+            && self.verification.max_norm_ratio.is_finite())
+        {
+            return Err(field("verification.max_norm_ratio", "must be at least 1"));
+        }
         if self.job.trim().is_empty() || self.job.len() > 128 {
             return Err(field("job", "must be 1 to 128 characters"));
         }
@@ -518,6 +598,16 @@ impl Manifest {
             checkpoint_every: self.checkpoint_every,
             join_wait_ms: 3_000,
             eval_every: self.eval_every,
+            aggregation: match self.aggregation {
+                AggregationSpec::Mean => Aggregation::Mean,
+                AggregationSpec::TrimmedMean { trim } => Aggregation::TrimmedMean { trim },
+                AggregationSpec::Median => Aggregation::Median,
+            },
+            screening: self.verification.screen.then(|| ScreeningConfig {
+                min_cosine: self.verification.min_cosine,
+                max_norm_ratio: self.verification.max_norm_ratio,
+                ..ScreeningConfig::default()
+            }),
         };
         Ok(Job {
             manifest: self,
@@ -543,6 +633,8 @@ impl Manifest {
             round_deadline_ms: u128,
             seed: u64,
             eval_batches: usize,
+            aggregation: AggregationSpec,
+            verification: VerificationSpec,
         }
         let canonical = Canonical {
             job: &self.job,
@@ -556,6 +648,8 @@ impl Manifest {
             round_deadline_ms: self.round_deadline().map(|d| d.as_millis()).unwrap_or(0),
             seed: self.seed,
             eval_batches: self.eval_batches,
+            aggregation: self.aggregation,
+            verification: self.verification,
         };
         let json = serde_json::to_vec(&canonical).unwrap_or_default();
         let mut hasher = blake3::Hasher::new();

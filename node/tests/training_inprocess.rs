@@ -162,6 +162,8 @@ fn plan_with(rounds: u64, strategy: Strategy) -> JobPlan {
         checkpoint_every: 0,
         join_wait_ms: 300,
         eval_every: 1,
+        aggregation: loom_actors::Aggregation::Mean,
+        screening: Some(Default::default()),
     }
 }
 

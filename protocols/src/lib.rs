@@ -24,6 +24,7 @@ pub mod ratelimit;
 pub mod robust;
 pub mod round;
 pub mod snapshot;
+pub mod verify;
 pub mod wire;
 
 pub use backoff::Backoff;

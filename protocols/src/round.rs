@@ -50,7 +50,15 @@ pub struct RoundClose {
     pub proposer: PeerKey,
     /// The accepted contributions, each signed by its author.
     pub commitments: Vec<SignedCommitment>,
+    /// Contributions of the round the proposer refused before aggregation (a replayed blob, a
+    /// copy of a revealed blob), with the reason; bounded like the accepted set.
+    pub refused: Vec<(PeerKey, String)>,
 }
+
+/// Longest refusal reason carried in a close.
+pub const MAX_REFUSAL_REASON_BYTES: usize = 160;
+/// Rounds back in which a committed blob hash is remembered (a replay of one is stale).
+const STALE_ROUNDS: u64 = 8;
 
 /// A peer's model after applying a round, and the snapshot it serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -151,6 +159,15 @@ pub enum Action {
         contributions: Vec<Commitment>,
         /// Who closed it.
         proposer: PeerKey,
+        /// Contributions the close refused, with the reason.
+        refused: Vec<(PeerKey, String)>,
+    },
+    /// Commit-then-reveal: every expected contributor has committed (or the deadline passed),
+    /// so this peer now serves its own contribution's blob for `round`. Commitments that arrive
+    /// after this are left out of this peer's close: their authors could have seen the blobs.
+    Reveal {
+        /// The round.
+        round: u64,
     },
     /// This peer is behind or diverged: load the snapshot, check it, then call
     /// [`RoundEngine::resynced`].
@@ -206,6 +223,12 @@ pub enum RoundRejected {
     /// A state whose author is not the gossip author.
     #[error("state author is not the sender")]
     BadState,
+    /// A commitment to a blob already committed in an earlier round (a replay).
+    #[error("replays a blob committed in round {0}")]
+    Stale(u64),
+    /// A commitment to the blob another author committed in the same round.
+    #[error("copies another contributor's blob")]
+    Copy,
 }
 
 #[derive(Debug, Clone)]
@@ -219,6 +242,7 @@ struct AcceptedClose {
     proposer: PeerKey,
     rank: usize,
     contributions: Vec<Commitment>,
+    refused: Vec<(PeerKey, String)>,
 }
 
 /// Counters of a job's rounds.
@@ -230,6 +254,14 @@ pub struct RoundCounters {
     pub hash_mismatches: u64,
     /// Resyncs requested.
     pub resyncs: u64,
+    /// Commitments whose signature did not verify (forged or corrupted).
+    pub forged_commitments: u64,
+    /// Commitments replaying a blob of an earlier round.
+    pub stale_commitments: u64,
+    /// Commitments to a blob another author committed in the same round.
+    pub copied_commitments: u64,
+    /// Commitments that arrived after this peer revealed its blob (left out of its close).
+    pub after_reveal_commitments: u64,
 }
 
 /// The round state machine of one job on one peer.
@@ -266,6 +298,20 @@ pub struct RoundEngine {
     latest_state: Option<ModelState>,
     resync_pending: bool,
     counters: RoundCounters,
+    /// When this peer revealed its blob of the current round.
+    revealed_ms: Option<u64>,
+    /// Authors whose commitment of the current round arrived after the reveal.
+    after_reveal: BTreeSet<PeerKey>,
+    /// Refusals of the open round and the next (stale or copied commitments), carried in this
+    /// peer's close.
+    refused: BTreeMap<u64, BTreeMap<PeerKey, String>>,
+    /// Blob hashes committed in recent rounds: the round first committed in, and the last round
+    /// it was seen in (a replay keeps it remembered).
+    recent_blobs: BTreeMap<BlobHash, (u64, u64)>,
+}
+
+fn short_hex(key: &PeerKey) -> String {
+    key[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The proposer rank key of `peer` in `round` of `job`.
@@ -312,6 +358,10 @@ impl RoundEngine {
             latest_state: None,
             resync_pending: false,
             counters: RoundCounters::default(),
+            revealed_ms: None,
+            after_reveal: BTreeSet::new(),
+            refused: BTreeMap::new(),
+            recent_blobs: BTreeMap::new(),
         }
     }
 
@@ -385,7 +435,13 @@ impl RoundEngine {
         signed: SignedCommitment,
         now_ms: u64,
     ) -> Result<Vec<Action>, RoundRejected> {
-        let commitment = signed.verify()?;
+        let commitment = match signed.verify() {
+            Ok(c) => c,
+            Err(e) => {
+                self.counters.forged_commitments += 1;
+                return Err(e.into());
+            }
+        };
         if commitment.job_id != self.job_id {
             return Err(RoundRejected::OtherJob);
         }
@@ -407,22 +463,68 @@ impl RoundEngine {
                 current: self.current,
             });
         }
-        let slot = self.commits.entry(round).or_default();
-        if slot.contains_key(&commitment.author) {
+        if self
+            .commits
+            .get(&round)
+            .is_some_and(|slot| slot.contains_key(&commitment.author))
+        {
             return Err(RoundRejected::Duplicate);
         }
+        // A replay of a blob committed in an earlier round (a peer does not police its own).
+        let mine = commitment.author == self.me;
+        if !mine
+            && let Some(seen) = self.recent_blobs.get_mut(&commitment.blob_hash)
+            && seen.0 < round
+        {
+            let earlier = seen.0;
+            seen.1 = seen.1.max(round);
+            self.counters.stale_commitments += 1;
+            self.refuse(
+                round,
+                commitment.author,
+                format!("stale: replays a blob committed in round {earlier}"),
+            );
+            return Err(RoundRejected::Stale(earlier));
+        }
+        // The blob another author committed in this round: a copy (commit-then-reveal means
+        // the original was committed first, before any blob of the round was served).
+        if !mine
+            && let Some(original) = self.commits.get(&round).and_then(|slot| {
+                slot.values()
+                    .find(|p| p.commitment.blob_hash == commitment.blob_hash)
+                    .map(|p| p.commitment.author)
+            })
+        {
+            self.counters.copied_commitments += 1;
+            self.refuse(
+                round,
+                commitment.author,
+                format!("copy of the update of {}", short_hex(&original)),
+            );
+            return Err(RoundRejected::Copy);
+        }
+        let slot = self.commits.entry(round).or_default();
         if slot.len() >= self.config.max_contributors {
             return Err(RoundRejected::Full(round));
         }
         if round == self.current && self.first_commit_ms.is_none() {
             self.first_commit_ms = Some(now_ms);
         }
+        if round == self.current && self.revealed_ms.is_some() && commitment.author != self.me {
+            // Its author could have seen the revealed blobs: left out of this peer's close.
+            self.counters.after_reveal_commitments += 1;
+            self.after_reveal.insert(commitment.author);
+        }
+        if self.recent_blobs.len() < 2 * STALE_ROUNDS as usize * self.config.max_contributors {
+            self.recent_blobs
+                .entry(commitment.blob_hash)
+                .or_insert((round, round));
+        }
         let action = Action::Fetch {
             hash: commitment.blob_hash,
             len: commitment.blob_len,
             from: vec![commitment.author],
         };
-        let mine = commitment.author == self.me;
         slot.insert(commitment.author, Pending { commitment, signed });
         Ok(if mine { Vec::new() } else { vec![action] })
     }
@@ -479,9 +581,30 @@ impl RoundEngine {
             if !authors.insert(c.author) {
                 return Err(RoundRejected::BadClose("contribution listed twice"));
             }
+            // A contribution this peer refused (a replay, a copy) does not make it into the
+            // model through a close: the next-ranked proposer's close is taken instead.
+            let refused_here = self
+                .refused
+                .get(&close.round)
+                .is_some_and(|r| r.contains_key(&c.author))
+                || self
+                    .recent_blobs
+                    .get(&c.blob_hash)
+                    .is_some_and(|(first, _)| *first < close.round);
+            if refused_here {
+                return Err(RoundRejected::BadClose("lists a refused contribution"));
+            }
             contributions.push(c);
         }
         contributions.sort_by_key(|c| c.author);
+        if close.refused.len() > self.config.max_contributors
+            || close
+                .refused
+                .iter()
+                .any(|(k, reason)| authors.contains(k) || reason.len() > MAX_REFUSAL_REASON_BYTES)
+        {
+            return Err(RoundRejected::BadClose("malformed refusals"));
+        }
         let rank = self.rank_of(close.round, &close.proposer);
         if self.applying {
             return Ok(Vec::new());
@@ -493,6 +616,7 @@ impl RoundEngine {
             proposer: close.proposer,
             rank,
             contributions,
+            refused: close.refused,
         };
         // The lowest-ranked close wins; the others are kept in case its blobs cannot be had.
         let keep = match self.close.take() {
@@ -564,8 +688,27 @@ impl RoundEngine {
         if self.resync_pending {
             return Ok(Vec::new());
         }
-        // A joiner, or a peer two rounds behind: take the newest state.
-        if !self.applying && (!self.synced || state.round > self.current) {
+        // A joiner, or a peer two rounds behind: take the newest state. A synced peer follows
+        // a state ahead of it only once a majority of its last round's contributors hold it, so
+        // one peer closing rounds alone cannot pull the mesh onto its model.
+        let holders_needed = if self.synced {
+            self.expected.len().div_ceil(2).max(1)
+        } else {
+            1
+        };
+        let holder_count = self
+            .holders
+            .get(&state.round)
+            .and_then(|h| h.get(&state.model_hash))
+            .map_or(0, |h| {
+                h.iter()
+                    .filter(|k| self.expected.is_empty() || self.expected.contains(*k))
+                    .count()
+            });
+        if !self.applying
+            && (!self.synced || state.round > self.current)
+            && holder_count >= holders_needed
+        {
             self.resync_pending = true;
             self.counters.resyncs += 1;
             return Ok(vec![resync]);
@@ -602,6 +745,55 @@ impl RoundEngine {
         {
             self.first_commit_ms = Some(now_ms);
         }
+        let mut actions = Vec::new();
+        // Commit-then-reveal: this peer's blob is served once every expected contributor has
+        // committed, or the deadline has passed.
+        if self.revealed_ms.is_none()
+            && self.close.is_none()
+            && let Some(round_commits) = self.commits.get(&self.current)
+            && round_commits.contains_key(&self.me)
+        {
+            let expected = self.expected_contributors();
+            let all_committed =
+                !expected.is_empty() && expected.iter().all(|k| round_commits.contains_key(k));
+            let deadline_passed = self
+                .first_commit_ms
+                .is_some_and(|t| now_ms >= t + self.config.round_deadline_ms);
+            if all_committed || deadline_passed {
+                self.revealed_ms = Some(now_ms);
+                actions.push(Action::Reveal {
+                    round: self.current,
+                });
+            }
+        }
+        actions.extend(self.poll_close(now_ms, have));
+        actions
+    }
+
+    /// Who is expected to contribute to the current round: the contributors of the previous
+    /// round, or else every peer that announced the model this round starts from (the first
+    /// round, or after a resync).
+    fn expected_contributors(&self) -> BTreeSet<PeerKey> {
+        if !self.expected.is_empty() {
+            return self.expected.clone();
+        }
+        let mut starters = self
+            .state_authors
+            .get(&(self.current - 1))
+            .cloned()
+            .unwrap_or_default();
+        if !starters.is_empty()
+            && self
+                .commits
+                .get(&self.current)
+                .is_some_and(|c| c.contains_key(&self.me))
+        {
+            starters.insert(self.me);
+        }
+        starters
+    }
+
+    fn poll_close(&mut self, now_ms: u64, have: &dyn Fn(&BlobHash) -> bool) -> Vec<Action> {
         if let Some(close) = &self.close {
             let missing: Vec<Action> = close
                 .contributions
@@ -621,6 +813,7 @@ impl RoundEngine {
                 round: self.current,
                 contributions: close.contributions.clone(),
                 proposer: close.proposer,
+                refused: close.refused.clone(),
             }];
         }
         let Some(round_commits) = self.commits.get(&self.current) else {
@@ -628,45 +821,37 @@ impl RoundEngine {
         };
         let held: Vec<&Pending> = round_commits
             .values()
-            .filter(|p| have(&p.commitment.blob_hash))
+            .filter(|p| {
+                !self.after_reveal.contains(&p.commitment.author)
+                    && !self.is_refused(&p.commitment.author)
+                    && have(&p.commitment.blob_hash)
+            })
             .collect();
+        // Only a contributor that revealed closes: the accepted set is what was committed
+        // before its reveal. It closes once it holds all of those blobs, or a deadline after
+        // the reveal with those it holds.
+        let Some(revealed_ms) = self.revealed_ms else {
+            return Vec::new();
+        };
         if held.len() < self.config.min_contributors.max(1) {
             return Vec::new();
         }
-        // Expected: the contributors of the previous round, or else every peer that announced
-        // the model this round starts from (the first round, or after a resync).
-        let expected = if self.expected.is_empty() {
-            let mut starters = self
-                .state_authors
-                .get(&(self.current - 1))
-                .cloned()
-                .unwrap_or_default();
-            if !starters.is_empty() && round_commits.contains_key(&self.me) {
-                starters.insert(self.me);
-            }
-            starters
-        } else {
-            self.expected.clone()
-        };
-        let all_expected = !expected.is_empty()
-            && expected
-                .iter()
-                .all(|k| held.iter().any(|p| p.commitment.author == *k));
-        if all_expected && self.ready_since_ms.is_none() {
+        let candidates = round_commits
+            .keys()
+            .filter(|k| !self.after_reveal.contains(*k) && !self.is_refused(k))
+            .count();
+        if held.len() == candidates && self.ready_since_ms.is_none() {
             self.ready_since_ms = Some(now_ms);
         }
-        let deadline_ms = self
-            .first_commit_ms
-            .map(|t| t + self.config.round_deadline_ms);
-        let ready_at_ms = match (self.ready_since_ms, deadline_ms) {
-            (Some(ready), Some(deadline)) => ready.min(deadline),
-            (Some(ready), None) => ready,
-            (None, Some(deadline)) => deadline,
-            (None, None) => return Vec::new(),
-        };
-        if !round_commits.contains_key(&self.me) {
-            return Vec::new();
-        }
+        // Every honest contributor has revealed by a deadline after its first commitment; the
+        // blobs then get a deadline more to arrive.
+        let all_revealed_ms = self.first_commit_ms.map_or(revealed_ms, |first| {
+            revealed_ms.max(first + self.config.round_deadline_ms)
+        });
+        let fetch_deadline_ms = all_revealed_ms + self.config.round_deadline_ms;
+        let ready_at_ms = self
+            .ready_since_ms
+            .map_or(fetch_deadline_ms, |ready| ready.min(fetch_deadline_ms));
         let rank = self.rank_of(self.current, &self.me);
         let my_turn_ms = ready_at_ms + rank as u64 * self.config.proposer_grace_ms;
         if now_ms < my_turn_ms {
@@ -674,11 +859,17 @@ impl RoundEngine {
         }
         let mut accepted: Vec<&Pending> = held;
         accepted.sort_by_key(|p| p.commitment.author);
+        let refused: Vec<(PeerKey, String)> = self
+            .refused
+            .get(&self.current)
+            .map(|r| r.iter().map(|(k, reason)| (*k, reason.clone())).collect())
+            .unwrap_or_default();
         let close = RoundClose {
             job_id: self.job_id,
             round: self.current,
             proposer: self.me,
             commitments: accepted.iter().map(|p| p.signed.clone()).collect(),
+            refused: refused.clone(),
         };
         let contributions: Vec<Commitment> =
             accepted.iter().map(|p| p.commitment.clone()).collect();
@@ -686,6 +877,7 @@ impl RoundEngine {
             proposer: self.me,
             rank,
             contributions: contributions.clone(),
+            refused: refused.clone(),
         });
         self.applying = true;
         vec![
@@ -694,6 +886,7 @@ impl RoundEngine {
                 round: self.current,
                 contributions,
                 proposer: self.me,
+                refused,
             },
         ]
     }
@@ -705,8 +898,14 @@ impl RoundEngine {
             return;
         }
         if let Some(close) = self.close.take() {
+            // Next round waits for everyone who took part in this one: the accepted, and those
+            // who committed too late for the close (alive, only slow). Refused replays and
+            // copies never entered the commitments.
             self.expected = close.contributions.iter().map(|c| c.author).collect();
             self.expected.extend(self.late_authors.iter().copied());
+            if let Some(commits) = self.commits.get(&round) {
+                self.expected.extend(commits.keys().copied());
+            }
             self.proposers.insert(round, close.proposer);
             self.applied_ranks.insert(round, close.rank);
             self.last_ranks = self
@@ -761,6 +960,12 @@ impl RoundEngine {
         self.commits = self.commits.split_off(&next);
         self.late_authors.clear();
         self.state_authors = self.state_authors.split_off(&(next - 1));
+        self.revealed_ms = None;
+        self.after_reveal.clear();
+        self.refused = self.refused.split_off(&next);
+        let stale_floor = next.saturating_sub(STALE_ROUNDS);
+        self.recent_blobs
+            .retain(|_, (_, last_seen)| *last_seen >= stale_floor);
         let floor = next.saturating_sub(HASH_HISTORY_ROUNDS);
         self.my_hashes = self.my_hashes.split_off(&floor);
         self.proposers = self.proposers.split_off(&floor);
@@ -784,6 +989,24 @@ impl RoundEngine {
         self.last_ranks
             .as_ref()
             .map_or(0, |keys| self.rank_among(round, peer, keys.iter()))
+    }
+
+    /// Records a refusal of `author`'s commitment in `round` (the open round or the next).
+    fn refuse(&mut self, round: u64, author: PeerKey, reason: String) {
+        if round < self.current || round > self.current + 1 {
+            return;
+        }
+        let refused = self.refused.entry(round).or_default();
+        if refused.len() < self.config.max_contributors {
+            refused.insert(author, reason);
+        }
+    }
+
+    /// Whether `author`'s commitment of the open round was refused.
+    fn is_refused(&self, author: &PeerKey) -> bool {
+        self.refused
+            .get(&self.current)
+            .is_some_and(|r| r.contains_key(author))
     }
 
     fn rank_of(&self, round: u64, peer: &PeerKey) -> usize {
@@ -822,6 +1045,99 @@ mod tests {
     }
 
     const JOB: JobId = [9; 32];
+
+    impl RoundEngine {
+        /// `poll` without the reveal step (tests of closing hold every blob from the start).
+        fn poll_t(&mut self, now_ms: u64, have: &dyn Fn(&BlobHash) -> bool) -> Vec<Action> {
+            self.poll(now_ms, have)
+                .into_iter()
+                .filter(|a| !matches!(a, Action::Reveal { .. }))
+                .collect()
+        }
+    }
+
+    /// Commit-then-reveal: a peer reveals once every expected contributor has committed (or at
+    /// the deadline); a commitment after that is left out of its close, and one to a blob
+    /// another author committed is refused as a copy; a replayed blob is refused as stale.
+    #[test]
+    fn blobs_are_revealed_after_the_commitments_and_copies_or_replays_are_refused() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let (pa, pb, pc) = (
+            a.verifying_key().to_bytes(),
+            b.verifying_key().to_bytes(),
+            c.verifying_key().to_bytes(),
+        );
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        engine
+            .on_state(model_state(0, [0; 32], [0; 32], 1, pb), pb)
+            .expect("taken");
+        engine
+            .on_state(model_state(0, [0; 32], [0; 32], 1, pc), pc)
+            .expect("taken");
+        let all = |_: &BlobHash| true;
+        engine
+            .on_commit(commit(JOB, 1, &a, b"a1"), 0)
+            .expect("taken");
+        engine
+            .on_commit(commit(JOB, 1, &b, b"b1"), 0)
+            .expect("taken");
+        assert!(
+            !engine
+                .poll(10, &all)
+                .iter()
+                .any(|x| matches!(x, Action::Reveal { .. })),
+            "c has not committed yet"
+        );
+        engine
+            .on_commit(commit(JOB, 1, &c, b"c1"), 20)
+            .expect("taken");
+        let actions = engine.poll(20, &all);
+        assert_eq!(actions[0], Action::Reveal { round: 1 });
+        engine.applied(1, [1; 32]);
+        // Round 2: c commits only after the reveal, with a copy of b's blob; b replays the blob
+        // of round 1 and is refused at once.
+        engine
+            .on_commit(commit(JOB, 2, &a, b"a2"), 100)
+            .expect("taken");
+        assert_eq!(
+            engine.on_commit(commit(JOB, 2, &b, b"b1"), 100),
+            Err(RoundRejected::Stale(1))
+        );
+        let none = |_: &BlobHash| false;
+        let actions = engine.poll(100 + 1_000, &none);
+        assert_eq!(
+            actions,
+            vec![Action::Reveal { round: 2 }],
+            "deadline passed"
+        );
+        assert_eq!(
+            engine.on_commit(commit(JOB, 2, &c, b"a2"), 1_200),
+            Err(RoundRejected::Copy)
+        );
+        let actions = engine.poll_t(5_000, &all);
+        let Some(Action::Apply {
+            contributions,
+            refused,
+            ..
+        }) = actions.last()
+        else {
+            panic!("{actions:?}");
+        };
+        assert_eq!(contributions.len(), 1, "only a's own contribution");
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert!(
+            refused
+                .iter()
+                .any(|(k, r)| *k == pb && r.starts_with("stale"))
+        );
+        assert!(
+            refused
+                .iter()
+                .any(|(k, r)| *k == pc && r.starts_with("copy"))
+        );
+        assert_eq!(engine.counters().stale_commitments, 1);
+        assert_eq!(engine.counters().copied_commitments, 1);
+    }
 
     fn model_state(
         round: u64,
@@ -863,11 +1179,11 @@ mod tests {
         let have = |_: &BlobHash| true;
         // Before the deadline nobody closes: the first round has no expected set.
         for engine in &mut engines {
-            assert!(engine.poll(999, &have).is_empty());
+            assert!(engine.poll_t(999, &have).is_empty());
         }
         let mut closes = Vec::new();
         for (i, engine) in engines.iter_mut().enumerate() {
-            for action in engine.poll(1_000, &have) {
+            for action in engine.poll_t(1_000, &have) {
                 if let Action::Publish(TrainMessage::Close(close)) = action {
                     closes.push((i, close));
                 }
@@ -901,14 +1217,14 @@ mod tests {
         let mut engine = RoundEngine::new(config(), JOB, pk, 0, true);
         let have = |_: &BlobHash| true;
         engine.on_commit(commit(JOB, 1, &k, b"a"), 0).expect("ok");
-        let actions = engine.poll(1_000, &have);
+        let actions = engine.poll_t(1_000, &have);
         assert!(matches!(actions[1], Action::Apply { round: 1, .. }));
         engine.applied(1, [1; 32]);
         // Round 2: the only expected peer (us) committed, so it closes at once.
         engine
             .on_commit(commit(JOB, 2, &k, b"b"), 5_000)
             .expect("ok");
-        let actions = engine.poll(5_001, &have);
+        let actions = engine.poll_t(5_001, &have);
         assert!(matches!(
             actions.get(1),
             Some(Action::Apply { round: 2, .. })
@@ -924,9 +1240,9 @@ mod tests {
         assert!(engine.on_state(state, pb).expect("valid").is_empty());
         let have = |_: &BlobHash| true;
         engine.on_commit(commit(JOB, 1, &a, b"a"), 0).expect("ok");
-        assert!(engine.poll(10, &have).is_empty(), "waits for b");
+        assert!(engine.poll_t(10, &have).is_empty(), "waits for b");
         engine.on_commit(commit(JOB, 1, &b, b"b"), 20).expect("ok");
-        let actions = engine.poll(30, &have);
+        let actions = engine.poll_t(30, &have);
         let rank_a = engine.rank_of(1, &pa) as u64;
         if rank_a == 0 {
             assert!(matches!(
@@ -935,7 +1251,7 @@ mod tests {
             ));
         } else {
             assert!(actions.is_empty());
-            let actions = engine.poll(30 + rank_a * 500, &have);
+            let actions = engine.poll_t(30 + rank_a * 500, &have);
             assert!(matches!(
                 actions.get(1),
                 Some(Action::Apply { round: 1, .. })
@@ -949,7 +1265,7 @@ mod tests {
         let mut engine = RoundEngine::new(config(), JOB, a.verifying_key().to_bytes(), 0, true);
         let have = |_: &BlobHash| true;
         engine.on_commit(commit(JOB, 1, &a, b"a"), 0).expect("ok");
-        let _ = engine.poll(1_000, &have);
+        let _ = engine.poll_t(1_000, &have);
         let late = engine.on_commit(commit(JOB, 1, &b, b"b"), 1_001);
         assert_eq!(late, Err(RoundRejected::Late { round: 1 }));
         assert_eq!(engine.counters().late_contributions, 1);
@@ -965,12 +1281,13 @@ mod tests {
             round: 1,
             proposer: pb,
             commitments: vec![commit(JOB, 1, &b, b"blob")],
+            refused: Vec::new(),
         };
         let none = |_: &BlobHash| false;
         let actions = engine.on_close(close, pb, &none, 0).expect("valid");
         assert!(matches!(actions[0], Action::Fetch { len: 4, .. }));
         let all = |_: &BlobHash| true;
-        let actions = engine.poll(1, &all);
+        let actions = engine.poll_t(1, &all);
         assert!(matches!(actions[0], Action::Apply { round: 1, .. }));
     }
 
@@ -990,6 +1307,7 @@ mod tests {
             round: 1,
             proposer: pb,
             commitments: vec![commit(JOB, 1, &b, b"x")],
+            refused: Vec::new(),
         };
         let have = |_: &BlobHash| true;
         assert!(matches!(
@@ -1025,6 +1343,7 @@ mod tests {
             round: 1,
             proposer: pks[i],
             commitments: commits.clone(),
+            refused: Vec::new(),
         };
         // The worse-ranked close arrives first, then the better one replaces it.
         engine
@@ -1036,7 +1355,7 @@ mod tests {
         engine.apply_failed();
         // The stored second close takes over; once its blobs are held it applies.
         let all = |_: &BlobHash| true;
-        let actions = engine.poll(3, &all);
+        let actions = engine.poll_t(3, &all);
         assert!(
             matches!(&actions[0], Action::Apply { proposer, .. } if *proposer == pks[second]),
             "{actions:?}"
@@ -1060,6 +1379,7 @@ mod tests {
             round: 1,
             proposer: pb,
             commitments: vec![commit(JOB, 1, &b, b"x")],
+            refused: Vec::new(),
         };
         let actions = engine.on_close(close, pb, &have, 0).expect("valid");
         assert!(matches!(actions[0], Action::Apply { .. }));
@@ -1096,26 +1416,35 @@ mod tests {
             engine.on_commit(c.clone(), 0).expect("valid");
         }
         let all = |_: &BlobHash| true;
-        // Past its turn (deadline + one grace): it closes and applies its own set.
-        let actions = engine.poll(1_000 + 500, &all);
+        // At the deadline it reveals; past its turn (one grace later) it closes and applies its
+        // own set.
+        assert!(engine.poll_t(1_000, &all).is_empty());
+        let actions = engine.poll_t(1_000 + 500, &all);
         assert!(
             matches!(actions.get(1), Some(Action::Apply { .. })),
             "{actions:?}"
         );
         engine.applied(1, [1; 32]);
-        assert!(engine.confirmed(1), "its own close, until a better one is heard of");
+        assert!(
+            engine.confirmed(1),
+            "its own close, until a better one is heard of"
+        );
         // The better-ranked close arrives late, then its proposer's state with another hash.
         let close = RoundClose {
             job_id: JOB,
             round: 1,
             proposer: pks[best],
             commitments: commits.clone(),
+            refused: Vec::new(),
         };
         engine
             .on_close(close, pks[best], &all, 1_600)
             .expect("valid");
         assert_eq!(engine.round_proposer(1), Some(pks[best]));
-        assert!(!engine.confirmed(1), "the better-ranked proposer has not confirmed it");
+        assert!(
+            !engine.confirmed(1),
+            "the better-ranked proposer has not confirmed it"
+        );
         let state = model_state(1, [2; 32], [2; 32], 10, pks[best]);
         let actions = engine.on_state(state, pks[best]).expect("valid");
         assert!(
@@ -1139,6 +1468,76 @@ mod tests {
         engine.resynced(7, [2; 32]);
         assert!(engine.is_synced());
         assert_eq!(engine.current_round(), 8);
+    }
+
+    /// A synced peer does not follow one peer that ran ahead alone, but does follow a state
+    /// ahead of it that a majority of its last round's contributors announce.
+    #[test]
+    fn a_state_ahead_is_followed_only_when_a_majority_holds_it() {
+        let keys: Vec<SigningKey> = (1..=3).map(key).collect();
+        let pks: Vec<PeerKey> = keys.iter().map(|k| k.verifying_key().to_bytes()).collect();
+        let mut engine = RoundEngine::new(config(), JOB, pks[0], 0, true);
+        let all = |_: &BlobHash| true;
+        for (i, k) in keys.iter().enumerate() {
+            engine
+                .on_commit(commit(JOB, 1, k, &[i as u8; 3]), 0)
+                .expect("valid");
+        }
+        engine.poll_t(1_000, &all);
+        engine.poll_t(1_000 + 1_000, &all);
+        engine.applied(1, [1; 32]);
+        assert_eq!(engine.current_round(), 2);
+        let ahead = |author: PeerKey| model_state(5, [5; 32], [5; 32], 10, author);
+        assert!(
+            engine
+                .on_state(ahead(pks[2]), pks[2])
+                .expect("valid")
+                .is_empty(),
+            "one peer alone is not followed"
+        );
+        let actions = engine.on_state(ahead(pks[1]), pks[1]).expect("valid");
+        assert!(
+            matches!(actions.first(), Some(Action::Resync { round: 5, .. })),
+            "{actions:?}"
+        );
+    }
+
+    /// A close that lists a contribution this peer refused (a replay) is not applied.
+    #[test]
+    fn a_close_listing_a_refused_contribution_is_refused() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let (pa, pb) = (a.verifying_key().to_bytes(), b.verifying_key().to_bytes());
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        let all = |_: &BlobHash| true;
+        engine
+            .on_commit(commit(JOB, 1, &b, b"b1"), 0)
+            .expect("valid");
+        engine
+            .on_commit(commit(JOB, 1, &c, b"c1"), 0)
+            .expect("valid");
+        engine.poll_t(1_000, &all);
+        engine
+            .on_commit(commit(JOB, 1, &a, b"a1"), 1_000)
+            .expect("valid");
+        engine.poll_t(1_000, &all);
+        engine.poll_t(5_000, &all);
+        engine.applied(1, [1; 32]);
+        let replay = commit(JOB, 2, &b, b"b1");
+        assert_eq!(
+            engine.on_commit(replay.clone(), 5_000),
+            Err(RoundRejected::Stale(1))
+        );
+        let close = RoundClose {
+            job_id: JOB,
+            round: 2,
+            proposer: pb,
+            commitments: vec![replay],
+            refused: Vec::new(),
+        };
+        assert_eq!(
+            engine.on_close(close, pb, &all, 5_100),
+            Err(RoundRejected::BadClose("lists a refused contribution"))
+        );
     }
 
     #[test]

@@ -101,6 +101,23 @@ enum Scenario {
         #[arg(long)]
         threads: Option<usize>,
     },
+    /// Byzantine training: 1 of 4 and 2 of 7 peers misbehave (noise, sign flip, x100, zeros,
+    /// a copy, a stale replay, a forged signature) while real learners train; prints the
+    /// byzantine table (detection, exclusion, credits, loss against the all-honest run).
+    Byzantine {
+        /// Rounds per run.
+        #[arg(long, default_value_t = 12)]
+        rounds: u64,
+        /// Only this misbehaviour (the baseline always runs).
+        #[arg(long, value_enum)]
+        only: Option<loom_simulations::byzantine::Misbehaviour>,
+        /// Only this committee, as PEERS/BYZANTINE (e.g. 4/1) [default: 4/1 and 7/2].
+        #[arg(long)]
+        committee: Option<String>,
+        /// Write the table (Markdown) here.
+        #[arg(long)]
+        table: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -169,6 +186,20 @@ fn main() -> ExitCode {
                     )))
                 }
             })
+        }
+        Scenario::Byzantine {
+            rounds,
+            only,
+            committee,
+            table,
+        } => {
+            return byzantine(
+                rounds,
+                only,
+                committee.as_deref(),
+                table.as_deref(),
+                cli.json.as_deref(),
+            );
         }
         Scenario::Idle { secs } => {
             run_idle(bin, secs).map(|r| serde_json::to_value(r).unwrap_or_default())
@@ -306,6 +337,91 @@ fn chaos_many(
     });
     let written = write_json(json, &value);
     if !summary.failures.is_empty() {
+        return ExitCode::FAILURE;
+    }
+    written
+}
+
+/// Parses `PEERS/BYZANTINE`.
+fn parse_committee(text: &str) -> Result<(usize, usize), String> {
+    let (peers, byzantine) = text
+        .split_once('/')
+        .ok_or_else(|| format!("--committee {text:?} is not PEERS/BYZANTINE"))?;
+    let peers: usize = peers
+        .parse()
+        .map_err(|_| format!("--committee {text:?}: bad peer count"))?;
+    let byzantine: usize = byzantine
+        .parse()
+        .map_err(|_| format!("--committee {text:?}: bad byzantine count"))?;
+    if !(2..=32).contains(&peers) || byzantine == 0 || 3 * byzantine >= peers {
+        return Err(format!(
+            "--committee {text:?}: need 2 to 32 peers and 1 to fewer than a third byzantine"
+        ));
+    }
+    Ok((peers, byzantine))
+}
+
+/// The byzantine table: every misbehaviour against its baseline, for each committee.
+fn byzantine(
+    rounds: u64,
+    only: Option<loom_simulations::byzantine::Misbehaviour>,
+    committee: Option<&str>,
+    table: Option<&Path>,
+    json: Option<&Path>,
+) -> ExitCode {
+    use loom_simulations::byzantine;
+    let shapes = match committee.map(parse_committee) {
+        None => vec![(4, 1), (7, 2)],
+        Some(Ok(shape)) => vec![shape],
+        Some(Err(e)) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if !(3..=200).contains(&rounds) {
+        eprintln!("error: --rounds must be between 3 and 200");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let began = Instant::now();
+    let mut results = Vec::new();
+    for (peers, bad) in shapes {
+        eprintln!("byzantine: {bad} of {peers}, {rounds} rounds per run ...");
+        match runtime.block_on(byzantine::run_shape(peers, bad, rounds, only)) {
+            Ok(outcomes) => results.push(outcomes),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    let markdown = byzantine::table(&results);
+    println!("{markdown}");
+    println!("wall: {:.0} s", began.elapsed().as_secs_f64());
+    if let Some(path) = table
+        && let Err(e) = std::fs::write(path, &markdown)
+    {
+        eprintln!("error: cannot write {}: {e}", path.display());
+        return ExitCode::FAILURE;
+    }
+    let failed = results.iter().any(|outcomes| {
+        outcomes[1..]
+            .iter()
+            .any(|o| byzantine::verdict(o, &outcomes[0]).is_err())
+    });
+    let written = write_json(json, &results);
+    if failed {
+        eprintln!("error: a misbehaviour was not handled (see the verdict column)");
         return ExitCode::FAILURE;
     }
     written
