@@ -198,7 +198,7 @@ pub struct ExchangerArgs {
     pub trainer: ActorRef<TrainerMsg>,
     /// The model to start from: the initial model (round 0) or a resumed checkpoint.
     pub start: Arc<Snapshot>,
-    /// Whether `start` is a resumed checkpoint (then no join wait).
+    /// Whether `start` is a resumed checkpoint (it is used when no peer is further along).
     pub resumed: bool,
     /// Tokens per optimizer step of one peer.
     pub tokens_per_step: u64,
@@ -334,7 +334,8 @@ impl Actor for ExchangerActor {
             args.plan.job_id,
             me,
             start.round,
-            args.resumed,
+            // A resumed peer, like a new one, first listens for a run further along.
+            false,
         );
         let len = start.params.len();
         let start_bytes = start.to_bytes();
@@ -346,7 +347,7 @@ impl Actor for ExchangerActor {
             store.pin(hash);
         }
         myself.send_interval(TICK, || ExchangerMsg::Tick);
-        let mut state = ExchangerState {
+        let state = ExchangerState {
             me,
             engine,
             params: Arc::new(start.params.clone()),
@@ -370,9 +371,6 @@ impl Actor for ExchangerActor {
             unrevealed: None,
             args,
         };
-        if state.args.resumed {
-            state.after_model_changed(&myself, start.round, 0);
-        }
         Ok(state)
     }
 
@@ -399,12 +397,12 @@ impl Actor for ExchangerActor {
 impl ExchangerState {
     fn on_tick(&mut self, myself: &ActorRef<ExchangerMsg>, now: u64) {
         if !self.engine.is_synced()
-            && !self.args.resumed
             && !self.seen_future
             && self.engine.latest_state().is_none()
             && (self.engine.heard_others() || now >= self.started_ms + self.args.plan.join_wait_ms)
         {
-            // Nobody is further along: start the job from the initial model.
+            // Nobody is further along: start the job from the initial model (or the resumed
+            // checkpoint).
             self.engine.start_fresh();
             self.after_model_changed(myself, self.engine.current_round() - 1, 0);
         }

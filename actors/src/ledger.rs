@@ -28,7 +28,7 @@ use loom_protocols::{
     credits::CreditState,
     ledger::{Block, Credits, Entry, QuorumCertificate, SignedEntry},
     ledger_state::{LedgerState, make_genesis},
-    ledger_sync::{LedgerGossip, MAX_SYNC_BLOCKS},
+    ledger_sync::{LedgerGossip, MAX_PROPOSED_BLOCK_BYTES, MAX_SYNC_BLOCKS},
 };
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
@@ -44,6 +44,8 @@ pub type SharedLedgerStore = Arc<Mutex<LedgerStore>>;
 /// Peers banned or revoked on the ledger, kept current by the replica for the network.
 pub type SharedBans = Arc<std::sync::RwLock<std::collections::BTreeSet<PeerKey>>>;
 
+/// Room left in a proposal for a block's own fields besides its entries, in bytes.
+const MAX_BLOCK_HEADER_BYTES: usize = 256;
 /// How often the replica announces its tip and checks whether it lags.
 const TICK: Duration = Duration::from_millis(1_000);
 /// A catch-up request unanswered for this long is given up.
@@ -324,6 +326,11 @@ impl LedgerReplicaState {
         if self.mempool.contains_key(&hash) {
             return Ok(false);
         }
+        // An entry no proposal can carry would wait in the pool for good.
+        if loom_protocols::encode(&entry).len() > MAX_PROPOSED_BLOCK_BYTES - MAX_BLOCK_HEADER_BYTES
+        {
+            return Err("entry is too large for a block".into());
+        }
         if let Some(state) = &self.state {
             let probe = Block {
                 height: state.next_height(),
@@ -342,7 +349,8 @@ impl LedgerReplicaState {
         Ok(true)
     }
 
-    /// The block this peer proposes: pending entries that apply, in pool order.
+    /// The block this peer proposes: pending entries that apply, in pool order, as many as fit
+    /// in one proposal ([`MAX_PROPOSED_BLOCK_BYTES`]; the rest wait for a later block).
     fn build_block(&mut self, height: u64) -> Option<Block> {
         let state = self.state.as_ref()?;
         if height != state.next_height() {
@@ -356,14 +364,21 @@ impl LedgerReplicaState {
             entries: Vec::new(),
         };
         let mut stale = Vec::new();
+        let mut block_bytes = loom_protocols::encode(&block).len();
         for (hash, entry) in &self.mempool {
             if block.entries.len() >= self.args.config.block_entries_max {
                 break;
+            }
+            let entry_bytes = loom_protocols::encode(entry).len();
+            if block_bytes + entry_bytes > MAX_PROPOSED_BLOCK_BYTES {
+                continue;
             }
             block.entries.push(entry.clone());
             if state.check_block(&block).is_err() {
                 block.entries.pop();
                 stale.push(*hash);
+            } else {
+                block_bytes += entry_bytes;
             }
         }
         // Entries that no longer apply alone are dropped; the rest wait for a later block.

@@ -40,6 +40,9 @@ pub enum Command {
     Credits(CreditsArgs),
     /// Send credits to another peer (a signed ledger entry submitted by the running node).
     Transfer(TransferArgs),
+    /// Jobs on the ledger: submit one for the mesh to train, follow it, list them.
+    #[command(subcommand)]
+    Job(JobCommand),
     /// Private fleets: make a fleet key, enroll peers, revoke them.
     #[command(subcommand)]
     Fleet(FleetCommand),
@@ -63,6 +66,40 @@ pub struct SpeedtestArgs {
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `loom-peer job` subcommands, all through the running node of --data-dir.
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Put a job (a YAML manifest) on the ledger with credits in escrow; prints its id.
+    Submit {
+        /// The job manifest.
+        manifest: PathBuf,
+        /// Credits to put in escrow, at least rounds × replicas.max × pay.per_contribution
+        /// [default: rounds × replicas.max × (per_contribution + per_verdict)].
+        #[arg(long, value_name = "CREDITS")]
+        escrow: Option<u64>,
+    },
+    /// A job's status: escrow, rounds recorded, verdicts, contributors, this node's progress.
+    Status {
+        /// The job id or a unique prefix of it.
+        id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Follow a job until its last round is on the ledger (a progress bar on a terminal, a line
+    /// per change otherwise).
+    Watch {
+        /// The job id or a unique prefix of it.
+        id: String,
+    },
+    /// The jobs on the ledger.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Options of `loom-peer ban`.
@@ -354,4 +391,9 @@ pub struct RunArgs {
     /// Pause between ledger blocks, e.g. 500ms [default: 500ms].
     #[arg(long, env = "LOOM_BLOCK_INTERVAL", value_name = "DURATION")]
     pub block_interval: Option<String>,
+
+    /// `run` only: train jobs submitted on the ledger that this machine can run, one at a time
+    /// (auto), or none (off) [default: auto].
+    #[arg(long, env = "LOOM_JOBS", value_name = "auto|off")]
+    pub jobs: Option<String>,
 }

@@ -23,6 +23,9 @@ pub enum ClientError {
         /// The missing file.
         file: &'static str,
     },
+    /// The node refused the request (a 4xx answer): its one-line reason.
+    #[error("{0}")]
+    Refused(String),
     /// The request failed.
     #[error("control API at {addr}: {message}")]
     Request {
@@ -89,7 +92,11 @@ impl ControlClient {
         if !response.status().is_success() {
             let status = response.status();
             let body = response.body_mut().read_to_string().unwrap_or_default();
-            return Err(self.error(format!("{status}: {}", body.trim())));
+            let reason = body.lines().next().unwrap_or_default().trim().to_owned();
+            if status.is_client_error() && status != ureq::http::StatusCode::UNAUTHORIZED {
+                return Err(ClientError::Refused(reason));
+            }
+            return Err(self.error(format!("{status}: {reason}")));
         }
         response
             .body_mut()
@@ -197,6 +204,37 @@ impl ControlClient {
             let body = r.body_mut().read_to_string().unwrap_or_default();
             Err(self.error(body.trim()))
         }
+    }
+
+    /// Submits a job: its manifest text, the escrow (default: the manifest's) and the
+    /// directory a relative dataset path is taken from.
+    pub fn submit_job(
+        &self,
+        request: &crate::jobs::SubmitJobRequest,
+    ) -> Result<crate::jobs::SubmitJobReply, ClientError> {
+        // Checking a manifest loads its dataset, which can take a while.
+        let r = self
+            .agent
+            .post(&self.url("/v1/jobs"))
+            .header("Authorization", &self.bearer())
+            .config()
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .send_json(request);
+        self.decode(r)
+    }
+
+    /// The jobs on the ledger.
+    pub fn jobs(&self) -> Result<Vec<crate::jobs::JobSummary>, ClientError> {
+        self.get_json("/v1/jobs")
+    }
+
+    /// One job's status, by id or unique hex prefix.
+    pub fn job(&self, id: &str) -> Result<crate::jobs::JobStatus, ClientError> {
+        if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(self.error(crate::jobs::JobError::BadId(id.to_owned())));
+        }
+        self.get_json(&format!("/v1/jobs/{id}"))
     }
 
     /// Bans a peer on the node.

@@ -74,6 +74,7 @@ pub struct FileConfig {
     ebpf: Option<String>,
     ebpf_iface: Option<String>,
     auto_ban: Option<bool>,
+    jobs: Option<String>,
 }
 
 impl FileConfig {
@@ -154,6 +155,30 @@ pub struct NodeConfig {
     pub ebpf_iface: Option<String>,
     /// Ban flagged peers automatically.
     pub auto_ban: bool,
+    /// Whether `run` trains jobs submitted on the ledger.
+    pub jobs: JobsMode,
+}
+
+/// Whether a running node picks up jobs from the ledger.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum JobsMode {
+    /// Train every job this machine can run, one at a time.
+    #[default]
+    Auto,
+    /// Train none.
+    Off,
+}
+
+impl std::str::FromStr for JobsMode {
+    type Err = ();
+
+    fn from_str(text: &str) -> Result<Self, ()> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "off" => Ok(Self::Off),
+            _ => Err(()),
+        }
+    }
 }
 
 fn multiaddrs(option: &'static str, values: &[String]) -> Result<Vec<Multiaddr>, ConfigError> {
@@ -350,6 +375,14 @@ impl NodeConfig {
             },
             ebpf_iface: args.ebpf_iface.or(file.ebpf_iface),
             auto_ban: args.auto_ban || file.auto_ban.unwrap_or(false),
+            jobs: {
+                let text = args.jobs.or(file.jobs).unwrap_or_else(|| "auto".into());
+                text.parse().map_err(|_| ConfigError::Invalid {
+                    option: "--jobs",
+                    value: text.clone(),
+                    reason: "must be auto or off".into(),
+                })?
+            },
             block_interval: duration(
                 "--block-interval",
                 &args
@@ -391,6 +424,26 @@ mod tests {
         assert!(!c.mdns);
         assert_eq!(c.max_connections, 3);
         assert_eq!(c.heartbeat_interval, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn jobs_default_to_auto_and_refuse_other_words() {
+        let c = NodeConfig::resolve(".".into(), RunArgs::default()).expect("resolve");
+        assert_eq!(c.jobs, JobsMode::Auto);
+        let off = RunArgs {
+            jobs: Some("off".into()),
+            ..RunArgs::default()
+        };
+        assert_eq!(
+            NodeConfig::resolve(".".into(), off).expect("off").jobs,
+            JobsMode::Off
+        );
+        let bad = RunArgs {
+            jobs: Some("sometimes".into()),
+            ..RunArgs::default()
+        };
+        let err = NodeConfig::resolve(".".into(), bad).expect_err("bad");
+        assert!(err.to_string().starts_with("invalid --jobs"), "{err}");
     }
 
     #[test]

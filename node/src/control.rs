@@ -3,6 +3,11 @@
 //! The token is kept in `<data-dir>/control.token` (mode 0600) and the bound address in
 //! `<data-dir>/api.addr`, so `loom-peer status` and scripts on the same machine find the running
 //! node. Request bodies are capped; every call into an actor has a timeout.
+//!
+//! Jobs: `POST /v1/jobs` checks a manifest as `loom-peer train` would, computes its job id and
+//! puts it on the ledger with its escrow (signed by this node); `GET /v1/jobs` lists the jobs on
+//! the ledger and `GET /v1/jobs/<id>` (a unique hex prefix will do) gives one job's status, both
+//! from the node's job book ([`crate::jobs`]).
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Instant};
 
@@ -15,11 +20,13 @@ use axum::{
     routing::{get, post},
 };
 use loom_actors::{MembershipMsg, SupervisorMsg, credits::CreditsMsg, ledger::LedgerMsg, names};
+use loom_protocols::PeerKey;
 use ractor::ActorRef;
 use serde::{Deserialize, Serialize};
 
 use crate::{
     identity::write_atomic,
+    jobs::{JobError, SharedJobBook, SubmitJobReply, SubmitJobRequest},
     network::{NetCommand, NetworkHandle, NetworkMsg, peer_id_of},
     status::{ActorStatus, MemberStatus, StatusReport, TrainingSlot},
 };
@@ -52,6 +59,23 @@ pub enum ControlError {
     },
 }
 
+/// What the API reads and drives of the node.
+#[derive(Clone)]
+pub struct ApiShared {
+    /// The network command queue.
+    pub network: NetworkHandle,
+    /// The training status.
+    pub training: TrainingSlot,
+    /// The ledger store, when the node keeps one.
+    pub ledger: Option<loom_actors::ledger::SharedLedgerStore>,
+    /// Local bans.
+    pub bans: crate::network::defense::SharedBanList,
+    /// The jobs on the ledger.
+    pub jobs: SharedJobBook,
+    /// This node's key.
+    pub me: PeerKey,
+}
+
 #[derive(Clone)]
 struct ApiState {
     token: Arc<String>,
@@ -60,7 +84,14 @@ struct ApiState {
     training: TrainingSlot,
     ledger: Option<loom_actors::ledger::SharedLedgerStore>,
     bans: crate::network::defense::SharedBanList,
+    jobs: SharedJobBook,
+    me: PeerKey,
+    data_dir: Arc<std::path::PathBuf>,
 }
+
+/// Largest body of `POST /v1/jobs`: a manifest of the largest size ledger entries carry, escaped
+/// as JSON.
+const MAX_JOB_BODY_BYTES: usize = 4 * loom_protocols::ledger::MAX_MANIFEST_BYTES;
 
 /// A probe publication result.
 #[derive(Debug, Serialize, Deserialize)]
@@ -143,10 +174,7 @@ pub struct SubmitRequest {
 pub async fn serve(
     data_dir: &Path,
     addr: SocketAddr,
-    network: NetworkHandle,
-    training: TrainingSlot,
-    ledger: Option<loom_actors::ledger::SharedLedgerStore>,
-    bans: crate::network::defense::SharedBanList,
+    shared: ApiShared,
 ) -> Result<SocketAddr, ControlError> {
     let token = load_or_create_token(data_dir)?;
     let listener = tokio::net::TcpListener::bind(addr)
@@ -168,10 +196,13 @@ pub async fn serve(
     let state = ApiState {
         token: Arc::new(token),
         started: Instant::now(),
-        network,
-        training,
-        ledger,
-        bans,
+        network: shared.network,
+        training: shared.training,
+        ledger: shared.ledger,
+        bans: shared.bans,
+        jobs: shared.jobs,
+        me: shared.me,
+        data_dir: Arc::new(data_dir.to_path_buf()),
     };
     let app = Router::new()
         .route("/v1/status", get(status))
@@ -187,6 +218,13 @@ pub async fn serve(
         .route("/v1/speedtest", post(speedtest))
         .route("/v1/ban", post(ban_peer))
         .route("/v1/unban", post(unban_peer))
+        .route(
+            "/v1/jobs",
+            get(list_jobs)
+                .post(submit_job)
+                .layer(DefaultBodyLimit::max(MAX_JOB_BODY_BYTES)),
+        )
+        .route("/v1/jobs/{id}", get(job_status))
         .layer(DefaultBodyLimit::max(16 * 1024))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state);
@@ -501,5 +539,111 @@ async fn speedtest(
         Ok(Ok(Ok(result))) => Json(result).into_response(),
         Ok(Ok(Err(e))) => (StatusCode::BAD_GATEWAY, format!("{e}\n")).into_response(),
         _ => unavailable("network", "no answer"),
+    }
+}
+
+fn job_error(error: JobError) -> Response {
+    let status = match &error {
+        JobError::Unknown(_) => StatusCode::NOT_FOUND,
+        JobError::Duplicate(_) => StatusCode::CONFLICT,
+        e if e.is_bad_request() => StatusCode::BAD_REQUEST,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    (status, format!("{error}\n")).into_response()
+}
+
+async fn submit_job(
+    State(state): State<ApiState>,
+    Json(request): Json<SubmitJobRequest>,
+) -> Response {
+    let base = match &request.base_dir {
+        Some(dir) => std::path::PathBuf::from(dir),
+        None => state.data_dir.as_ref().clone(),
+    };
+    let SubmitJobRequest {
+        manifest, escrow, ..
+    } = request;
+    let text = manifest.clone();
+    let checked =
+        tokio::task::spawn_blocking(move || crate::jobs::check_submission(&text, escrow, &base))
+            .await;
+    let submission = match checked {
+        Ok(Ok(submission)) => submission,
+        Ok(Err(error)) => return job_error(error),
+        Err(e) => return unavailable("job check", e),
+    };
+    let Some(ledger) = actor::<LedgerMsg>(names::LEDGER) else {
+        return job_error(JobError::Ledger("is not running".into()));
+    };
+    let status = match ractor::call_t!(ledger, LedgerMsg::Status, ACTOR_CALL_MS) {
+        Ok(status) => status,
+        Err(e) => return job_error(JobError::Ledger(format!("does not answer: {e}"))),
+    };
+    if status.genesis.is_none() {
+        return job_error(JobError::Ledger(
+            "has no genesis yet (start a peer with --genesis, or wait for it to sync)".into(),
+        ));
+    }
+    if !status.member {
+        return job_error(JobError::Ledger(
+            "does not count this node as a member yet; try again once it has enrolled".into(),
+        ));
+    }
+    let job_hex = crate::ledger_cli::hex(&submission.id);
+    {
+        let book = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        if book.get(&submission.id).is_some() {
+            return job_error(JobError::Duplicate(job_hex));
+        }
+        let balance = book.credits().balance(&state.me);
+        if balance < submission.escrow {
+            return job_error(JobError::Balance {
+                balance,
+                escrow: submission.escrow,
+            });
+        }
+    }
+    let entry = loom_protocols::ledger::Entry::JobSubmitted {
+        job: submission.id,
+        escrow: submission.escrow,
+        manifest,
+    };
+    match ractor::call_t!(ledger, LedgerMsg::SubmitOwn, ACTOR_CALL_MS, entry) {
+        Ok(Ok(())) => (
+            StatusCode::ACCEPTED,
+            Json(SubmitJobReply {
+                job_id: job_hex,
+                escrow: submission.escrow,
+            }),
+        )
+            .into_response(),
+        Ok(Err(e)) => (
+            StatusCode::BAD_REQUEST,
+            format!("ledger refused the job: {e}\n"),
+        )
+            .into_response(),
+        Err(e) => unavailable("ledger", e),
+    }
+}
+
+async fn list_jobs(State(state): State<ApiState>) -> Response {
+    let book = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
+    let jobs: Vec<crate::jobs::JobSummary> = book.jobs().map(|r| book.summary(r)).collect();
+    Json(jobs).into_response()
+}
+
+async fn job_status(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let local = state
+        .training
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    let book = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
+    match book.resolve(&id) {
+        Ok(record) => Json(book.status(record, local)).into_response(),
+        Err(error) => job_error(error),
     }
 }

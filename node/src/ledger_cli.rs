@@ -150,9 +150,14 @@ fn entry_view(author: &PeerKey, entry: &Entry) -> EntryView {
         ),
         Entry::Mint { to, amount } => ("mint", json!({"to": peer_name(to), "amount": amount})),
         Entry::Enroll { peer } => ("enroll", json!({"peer": peer_name(peer)})),
-        Entry::JobSubmitted { job, escrow } => {
-            ("job-submitted", json!({"job": hex(job), "escrow": escrow}))
-        }
+        Entry::JobSubmitted {
+            job,
+            escrow,
+            manifest,
+        } => (
+            "job-submitted",
+            json!({"job": hex(job), "escrow": escrow, "manifest_bytes": manifest.len()}),
+        ),
         Entry::RoundResult {
             job,
             round,

@@ -10,6 +10,8 @@ pub mod control;
 pub mod demo;
 pub mod fleet;
 pub mod identity;
+pub mod job_cli;
+pub mod jobs;
 pub mod kernel;
 pub mod ledger_cli;
 pub mod localmesh;

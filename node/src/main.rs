@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use loom_node::{
-    cli::{Cli, Command, FleetCommand, LedgerCommand},
+    cli::{Cli, Command, FleetCommand, JobCommand, LedgerCommand},
     client::ControlClient,
     config::{NodeConfig, default_data_dir},
-    demo, fleet, identity, ledger_cli, run, telemetry,
+    demo, fleet, identity, job_cli, ledger_cli, run, telemetry,
     train::{self, TrainOptions},
 };
 
@@ -83,6 +83,14 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             LedgerCommand::Export { out } => ledger_cli::export(&data_dir, out.as_deref()),
         },
         Command::Credits(args) => ledger_cli::credits(&data_dir, args.peer.as_deref(), args.json),
+        Command::Job(command) => match command {
+            JobCommand::Submit { manifest, escrow } => {
+                job_cli::submit(&data_dir, &manifest, escrow)
+            }
+            JobCommand::Status { id, json } => job_cli::status(&data_dir, &id, json),
+            JobCommand::Watch { id } => job_cli::watch(&data_dir, &id),
+            JobCommand::List { json } => job_cli::list(&data_dir, json),
+        },
         Command::Fleet(command) => match command {
             FleetCommand::Init { key } => fleet::init(&key),
             FleetCommand::Enroll {

@@ -108,6 +108,9 @@ pub struct Manifest {
     /// The verifier's screening of each round's updates.
     #[serde(default)]
     pub verification: VerificationSpec,
+    /// What the job pays from its escrow (part of the job id when not the default).
+    #[serde(default)]
+    pub pay: Pay,
 }
 
 /// How a round's accepted updates are combined: `{kind: mean}`, `{kind: trimmed_mean, trim: 1}`
@@ -152,6 +155,40 @@ impl Default for VerificationSpec {
     }
 }
 
+/// Most credits a job may pay per accepted contribution or per verdict.
+pub const MAX_PAY_CREDITS: u64 = 1_000_000_000;
+
+/// A job's payment terms, in credits paid from its escrow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pay {
+    /// Paid to each contributor whose update a round applied.
+    pub per_contribution: u64,
+    /// Paid to the verifier per verdict on a refused contribution.
+    pub per_verdict: u64,
+}
+
+impl Default for Pay {
+    fn default() -> Self {
+        Self {
+            per_contribution: 10,
+            per_verdict: 1,
+        }
+    }
+}
+
+impl AggregationSpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl VerificationSpec {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
 fn default_screen() -> bool {
     true
 }
@@ -162,6 +199,12 @@ fn default_min_cosine() -> f64 {
 
 fn default_max_norm_ratio() -> f64 {
     loom_protocols::verify::ScreeningConfig::default().max_norm_ratio
+}
+
+impl Pay {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 fn default_eval_every() -> u64 {
@@ -465,6 +508,18 @@ impl Manifest {
         if self.eval_batches == 0 || self.eval_batches > 10_000 {
             return Err(field("eval_batches", "must be 1 to 10000"));
         }
+        if self.pay.per_contribution > MAX_PAY_CREDITS {
+            return Err(field(
+                "pay.per_contribution",
+                format!("must be at most {MAX_PAY_CREDITS}"),
+            ));
+        }
+        if self.pay.per_verdict > MAX_PAY_CREDITS {
+            return Err(field(
+                "pay.per_verdict",
+                format!("must be at most {MAX_PAY_CREDITS}"),
+            ));
+        }
         if let DatasetSpec::Builtin { chars, .. } = self.dataset
             && !(1_000..=100_000_000).contains(&chars)
         {
@@ -489,6 +544,25 @@ impl Manifest {
             other => field("model", other.to_string()),
         })?;
         Ok(())
+    }
+
+    /// The least escrow the job needs: every round paying `replicas.max` contributions.
+    pub fn min_escrow(&self) -> u64 {
+        self.rounds
+            .saturating_mul(self.replicas.max as u64)
+            .saturating_mul(self.pay.per_contribution)
+    }
+
+    /// The escrow put up when the submitter names none: the least escrow plus a verdict fee per
+    /// possible contribution.
+    pub fn default_escrow(&self) -> u64 {
+        self.rounds
+            .saturating_mul(self.replicas.max as u64)
+            .saturating_mul(
+                self.pay
+                    .per_contribution
+                    .saturating_add(self.pay.per_verdict),
+            )
     }
 
     /// The error-feedback decay in effect.
@@ -633,8 +707,12 @@ impl Manifest {
             round_deadline_ms: u128,
             seed: u64,
             eval_batches: usize,
+            #[serde(skip_serializing_if = "AggregationSpec::is_default")]
             aggregation: AggregationSpec,
+            #[serde(skip_serializing_if = "VerificationSpec::is_default")]
             verification: VerificationSpec,
+            #[serde(skip_serializing_if = "Pay::is_default")]
+            pay: Pay,
         }
         let canonical = Canonical {
             job: &self.job,
@@ -650,6 +728,7 @@ impl Manifest {
             eval_batches: self.eval_batches,
             aggregation: self.aggregation,
             verification: self.verification,
+            pay: self.pay,
         };
         let json = serde_json::to_vec(&canonical).unwrap_or_default();
         let mut hasher = blake3::Hasher::new();
@@ -703,6 +782,53 @@ mod tests {
         assert!(error_of(&missing).contains("rounds"));
         let kind = base.replace("kind: diloco", "kind: gossip");
         assert!(error_of(&kind).contains("gossip"));
+    }
+
+    #[test]
+    fn pay_defaults_and_bounds() {
+        let demo = Manifest::parse(DEMO_MANIFEST).expect("ok");
+        assert_eq!(demo.pay, Pay::default());
+        assert_eq!(demo.pay.per_contribution, 10);
+        assert_eq!(demo.pay.per_verdict, 1);
+        let text = format!("{DEMO_MANIFEST}\npay: {{per_contribution: 3}}\n");
+        let paid = Manifest::parse(&text).expect("partial pay section");
+        assert_eq!(
+            paid.pay,
+            Pay {
+                per_contribution: 3,
+                per_verdict: 1
+            }
+        );
+        assert_eq!(
+            paid.min_escrow(),
+            paid.rounds * paid.replicas.max as u64 * 3
+        );
+        assert_eq!(
+            paid.default_escrow(),
+            paid.rounds * paid.replicas.max as u64 * 4
+        );
+        let too_much = format!("{DEMO_MANIFEST}\npay: {{per_verdict: 1000000000000}}\n");
+        let error = error_of(&too_much);
+        assert!(error.contains("pay.per_verdict"), "{error}");
+        assert_eq!(error.lines().count(), 1, "{error}");
+        let unknown = format!("{DEMO_MANIFEST}\npay: {{per_round: 1}}\n");
+        assert!(
+            error_of(&unknown).contains("per_round"),
+            "{}",
+            error_of(&unknown)
+        );
+        let negative = format!("{DEMO_MANIFEST}\npay: {{per_contribution: -1}}\n");
+        assert!(
+            error_of(&negative).contains("pay"),
+            "{}",
+            error_of(&negative)
+        );
+        // Default terms leave the job id as it was; other terms make another job.
+        let fp = [1; 32];
+        let mut explicit = demo.clone();
+        explicit.pay = Pay::default();
+        assert_eq!(demo.job_id(&fp), explicit.job_id(&fp));
+        assert_ne!(demo.job_id(&fp), paid.job_id(&fp));
     }
 
     #[test]

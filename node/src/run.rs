@@ -1,5 +1,7 @@
 //! `loom-peer run`: builds the swarm, starts the actor tree under the root supervisor, serves
-//! the control API and metrics, and runs until SIGINT/SIGTERM or until the supervisor gives up.
+//! the control API and metrics, follows the ledger's jobs (and, with `--jobs auto`, trains the
+//! ones it can: [`crate::train::pick_up`]), and runs until SIGINT/SIGTERM or until the supervisor
+//! gives up.
 
 use std::{
     sync::{Arc, Mutex},
@@ -84,6 +86,8 @@ pub struct NodeHandles {
     pub kernel: crate::kernel::KernelTelemetry,
     /// Refused contributions per peer (the exchanger counts, the anomaly detector reads).
     pub rejections: loom_actors::SharedRejections,
+    /// The jobs on the ledger, kept current by a task that follows the ledger store.
+    pub jobs: crate::jobs::SharedJobBook,
 }
 
 /// The ledger database's file name in the data directory.
@@ -216,13 +220,19 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
     .await
     .map_err(|e| anyhow::anyhow!("cannot start the actor tree: {e}"))?;
     let training = crate::status::TrainingSlot::default();
+    let jobs = crate::jobs::SharedJobBook::default();
+    tokio::spawn(crate::jobs::follow_ledger(ledger.clone(), jobs.clone()));
     let api = control::serve(
         &config.data_dir,
         config.api_addr,
-        handle.clone(),
-        training.clone(),
-        Some(ledger.clone()),
-        local_bans.clone(),
+        control::ApiShared {
+            network: handle.clone(),
+            training: training.clone(),
+            ledger: Some(ledger.clone()),
+            bans: local_bans.clone(),
+            jobs: jobs.clone(),
+            me,
+        },
     )
     .await?;
     Ok(NodeHandles {
@@ -235,6 +245,7 @@ pub async fn start_node(config: &NodeConfig, keypair: &Keypair) -> anyhow::Resul
         training,
         kernel,
         rejections,
+        jobs,
     })
 }
 
@@ -261,6 +272,13 @@ async fn run_async(config: NodeConfig, keypair: Keypair) -> anyhow::Result<()> {
     let peer_id = keypair.public().to_peer_id();
     let mut node = start_node(&config, &keypair).await?;
     tracing::info!(%peer_id, api = %node.api, "loom-peer running");
+    let pick_up = (config.jobs == crate::config::JobsMode::Auto).then(|| {
+        tokio::spawn(crate::train::pick_up(crate::train::NodeContext::of(
+            &node,
+            &config.data_dir,
+            &keypair,
+        )))
+    });
     let outcome = tokio::select! {
         signal = termination() => signal,
         result = &mut node.supervisor_done => match result {
@@ -269,6 +287,9 @@ async fn run_async(config: NodeConfig, keypair: Keypair) -> anyhow::Result<()> {
         },
     };
     tracing::info!("shutting down");
+    if let Some(task) = pick_up {
+        task.abort();
+    }
     stop_node(&config, node).await;
     outcome
 }

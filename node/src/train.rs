@@ -1,13 +1,22 @@
-//! `loom-peer train`: joins the mesh and trains the manifest's job together with every peer
-//! running the same job.
+//! Training a job inside a running node: `loom-peer train`, and the pick-up of jobs submitted
+//! on the ledger by `loom-peer run`.
 //!
-//! Loads the manifest and its dataset, builds the libtorch learner, starts the peer (network,
-//! membership, control API) plus the Trainer and GradientExchanger actors, and follows the
-//! rounds: each round's report goes to the progress file (JSON lines) and to stderr. Checkpoints
-//! are written atomically under `<data-dir>/jobs/<job>/checkpoints/`, named by round and blake3
-//! hash; `--resume` starts from the newest one that verifies.
+//! Both go through [`run_job`]: it starts the Trainer and GradientExchanger actors on the node's
+//! network and follows the rounds: each round's report goes to the progress file (JSON lines),
+//! the status slot and, for `train`, stderr; the rounds this peer coordinates are recorded on the
+//! ledger with their payments when the job is on it. Checkpoints are written atomically under
+//! `<data-dir>/jobs/<job>/checkpoints/`, named by round and blake3 hash; `train --resume` (and
+//! every pick-up) starts from the newest one that verifies.
+//!
+//! `train` loads the manifest given on the command line, starts the node, trains and exits after
+//! the last round. [`pick_up`] watches the node's job book and trains, one at a time, each
+//! unfinished job whose manifest parses, yields the job id it was submitted under, asks for
+//! resources this machine has and names a dataset a remote submitter may make it read
+//! ([`dataset_refusal`]); it stops the job's actors after its last round and the node
+//! keeps running. A job it cannot run is logged once with the reason.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     io::Write as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex},
@@ -22,17 +31,19 @@ use loom_actors::{
 };
 use loom_protocols::{
     contribution::{BlobHash, blob_hash},
+    ledger::{Credits, JobId},
     snapshot::{OuterState, Snapshot},
 };
 use loom_trainer::{DeviceChoice, TchLearner};
-use ractor::Actor;
+use ractor::{Actor, ActorRef};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::{
     config::NodeConfig,
     identity,
-    manifest::{Job, Manifest},
+    jobs::{RoundTerms, SharedJobBook, round_entries},
+    manifest::{DatasetSpec, Job, Manifest},
     run::{self, KeypairSigner},
 };
 
@@ -162,6 +173,100 @@ pub struct TrainSummary {
     pub bytes_sent: u64,
 }
 
+/// What a job run uses of the running node it trains in.
+#[derive(Clone)]
+pub struct NodeContext {
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// This peer's identity.
+    pub keypair: Keypair,
+    /// The network command queue.
+    pub handle: crate::network::NetworkHandle,
+    /// Blobs this peer serves.
+    pub blobs: loom_actors::SharedBlobs,
+    /// Refused contributions per peer.
+    pub rejections: loom_actors::SharedRejections,
+    /// Per-peer byte counters.
+    pub peer_bytes: crate::network::PeerBytes,
+    /// The training status the control API reports.
+    pub training: crate::status::TrainingSlot,
+    /// The jobs on the ledger.
+    pub jobs: SharedJobBook,
+}
+
+impl NodeContext {
+    /// The context of a started node.
+    pub fn of(node: &run::NodeHandles, data_dir: &Path, keypair: &Keypair) -> Self {
+        Self {
+            data_dir: data_dir.to_path_buf(),
+            keypair: keypair.clone(),
+            handle: node.handle.clone(),
+            blobs: node.blobs.clone(),
+            rejections: node.rejections.clone(),
+            peer_bytes: node.peer_bytes.clone(),
+            training: node.training.clone(),
+            jobs: node.jobs.clone(),
+        }
+    }
+}
+
+/// A job ready to train: its learner built and its starting model chosen.
+pub struct PreparedJob {
+    /// The job.
+    pub job: Job,
+    /// Its learner.
+    pub learner: Box<dyn Learner>,
+    /// The model to start from.
+    pub start: Snapshot,
+    /// Whether `start` is a checkpoint.
+    pub resumed: bool,
+    /// Where checkpoints go.
+    pub checkpoints: PathBuf,
+    /// The progress file (JSON lines).
+    pub progress_path: PathBuf,
+    /// Tokens per optimizer step.
+    pub tokens_per_step: u64,
+    /// Where the model runs, for people.
+    pub device: String,
+}
+
+/// Builds the learner of `job` and picks its starting model: the newest checkpoint in the job's
+/// directory when `resume`, else the initial model. Progress goes to `progress` [default:
+/// `<job dir>/progress.jsonl`].
+pub fn prepare_job(
+    job: Job,
+    data_dir: &Path,
+    resume: bool,
+    progress: Option<PathBuf>,
+) -> anyhow::Result<PreparedJob> {
+    let learner = TchLearner::new(job.learner.clone(), job.dataset.clone())
+        .context("cannot build the model")?;
+    let dir = job_dir(data_dir, &job);
+    let checkpoints = dir.join("checkpoints");
+    std::fs::create_dir_all(&checkpoints)
+        .with_context(|| format!("cannot create {}", checkpoints.display()))?;
+    let param_count = learner.param_count();
+    let resumed = if resume {
+        latest_checkpoint(&checkpoints, &job, param_count)?
+    } else {
+        None
+    };
+    let start = match &resumed {
+        Some(snapshot) => snapshot.clone(),
+        None => initial_snapshot(&job, learner.params()),
+    };
+    Ok(PreparedJob {
+        progress_path: progress.unwrap_or_else(|| dir.join("progress.jsonl")),
+        tokens_per_step: learner.tokens_per_step(),
+        device: format!("{:?}", learner.device()),
+        learner: Box::new(learner),
+        start,
+        resumed: resumed.is_some(),
+        checkpoints,
+        job,
+    })
+}
+
 /// Runs `loom-peer train` until the job's last round or a signal.
 pub fn train(config: NodeConfig, options: TrainOptions) -> anyhow::Result<TrainSummary> {
     let mut manifest = Manifest::parse(&options.manifest)?;
@@ -172,46 +277,34 @@ pub fn train(config: NodeConfig, options: TrainOptions) -> anyhow::Result<TrainS
         manifest.resources.threads = threads;
     }
     let job = manifest.into_job(&options.manifest_dir)?;
-    let learner = TchLearner::new(job.learner.clone(), job.dataset.clone())
-        .context("cannot build the model")?;
     run::create_data_dir(&config.data_dir)?;
     let keypair = identity::load_or_create(&config.data_dir)?;
-    let dir = job_dir(&config.data_dir, &job);
-    let checkpoints = dir.join("checkpoints");
-    std::fs::create_dir_all(&checkpoints)
-        .with_context(|| format!("cannot create {}", checkpoints.display()))?;
-    let param_count = learner.param_count();
-    let resumed = if options.resume {
-        let found = latest_checkpoint(&checkpoints, &job, param_count)?;
-        if found.is_none() {
-            eprintln!(
-                "no checkpoint to resume from in {}; starting fresh",
-                checkpoints.display()
-            );
-        }
-        found
-    } else {
-        None
-    };
-    let start = match resumed.clone() {
-        Some(snapshot) => snapshot,
-        None => initial_snapshot(&job, learner.params()),
-    };
-    let progress_path = options
-        .progress
-        .clone()
-        .unwrap_or_else(|| config.data_dir.join("progress.jsonl"));
-    if options.verbose {
+    let progress = Some(
+        options
+            .progress
+            .clone()
+            .unwrap_or_else(|| config.data_dir.join("progress.jsonl")),
+    );
+    let prepared = prepare_job(job, &config.data_dir, options.resume, progress)?;
+    if options.resume && !prepared.resumed {
         eprintln!(
-            "job {} ({}): {} parameters on {:?}, {}; {}",
+            "no checkpoint to resume from in {}; starting fresh",
+            prepared.checkpoints.display()
+        );
+    }
+    if options.verbose {
+        let job = &prepared.job;
+        eprintln!(
+            "job {} ({}): {} parameters on {}, {}; {}",
             &hex(&job.id)[..16],
             job.manifest.job,
-            param_count,
-            learner.device(),
+            prepared.learner.param_count(),
+            prepared.device,
             job.dataset.describe(),
-            match &resumed {
-                Some(s) => format!("resuming after round {}", s.round),
-                None => "starting".to_owned(),
+            if prepared.resumed {
+                format!("resuming after round {}", prepared.start.round)
+            } else {
+                "starting".to_owned()
             }
         );
         if let Some(floor) = job.dataset.entropy_rate_nats() {
@@ -223,128 +316,33 @@ pub fn train(config: NodeConfig, options: TrainOptions) -> anyhow::Result<TrainS
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let tokens_per_step = learner.tokens_per_step();
-    runtime.block_on(train_async(TrainRun {
-        config,
-        keypair,
-        job,
-        learner: Box::new(learner),
-        start,
-        resumed: resumed.is_some(),
-        checkpoints,
-        progress_path,
-        tokens_per_step,
-        verbose: options.verbose,
-    }))
+    runtime.block_on(train_async(config, keypair, prepared, options.verbose))
 }
 
-struct TrainRun {
+async fn train_async(
     config: NodeConfig,
     keypair: Keypair,
-    job: Job,
-    learner: Box<dyn Learner>,
-    start: Snapshot,
-    resumed: bool,
-    checkpoints: PathBuf,
-    progress_path: PathBuf,
-    tokens_per_step: u64,
+    prepared: PreparedJob,
     verbose: bool,
-}
-
-async fn train_async(run: TrainRun) -> anyhow::Result<TrainSummary> {
-    let config = &run.config;
-    let mut node = run::start_node(config, &run.keypair).await?;
-    let job_hex = hex(&run.job.id);
-    tracing::info!(peer = %run.keypair.public().to_peer_id(), job = %job_hex, api = %node.api, "training");
-    let slot: LearnerSlot = Arc::new(Mutex::new(Some(run.learner)));
-    let (trainer, trainer_done) = Actor::spawn(Some(names::TRAINER.into()), TrainerActor, slot)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot start the trainer: {e}"))?;
-    let (reports_tx, mut reports) = mpsc::channel(1024);
-    let exchanger_args = ExchangerArgs {
-        plan: run.job.plan.clone(),
-        signer: Arc::new(KeypairSigner(run.keypair.clone())),
-        network: Arc::new(node.handle.clone()),
-        blobs: node.blobs.clone(),
-        trainer: trainer.clone(),
-        start: Arc::new(run.start),
-        resumed: run.resumed,
-        tokens_per_step: run.tokens_per_step,
-        checkpoints: Some(Arc::new(CheckpointDir(run.checkpoints.clone()))),
-        reports: reports_tx,
-        rejections: node.rejections.clone(),
-    };
-    let (exchanger, exchanger_done) = Actor::spawn(
-        Some(names::EXCHANGER.into()),
-        ExchangerActor,
-        exchanger_args,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("cannot start the exchanger: {e}"))?;
-    let mut progress = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&run.progress_path)
-        .with_context(|| format!("cannot open {}", run.progress_path.display()))?;
-    let started = Instant::now();
-    let mut last = RoundReport::default();
-    let rounds = run.job.plan.rounds;
-    let mut trainer_done = trainer_done;
-    let mut exchanger_done = exchanger_done;
-    let outcome: anyhow::Result<()> = loop {
+) -> anyhow::Result<TrainSummary> {
+    let mut node = run::start_node(&config, &keypair).await?;
+    let context = NodeContext::of(&node, &config.data_dir, &keypair);
+    let job_dir = job_dir(&config.data_dir, &prepared.job);
+    tracing::info!(peer = %keypair.public().to_peer_id(), job = %hex(&prepared.job.id), api = %node.api, "training");
+    let supervisor_done = &mut node.supervisor_done;
+    let stop = async move {
         tokio::select! {
-            signal = run::termination() => break signal.and(Err(anyhow::anyhow!("interrupted before the last round"))),
-            _ = &mut trainer_done => break Err(anyhow::anyhow!("the trainer stopped")),
-            _ = &mut exchanger_done => break Err(anyhow::anyhow!("the exchanger stopped")),
-            result = &mut node.supervisor_done => break match result {
+            signal = run::termination() => signal.and(Err(anyhow::anyhow!("interrupted before the last round"))),
+            result = supervisor_done => match result {
                 Ok(()) => Err(anyhow::anyhow!("the actor tree stopped: a child kept failing")),
                 Err(e) => Err(anyhow::anyhow!("the actor tree failed: {e}")),
             },
-            report = reports.recv() => {
-                let Some(report) = report else { break Err(anyhow::anyhow!("the exchanger stopped reporting")) };
-                let (bytes_received, bytes_sent) = node.peer_bytes.totals();
-                let line = ProgressLine {
-                    system: "loom",
-                    job_id: &job_hex,
-                    wall_s: started.elapsed().as_secs_f64(),
-                    bytes_sent,
-                    bytes_received,
-                    report: &report,
-                };
-                let json = serde_json::to_string(&line).unwrap_or_default();
-                writeln!(progress, "{json}").context("cannot write the progress file")?;
-                if run.verbose {
-                    eprintln!("{}", render_round(&report, rounds, bytes_sent));
-                }
-                *node.training.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(crate::status::TrainingStatus {
-                        job_id: job_hex.clone(),
-                        job: run.job.manifest.job.clone(),
-                        rounds,
-                        last: report.clone(),
-                    });
-                let finished = report.finished;
-                last = report;
-                if finished {
-                    tokio::time::sleep(LINGER_AFTER_LAST_ROUND).await;
-                    break Ok(());
-                }
-            }
         }
     };
-    let _ = progress.sync_all();
-    let (_, bytes_sent) = node.peer_bytes.totals();
-    exchanger.stop(None);
-    trainer.stop(None);
-    run::stop_node(config, node).await;
-    outcome?;
-    let summary = TrainSummary {
-        job_id: job_hex,
-        last,
-        wall_s: started.elapsed().as_secs_f64(),
-        bytes_sent,
-    };
-    let summary_path = job_dir(&config.data_dir, &run.job).join("summary.json");
+    let outcome = run_job(&context, prepared, verbose, stop).await;
+    run::stop_node(&config, node).await;
+    let summary = outcome?;
+    let summary_path = job_dir.join("summary.json");
     identity::write_atomic(
         &summary_path,
         serde_json::to_string_pretty(&summary)?.as_bytes(),
@@ -352,6 +350,363 @@ async fn train_async(run: TrainRun) -> anyhow::Result<TrainSummary> {
     )
     .with_context(|| format!("cannot write {}", summary_path.display()))?;
     Ok(summary)
+}
+
+/// Pays for the rounds this peer coordinates: after each such round it submits the round's
+/// result and its verdicts ([`crate::jobs::round_entries`]) when the job is on the ledger.
+struct RoundPayer {
+    job: JobId,
+    max_contributors: usize,
+    rounds: u64,
+    /// Credits of entries this peer submitted whose round is not recorded yet, by round.
+    pending: BTreeMap<u64, Credits>,
+    /// The job was not on the ledger at the last report (said once).
+    unlisted_said: bool,
+}
+
+impl RoundPayer {
+    fn new(job: &Job) -> Self {
+        Self {
+            job: job.id,
+            max_contributors: job.manifest.replicas.max,
+            rounds: job.plan.rounds,
+            pending: BTreeMap::new(),
+            unlisted_said: false,
+        }
+    }
+
+    async fn on_report(&mut self, jobs: &SharedJobBook, report: &RoundReport) {
+        if !report.closed_by_me {
+            return;
+        }
+        let terms = {
+            let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(record) = book.get(&self.job) else {
+                if !self.unlisted_said {
+                    tracing::info!(job = %hex(&self.job), "job not on the ledger; rounds are not paid");
+                    self.unlisted_said = true;
+                }
+                return;
+            };
+            if record.rounds.contains_key(&report.round) {
+                return;
+            }
+            self.pending
+                .retain(|round, _| !record.rounds.contains_key(round));
+            let pending: Credits = self.pending.values().sum();
+            RoundTerms {
+                job: self.job,
+                pay: record.parsed.as_ref().map(|m| m.pay).unwrap_or_default(),
+                max_contributors: self.max_contributors,
+                rounds: self.rounds,
+                available: book.credits().escrow(&self.job).saturating_sub(pending),
+            }
+        };
+        let (entries, spent) = round_entries(&terms, report);
+        let Some(ledger) = ractor::registry::where_is(names::LEDGER)
+            .map(ActorRef::<loom_actors::ledger::LedgerMsg>::from)
+        else {
+            tracing::warn!(round = report.round, "no ledger to record the round on");
+            return;
+        };
+        for entry in entries {
+            match ractor::call_t!(
+                ledger,
+                loom_actors::ledger::LedgerMsg::SubmitOwn,
+                2_000,
+                entry
+            ) {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => {
+                    tracing::warn!(round = report.round, %error, "round entry refused")
+                }
+                Err(error) => tracing::warn!(round = report.round, %error, "ledger unreachable"),
+            }
+        }
+        self.pending.insert(report.round, spent);
+        tracing::info!(
+            round = report.round,
+            credits = spent,
+            "round recorded on the ledger"
+        );
+    }
+}
+
+/// Trains a prepared job inside a started node until its last round, or until `stop` resolves
+/// (with its result): starts the Trainer and GradientExchanger actors on the node's network,
+/// writes each round's report to the progress file and the status slot, records the rounds this
+/// peer coordinates on the ledger, and stops the job's actors at the end.
+pub async fn run_job(
+    context: &NodeContext,
+    prepared: PreparedJob,
+    verbose: bool,
+    stop: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<TrainSummary> {
+    let job_hex = hex(&prepared.job.id);
+    let slot: LearnerSlot = Arc::new(Mutex::new(Some(prepared.learner)));
+    let (trainer, trainer_done) = Actor::spawn(Some(names::TRAINER.into()), TrainerActor, slot)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot start the trainer: {e}"))?;
+    let (reports_tx, mut reports) = mpsc::channel(1024);
+    let exchanger_args = ExchangerArgs {
+        plan: prepared.job.plan.clone(),
+        signer: Arc::new(KeypairSigner(context.keypair.clone())),
+        network: Arc::new(context.handle.clone()),
+        blobs: context.blobs.clone(),
+        trainer: trainer.clone(),
+        start: Arc::new(prepared.start),
+        resumed: prepared.resumed,
+        tokens_per_step: prepared.tokens_per_step,
+        checkpoints: Some(Arc::new(CheckpointDir(prepared.checkpoints.clone()))),
+        reports: reports_tx,
+        rejections: context.rejections.clone(),
+    };
+    let spawned = Actor::spawn(
+        Some(names::EXCHANGER.into()),
+        ExchangerActor,
+        exchanger_args,
+    )
+    .await;
+    let (exchanger, exchanger_done) = match spawned {
+        Ok(spawned) => spawned,
+        Err(e) => {
+            trainer.stop(None);
+            let _ = tokio::time::timeout(Duration::from_secs(5), trainer_done).await;
+            anyhow::bail!("cannot start the exchanger: {e}");
+        }
+    };
+    let mut payer = RoundPayer::new(&prepared.job);
+    let rounds = prepared.job.plan.rounds;
+    let started = Instant::now();
+    let mut last = RoundReport::default();
+    let mut trainer_done = trainer_done;
+    let mut exchanger_done = exchanger_done;
+    let outcome: anyhow::Result<()> = async {
+        let mut progress = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&prepared.progress_path)
+            .with_context(|| format!("cannot open {}", prepared.progress_path.display()))?;
+        tokio::pin!(stop);
+        let result = loop {
+            tokio::select! {
+                stopped = &mut stop => break stopped,
+                _ = &mut trainer_done => break Err(anyhow::anyhow!("the trainer stopped")),
+                _ = &mut exchanger_done => break Err(anyhow::anyhow!("the exchanger stopped")),
+                report = reports.recv() => {
+                    let Some(report) = report else { break Err(anyhow::anyhow!("the exchanger stopped reporting")) };
+                    let (bytes_received, bytes_sent) = context.peer_bytes.totals();
+                    let line = ProgressLine {
+                        system: "loom",
+                        job_id: &job_hex,
+                        wall_s: started.elapsed().as_secs_f64(),
+                        bytes_sent,
+                        bytes_received,
+                        report: &report,
+                    };
+                    let json = serde_json::to_string(&line).unwrap_or_default();
+                    writeln!(progress, "{json}").context("cannot write the progress file")?;
+                    if verbose {
+                        eprintln!("{}", render_round(&report, rounds, bytes_sent));
+                    }
+                    *context.training.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some(crate::status::TrainingStatus {
+                            job_id: job_hex.clone(),
+                            job: prepared.job.manifest.job.clone(),
+                            rounds,
+                            last: report.clone(),
+                        });
+                    payer.on_report(&context.jobs, &report).await;
+                    let finished = report.finished;
+                    last = report;
+                    if finished {
+                        tokio::time::sleep(LINGER_AFTER_LAST_ROUND).await;
+                        break Ok(());
+                    }
+                }
+            }
+        };
+        let _ = progress.sync_all();
+        result
+    }
+    .await;
+    exchanger.stop(None);
+    trainer.stop(None);
+    // Their registry names are free again once they have stopped.
+    let _ = tokio::time::timeout(Duration::from_secs(5), exchanger_done).await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), trainer_done).await;
+    outcome?;
+    let (_, bytes_sent) = context.peer_bytes.totals();
+    Ok(TrainSummary {
+        job_id: job_hex,
+        last,
+        wall_s: started.elapsed().as_secs_f64(),
+        bytes_sent,
+    })
+}
+
+/// Directory of the data directory a picked-up job's relative dataset files are read from.
+pub const PICKED_UP_DATASETS: &str = "datasets";
+/// How often the pick-up loop looks for jobs.
+const PICK_UP_INTERVAL: Duration = Duration::from_millis(500);
+
+/// Why this machine cannot give a job the resources its manifest asks for, if it cannot.
+pub fn resource_mismatch(manifest: &Manifest, cores: usize, cuda: bool) -> Option<String> {
+    if manifest.resources.device == DeviceChoice::Cuda && !cuda {
+        return Some("it asks for CUDA and this machine has none".into());
+    }
+    if manifest.resources.threads > cores {
+        return Some(format!(
+            "it asks for {} threads and this machine has {cores} cores",
+            manifest.resources.threads
+        ));
+    }
+    None
+}
+
+/// Why a peer that picks a job up from the ledger will not load its dataset, if it will not: a
+/// file must be a relative path inside `<data-dir>/datasets/`, and a URL must not name this
+/// machine or a private network by address.
+pub fn dataset_refusal(dataset: &DatasetSpec) -> Option<String> {
+    match dataset {
+        DatasetSpec::Builtin { .. } => None,
+        DatasetSpec::File { path, .. } => {
+            let path = Path::new(path);
+            let inside = path
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+            (!inside).then(|| {
+                format!(
+                    "its dataset file {} is not a plain relative path (a picked-up job reads files from <data-dir>/datasets/ only)",
+                    path.display()
+                )
+            })
+        }
+        DatasetSpec::Url { url, .. } => {
+            let host = url_host(url);
+            let local = match host.as_deref() {
+                None => true,
+                Some("localhost") => true,
+                Some(host) => host.parse::<std::net::IpAddr>().is_ok_and(|ip| match ip {
+                    std::net::IpAddr::V4(v4) => {
+                        v4.is_loopback()
+                            || v4.is_private()
+                            || v4.is_link_local()
+                            || v4.is_unspecified()
+                            || v4.is_broadcast()
+                    }
+                    std::net::IpAddr::V6(v6) => {
+                        v6.is_loopback()
+                            || v6.is_unspecified()
+                            || v6.is_unique_local()
+                            || v6.is_unicast_link_local()
+                            || v6.to_ipv4_mapped().is_some()
+                    }
+                }),
+            };
+            local
+                .then(|| format!("its dataset URL {url:?} names this machine or a private network"))
+        }
+    }
+}
+
+/// The host of an http(s) URL, lowercase, without port or brackets.
+fn url_host(url: &str) -> Option<String> {
+    let rest = url
+        .strip_prefix("https://")
+        .or_else(|| url.strip_prefix("http://"))?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit('@').next()?;
+    let host = if let Some(v6) = host_port.strip_prefix('[') {
+        v6.split(']').next()?
+    } else {
+        host_port.split(':').next()?
+    };
+    (!host.is_empty()).then(|| host.to_ascii_lowercase())
+}
+
+/// Makes a job from the ledger ready to train here, or says why it cannot be.
+fn prepare_pick_up(
+    data_dir: &Path,
+    id: JobId,
+    text: &str,
+    cores: usize,
+    cuda: bool,
+) -> Result<PreparedJob, String> {
+    let manifest = Manifest::parse(text).map_err(|e| e.to_string())?;
+    if let Some(reason) = resource_mismatch(&manifest, cores, cuda) {
+        return Err(reason);
+    }
+    if let Some(reason) = dataset_refusal(&manifest.dataset) {
+        return Err(reason);
+    }
+    let job = manifest
+        .into_job(&data_dir.join(PICKED_UP_DATASETS))
+        .map_err(|e| e.to_string())?;
+    if job.id != id {
+        return Err(format!(
+            "its manifest yields another job id ({})",
+            &hex(&job.id)[..16]
+        ));
+    }
+    prepare_job(job, data_dir, true, None).map_err(|e| format!("{e:#}"))
+}
+
+/// Trains the jobs submitted on the ledger, one at a time, until the process ends.
+pub async fn pick_up(context: NodeContext) {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cuda = loom_trainer::cuda_available();
+    let mut considered: BTreeSet<JobId> = BTreeSet::new();
+    let mut running: Option<(JobId, tokio::task::JoinHandle<anyhow::Result<TrainSummary>>)> = None;
+    loop {
+        tokio::time::sleep(PICK_UP_INTERVAL).await;
+        if let Some((id, handle)) = running.take() {
+            if !handle.is_finished() {
+                running = Some((id, handle));
+                continue;
+            }
+            match handle.await {
+                Ok(Ok(summary)) => {
+                    tracing::info!(job = %summary.job_id, round = summary.last.round, wall_s = summary.wall_s, "job done")
+                }
+                Ok(Err(error)) => {
+                    tracing::error!(job = %hex(&id), error = %format!("{error:#}"), "job stopped")
+                }
+                Err(error) => tracing::error!(job = %hex(&id), %error, "job task failed"),
+            }
+        }
+        let candidate = {
+            let book = context.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            book.jobs()
+                .filter(|r| !r.finished() && !considered.contains(&r.id))
+                .min_by_key(|r| r.height)
+                .map(|r| (r.id, r.manifest.clone()))
+        };
+        let Some((id, text)) = candidate else {
+            continue;
+        };
+        considered.insert(id);
+        let data_dir = context.data_dir.clone();
+        let prepared =
+            tokio::task::spawn_blocking(move || prepare_pick_up(&data_dir, id, &text, cores, cuda))
+                .await;
+        match prepared {
+            Ok(Ok(prepared)) => {
+                tracing::info!(job = %hex(&id), name = %prepared.job.manifest.job, resumed = prepared.resumed, "job picked up");
+                let context = context.clone();
+                running = Some((
+                    id,
+                    tokio::spawn(async move {
+                        run_job(&context, prepared, false, std::future::pending()).await
+                    }),
+                ));
+            }
+            Ok(Err(reason)) => {
+                tracing::warn!(job = %hex(&id), %reason, "job not picked up");
+            }
+            Err(error) => tracing::error!(job = %hex(&id), %error, "job preparation failed"),
+        }
+    }
 }
 
 /// One line per round for people.
@@ -387,6 +742,61 @@ pub fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pick_up_needs_the_resources_the_manifest_asks_for() {
+        let mut manifest =
+            crate::manifest::Manifest::parse(crate::manifest::DEMO_MANIFEST).expect("manifest");
+        manifest.resources.device = DeviceChoice::Cpu;
+        manifest.resources.threads = 2;
+        assert_eq!(resource_mismatch(&manifest, 2, false), None);
+        assert!(
+            resource_mismatch(&manifest, 1, false)
+                .is_some_and(|r| r.contains("2 threads") && r.contains("1 cores"))
+        );
+        manifest.resources.device = DeviceChoice::Cuda;
+        assert!(resource_mismatch(&manifest, 4, false).is_some_and(|r| r.contains("CUDA")));
+        assert_eq!(resource_mismatch(&manifest, 4, true), None);
+        manifest.resources.device = DeviceChoice::Auto;
+        assert_eq!(resource_mismatch(&manifest, 4, false), None);
+    }
+
+    #[test]
+    fn picked_up_jobs_read_only_their_own_datasets() {
+        let file = |path: &str| DatasetSpec::File {
+            path: path.into(),
+            vocab: loom_trainer::Vocab::Char,
+        };
+        let url = |url: &str| DatasetSpec::Url {
+            url: url.into(),
+            vocab: loom_trainer::Vocab::Byte,
+        };
+        assert_eq!(
+            dataset_refusal(&DatasetSpec::Builtin { seed: 1, chars: 1 }),
+            None
+        );
+        assert_eq!(dataset_refusal(&file("text/input.txt")), None);
+        for bad in ["/etc/passwd", "../secret.txt", "a/../../b", "./x"] {
+            assert!(dataset_refusal(&file(bad)).is_some(), "{bad}");
+        }
+        for good in [
+            "https://example.org/input.txt",
+            "http://93.184.216.34:8080/a?b",
+        ] {
+            assert_eq!(dataset_refusal(&url(good)), None, "{good}");
+        }
+        for bad in [
+            "http://127.0.0.1/x",
+            "http://localhost:9464/metrics",
+            "http://10.1.2.3/x",
+            "http://169.254.169.254/latest/meta-data",
+            "http://[::1]:80/x",
+            "http://user@192.168.1.1/x",
+            "ftp://example.org/x",
+        ] {
+            assert!(dataset_refusal(&url(bad)).is_some(), "{bad}");
+        }
+    }
 
     #[test]
     fn a_checkpoint_round_trips_and_a_corrupted_one_is_skipped() {

@@ -2,7 +2,7 @@
 //!
 //! Every replica folds the same finalized blocks through [`CreditState::apply_block`] and gets the
 //! same numbers. A block whose entries cannot all be applied (spending more than a balance, paying
-//! more than a job's escrow, a duplicate job) is refused whole and leaves the state unchanged.
+//! more than a job's escrow, a duplicate job, a second result for a round) is refused whole and leaves the state unchanged.
 //! Credits are conserved: everything minted is either in a balance or in a job's escrow, which
 //! [`CreditState::check_conservation`] verifies.
 //!
@@ -11,7 +11,7 @@
 //! [`SLASH_CREDITS`], moved into the job's escrow) and loses reputation; a verifier is paid its fee
 //! from the escrow and gains reputation.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
@@ -62,6 +62,14 @@ pub enum CreditError {
         /// Entry position.
         index: usize,
     },
+    /// The round's result is already on the ledger.
+    #[error("entry {index}: round {round} already has a result")]
+    DuplicateRound {
+        /// Entry position.
+        index: usize,
+        /// The round.
+        round: u64,
+    },
     /// An amount overflowed.
     #[error("entry {index}: amount overflow")]
     Overflow {
@@ -77,6 +85,8 @@ pub struct CreditState {
     escrow: BTreeMap<JobId, Credits>,
     reputation: BTreeMap<PeerKey, i64>,
     banned_until_unix_ms: BTreeMap<PeerKey, u64>,
+    /// (job, round) pairs whose result is recorded.
+    rounds: BTreeSet<(JobId, u64)>,
     minted: u128,
 }
 
@@ -101,13 +111,19 @@ impl CreditState {
         self.banned_until_unix_ms.get(peer).copied()
     }
 
-    /// Total credits ever minted.
+    /// Whether the result of `round` of `job` is recorded.
+    pub fn round_recorded(&self, job: &JobId, round: u64) -> bool {
+        self.rounds.contains(&(*job, round))
+    }
+
+    /// Every ban ever recorded: (peer, end of the ban, 0 for good).
     pub fn bans(&self) -> impl Iterator<Item = (&PeerKey, u64)> {
         self.banned_until_unix_ms
             .iter()
             .map(|(peer, until)| (peer, *until))
     }
 
+    /// Total credits ever minted.
     pub fn minted(&self) -> u128 {
         self.minted
     }
@@ -203,7 +219,7 @@ impl CreditState {
             Entry::Enroll { peer } => {
                 self.reputation.entry(*peer).or_insert(0);
             }
-            Entry::JobSubmitted { job, escrow } => {
+            Entry::JobSubmitted { job, escrow, .. } => {
                 if self.escrow.contains_key(job) {
                     return Err(CreditError::DuplicateJob { index });
                 }
@@ -212,10 +228,17 @@ impl CreditState {
             }
             Entry::RoundResult {
                 job,
+                round,
                 accepted,
                 rejected,
                 ..
             } => {
+                if self.round_recorded(job, *round) {
+                    return Err(CreditError::DuplicateRound {
+                        index,
+                        round: *round,
+                    });
+                }
                 let total = accepted
                     .iter()
                     .try_fold(0u64, |sum, (_, amount)| sum.checked_add(*amount))
@@ -232,6 +255,7 @@ impl CreditState {
                     self.escrow.insert(*job, escrow + slashed);
                     self.add_reputation(peer, REPUTATION_REJECTED);
                 }
+                self.rounds.insert((*job, *round));
             }
             Entry::Verdict { job, fee, .. } => {
                 self.take_escrow(index, job, *fee)?;
@@ -304,6 +328,7 @@ mod tests {
                 Entry::JobSubmitted {
                     job: JOB,
                     escrow: 300,
+                    manifest: String::new(),
                 },
             )],
         );
@@ -393,6 +418,7 @@ mod tests {
                     Entry::JobSubmitted {
                         job: JOB,
                         escrow: 10,
+                        manifest: String::new(),
                     },
                 ),
                 signed(
@@ -414,6 +440,64 @@ mod tests {
         assert_eq!(state, before);
     }
 
+    fn round_result(round: u64, paid: Credits) -> Entry {
+        Entry::RoundResult {
+            job: JOB,
+            round,
+            model_hash: [round as u8; 32],
+            accepted: vec![(pk(2), paid)],
+            rejected: vec![],
+        }
+    }
+
+    #[test]
+    fn a_round_has_at_most_one_result_even_within_one_block() {
+        let g = genesis();
+        let b1 = block(
+            1,
+            Some(&g),
+            vec![signed(
+                1,
+                Entry::JobSubmitted {
+                    job: JOB,
+                    escrow: 100,
+                    manifest: String::new(),
+                },
+            )],
+        );
+        let mut state = CreditState::default();
+        state.apply_block(&g).expect("genesis");
+        state.apply_block(&b1).expect("job");
+        assert!(!state.round_recorded(&JOB, 1));
+        // Two coordinators' results for round 1 in one block: the block is refused whole.
+        let both = block(
+            2,
+            Some(&b1),
+            vec![
+                signed(4, round_result(1, 10)),
+                signed(5, round_result(1, 20)),
+            ],
+        );
+        assert_eq!(
+            state.apply_block(&both),
+            Err(CreditError::DuplicateRound { index: 1, round: 1 })
+        );
+        let first = block(2, Some(&b1), vec![signed(4, round_result(1, 10))]);
+        state.apply_block(&first).expect("first result");
+        assert!(state.round_recorded(&JOB, 1));
+        // A later result for the same round is refused; another round is not.
+        let again = block(3, Some(&first), vec![signed(5, round_result(1, 20))]);
+        assert_eq!(
+            state.apply_block(&again),
+            Err(CreditError::DuplicateRound { index: 0, round: 1 })
+        );
+        let next = block(3, Some(&first), vec![signed(5, round_result(2, 20))]);
+        state.apply_block(&next).expect("round 2");
+        assert_eq!(state.escrow(&JOB), 70);
+        assert_eq!(state.balance(&pk(2)), 80);
+        assert!(state.check_conservation());
+    }
+
     fn arbitrary_entry() -> impl Strategy<Value = (u8, Entry)> {
         let peer = 1u8..6;
         let job = (0u8..3).prop_map(|j| [j; 32]);
@@ -421,8 +505,14 @@ mod tests {
         prop_oneof![
             (peer.clone(), peer.clone(), amount.clone())
                 .prop_map(|(a, to, amount)| (a, Entry::Transfer { to: pk(to), amount })),
-            (peer.clone(), job.clone(), amount.clone())
-                .prop_map(|(a, job, escrow)| (a, Entry::JobSubmitted { job, escrow })),
+            (peer.clone(), job.clone(), amount.clone()).prop_map(|(a, job, escrow)| (
+                a,
+                Entry::JobSubmitted {
+                    job,
+                    escrow,
+                    manifest: String::new()
+                }
+            )),
             (
                 peer.clone(),
                 job.clone(),

@@ -21,6 +21,8 @@ pub const MAX_BLOCK_BYTES: usize = 4 * 1024 * 1024;
 pub const MAX_ENTRIES_PER_BLOCK: usize = 10_000;
 /// Longest free-text reason in an entry, in bytes.
 pub const MAX_REASON_BYTES: usize = 256;
+/// Longest job manifest carried by [`Entry::JobSubmitted`], in bytes.
+pub const MAX_MANIFEST_BYTES: usize = 32 * 1024;
 const ENTRY_DOMAIN: &[u8] = b"loom/ledger-entry/v1\0";
 const VOTE_DOMAIN: &[u8] = b"loom/consensus-vote/v1\0";
 
@@ -51,9 +53,13 @@ pub enum Entry {
         job: JobId,
         /// Credits put in escrow.
         escrow: Credits,
+        /// The job's manifest (YAML), at most [`MAX_MANIFEST_BYTES`]; peers that pick the job
+        /// up parse it and check that it yields `job`.
+        manifest: String,
     },
     /// A round's outcome, proposed by its coordinator: payouts from the job's escrow to accepted
-    /// contributors, and rejected contributors (slashed).
+    /// contributors, and rejected contributors (slashed). At most one per (job, round) is ever
+    /// on the ledger.
     RoundResult {
         /// The job.
         job: JobId,

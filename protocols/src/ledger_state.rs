@@ -5,7 +5,8 @@
 //! committee and the same balances. Before a block counts it is checked in full: it chains to the
 //! tip ([`crate::ledger::verify_block`]), its timestamp does not go back, every entry is authorised
 //! (only the genesis author may enroll peers in a closed ledger or ban peers, round results and
-//! verdicts come from committee members), its credit effects apply
+//! verdicts come from committee members, a submitted job's manifest is at most
+//! [`MAX_MANIFEST_BYTES`]), its credit effects apply (a round's result at most once)
 //! ([`crate::credits::CreditState::apply_block`]), and its certificate is a quorum of the committee
 //! that the previous block left ([`crate::ledger::verify_certificate`]). The genesis block is
 //! certified by its own author alone; its first entry is [`Entry::Genesis`].
@@ -19,8 +20,8 @@ use crate::{
     contribution::BlobHash,
     credits::{CreditError, CreditState},
     ledger::{
-        Block, Credits, Entry, LedgerError, QuorumCertificate, SignedEntry, precommit_bytes,
-        verify_block, verify_certificate,
+        Block, Credits, Entry, LedgerError, MAX_MANIFEST_BYTES, QuorumCertificate, SignedEntry,
+        precommit_bytes, verify_block, verify_certificate,
     },
 };
 
@@ -50,6 +51,16 @@ pub enum LedgerStateError {
         index: usize,
         /// What kind of entry.
         what: &'static str,
+    },
+    /// A submitted job's manifest is longer than [`MAX_MANIFEST_BYTES`].
+    #[error("block {height}: entry {index} carries a manifest of {bytes} bytes (at most {max})", max = MAX_MANIFEST_BYTES)]
+    ManifestTooLarge {
+        /// The block.
+        height: u64,
+        /// The entry.
+        index: usize,
+        /// The manifest's length.
+        bytes: usize,
     },
     /// The block's timestamp is before its predecessor's.
     #[error("block {height}: timestamp goes back")]
@@ -317,6 +328,15 @@ impl LedgerState {
         }
         for (index, signed) in block.entries.iter().enumerate() {
             self.authorise(block.height, index, signed)?;
+            if let Entry::JobSubmitted { manifest, .. } = &signed.entry
+                && manifest.len() > MAX_MANIFEST_BYTES
+            {
+                return Err(LedgerStateError::ManifestTooLarge {
+                    height: block.height,
+                    index,
+                    bytes: manifest.len(),
+                });
+            }
         }
         let mut credits = self.credits.clone();
         credits
@@ -516,6 +536,67 @@ mod tests {
             .expect("revoke");
         assert!(state.is_banned(&pk(4)));
         assert!(!state.is_member(&pk(4)));
+    }
+
+    fn job(manifest_bytes: usize) -> Entry {
+        Entry::JobSubmitted {
+            job: [7; 32],
+            escrow: 10,
+            manifest: "x".repeat(manifest_bytes),
+        }
+    }
+
+    #[test]
+    fn a_job_manifest_is_bounded() {
+        let (mut state, _) = genesis(false);
+        let too_long = next(&state, vec![signed(1, job(MAX_MANIFEST_BYTES + 1))]);
+        assert_eq!(
+            state.check_block(&too_long),
+            Err(LedgerStateError::ManifestTooLarge {
+                height: 1,
+                index: 0,
+                bytes: MAX_MANIFEST_BYTES + 1
+            })
+        );
+        let longest = next(&state, vec![signed(1, job(MAX_MANIFEST_BYTES))]);
+        state
+            .apply(&longest, &certify_for_tests(&longest, &[1, 2, 3]))
+            .expect("a manifest of the largest size");
+        assert_eq!(state.credits().escrow(&[7; 32]), 10);
+    }
+
+    #[test]
+    fn a_second_result_for_a_round_is_refused() {
+        let (mut state, _) = genesis(false);
+        let submit = next(&state, vec![signed(1, job(10))]);
+        state
+            .apply(&submit, &certify_for_tests(&submit, &[1, 2, 3]))
+            .expect("job");
+        let result = |coordinator: u8, paid: Credits| {
+            signed(
+                coordinator,
+                Entry::RoundResult {
+                    job: [7; 32],
+                    round: 1,
+                    model_hash: [coordinator; 32],
+                    accepted: vec![(pk(3), paid)],
+                    rejected: vec![],
+                },
+            )
+        };
+        let first = next(&state, vec![result(2, 1)]);
+        state
+            .apply(&first, &certify_for_tests(&first, &[1, 2, 3]))
+            .expect("first result");
+        let second = next(&state, vec![result(3, 2)]);
+        assert!(matches!(
+            state.check_block(&second),
+            Err(LedgerStateError::Credits {
+                source: CreditError::DuplicateRound { round: 1, .. },
+                ..
+            })
+        ));
+        assert_eq!(state.credits().balance(&pk(3)), 1);
     }
 
     #[test]

@@ -18,6 +18,9 @@ use crate::{
 
 /// Largest gossip message on the ledger topic, in bytes.
 pub const MAX_LEDGER_GOSSIP_BYTES: usize = 60 * 1024;
+/// Largest encoded block a proposer puts in a proposal: what fits in one ledger gossip message
+/// with the proposal's own fields.
+pub const MAX_PROPOSED_BLOCK_BYTES: usize = MAX_LEDGER_GOSSIP_BYTES - 1024;
 /// Most finalized blocks in one catch-up response.
 pub const MAX_SYNC_BLOCKS: usize = 64;
 /// Largest catch-up response, in bytes.

@@ -772,7 +772,11 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
     ledger(
         &mut credits,
         &submitter,
-        Entry::JobSubmitted { job: JOB, escrow },
+        Entry::JobSubmitted {
+            job: JOB,
+            escrow,
+            manifest: String::new(),
+        },
     );
     let mut reasons = std::collections::BTreeSet::new();
     let misbehaving_from = config.misbehaviour.map_or(u64::MAX, |m| m.first_round());

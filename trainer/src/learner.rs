@@ -31,6 +31,11 @@ pub enum DeviceChoice {
     Cuda,
 }
 
+/// Whether libtorch sees a CUDA device.
+pub fn cuda_available() -> bool {
+    tch::Cuda::is_available()
+}
+
 /// Model, optimizer and evaluation settings of a learner; every peer of a job uses the same.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]

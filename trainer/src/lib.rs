@@ -9,7 +9,7 @@ pub mod learner;
 pub mod model;
 
 pub use dataset::{Dataset, Vocab};
-pub use learner::{DeviceChoice, LearnerConfig, TchLearner};
+pub use learner::{DeviceChoice, LearnerConfig, TchLearner, cuda_available};
 pub use model::ModelSpec;
 
 use std::path::PathBuf;
