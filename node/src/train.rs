@@ -30,6 +30,7 @@ use loom_actors::{
     TrainerActor, exchanger::hex, names,
 };
 use loom_protocols::{
+    PeerKey,
     contribution::{BlobHash, blob_hash},
     ledger::{Credits, JobId},
     snapshot::{OuterState, Snapshot},
@@ -352,8 +353,19 @@ async fn train_async(
     Ok(summary)
 }
 
+/// How long after applying a round another peer waits for its coordinator's record on the
+/// ledger before recording the round itself (plus a stagger of up to [`BACKUP_STAGGER`]).
+const BACKUP_RECORD_DELAY: Duration = Duration::from_secs(10);
+/// Spread of the backup recorders' delays, so that they do not all submit at once.
+const BACKUP_STAGGER: Duration = Duration::from_secs(5);
+/// Most rounds held for a backup record.
+const BACKUP_ROUNDS_MAX: usize = 64;
+
 /// Pays for the rounds this peer coordinates: after each such round it submits the round's
-/// result and its verdicts ([`crate::jobs::round_entries`]) when the job is on the ledger.
+/// result and its verdicts ([`crate::jobs::round_entries`]) when the job is on the ledger. A
+/// round whose coordinator did not record it (it died, it was cut off) is recorded by another
+/// peer that applied it, after [`BACKUP_RECORD_DELAY`]; the ledger keeps one result per round,
+/// so a late duplicate is refused.
 struct RoundPayer {
     job: JobId,
     max_contributors: usize,
@@ -362,6 +374,10 @@ struct RoundPayer {
     pending: BTreeMap<u64, Credits>,
     /// The job was not on the ledger at the last report (said once).
     unlisted_said: bool,
+    /// Rounds others coordinated, with when this peer records them if they are still missing.
+    backlog: BTreeMap<u64, (RoundReport, Instant)>,
+    /// This peer's stagger of the backup delay.
+    stagger: Duration,
 }
 
 impl RoundPayer {
@@ -372,13 +388,71 @@ impl RoundPayer {
             rounds: job.plan.rounds,
             pending: BTreeMap::new(),
             unlisted_said: false,
+            backlog: BTreeMap::new(),
+            stagger: Duration::ZERO,
         }
+    }
+
+    /// Spreads this peer's backup delay by its key.
+    fn with_stagger(mut self, me: &PeerKey) -> Self {
+        let spread = BACKUP_STAGGER.as_millis() as u64;
+        let hash = blake3::hash(me);
+        let offset = u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap_or([0; 8]));
+        self.stagger = Duration::from_millis(offset % spread.max(1));
+        self
     }
 
     async fn on_report(&mut self, jobs: &SharedJobBook, report: &RoundReport) {
         if !report.closed_by_me {
+            if self.backlog.len() < BACKUP_ROUNDS_MAX {
+                let due = Instant::now() + BACKUP_RECORD_DELAY + self.stagger;
+                self.backlog.insert(report.round, (report.clone(), due));
+            }
             return;
         }
+        self.record(jobs, report).await;
+    }
+
+    /// Records the rounds of the backlog that are due and still missing from the ledger.
+    async fn on_tick(&mut self, jobs: &SharedJobBook) {
+        let now = Instant::now();
+        let recorded: BTreeSet<u64> = {
+            let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            match book.get(&self.job) {
+                Some(record) => record.rounds.keys().copied().collect(),
+                None => {
+                    self.backlog.clear();
+                    return;
+                }
+            }
+        };
+        self.backlog.retain(|round, _| !recorded.contains(round));
+        let due: Vec<u64> = self
+            .backlog
+            .iter()
+            .filter(|(_, (_, at))| *at <= now)
+            .map(|(round, _)| *round)
+            .collect();
+        for round in due {
+            if let Some((report, _)) = self.backlog.remove(&round) {
+                tracing::info!(
+                    round,
+                    "the round's coordinator did not record it; recording it"
+                );
+                self.record(jobs, &report).await;
+            }
+        }
+    }
+
+    /// Whether the job is on the ledger and its last round is not recorded yet (this peer then
+    /// stays a while to record it if its coordinator does not).
+    fn last_round_missing(&self, jobs: &SharedJobBook) -> bool {
+        let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
+        book.get(&self.job)
+            .is_some_and(|record| !record.rounds.contains_key(&self.rounds))
+    }
+
+    async fn record(&mut self, jobs: &SharedJobBook, report: &RoundReport) {
         let terms = {
             let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
             let Some(record) = book.get(&self.job) else {
@@ -475,7 +549,11 @@ pub async fn run_job(
             anyhow::bail!("cannot start the exchanger: {e}");
         }
     };
-    let mut payer = RoundPayer::new(&prepared.job);
+    let me: PeerKey = run::signing_key(&context.keypair)
+        .map(|k| k.verifying_key().to_bytes())
+        .unwrap_or_default();
+    let mut payer = RoundPayer::new(&prepared.job).with_stagger(&me);
+    let mut payer_tick = tokio::time::interval(Duration::from_millis(500));
     let rounds = prepared.job.plan.rounds;
     let started = Instant::now();
     let mut last = RoundReport::default();
@@ -493,6 +571,7 @@ pub async fn run_job(
                 stopped = &mut stop => break stopped,
                 _ = &mut trainer_done => break Err(anyhow::anyhow!("the trainer stopped")),
                 _ = &mut exchanger_done => break Err(anyhow::anyhow!("the exchanger stopped")),
+                _ = payer_tick.tick() => payer.on_tick(&context.jobs).await,
                 report = reports.recv() => {
                     let Some(report) = report else { break Err(anyhow::anyhow!("the exchanger stopped reporting")) };
                     let (bytes_received, bytes_sent) = context.peer_bytes.totals();
@@ -521,6 +600,12 @@ pub async fn run_job(
                     last = report;
                     if finished {
                         tokio::time::sleep(LINGER_AFTER_LAST_ROUND).await;
+                        // Stay to record the last round if its coordinator does not.
+                        let deadline = Instant::now() + BACKUP_RECORD_DELAY + BACKUP_STAGGER;
+                        while payer.last_round_missing(&context.jobs) && Instant::now() < deadline {
+                            payer_tick.tick().await;
+                            payer.on_tick(&context.jobs).await;
+                        }
                         break Ok(());
                     }
                 }
