@@ -1083,8 +1083,10 @@ impl ExchangerState {
         let round = self.args.plan.rounds;
         let grace_ms = self.args.plan.round.proposer_grace_ms;
         let own_close = self.engine.round_proposer(round) == Some(self.me);
+        // A close of this peer's that nobody confirms is taken as the mesh's once better-ranked
+        // closes have had two grace periods to arrive.
         let confirmed =
-            self.engine.confirmed(round) && (!own_close || now >= applied_ms + 2 * grace_ms);
+            self.engine.confirmed(round) || (own_close && now >= applied_ms + 2 * grace_ms);
         let settle_max_ms = applied_ms + 2 * self.args.plan.round.round_deadline_ms + 4 * grace_ms;
         if !confirmed && now < settle_max_ms {
             return;

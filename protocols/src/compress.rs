@@ -459,7 +459,8 @@ mod tests {
         match format {
             ValueFormat::Fp32 => 0.0,
             ValueFormat::Fp16 => v.abs() * 2f32.powi(-11) + 6.0e-8,
-            ValueFormat::Int8 => scale / 2.0 + scale * 1e-6,
+            // Half a step, plus f32 rounding of `q × scale` at the value's magnitude.
+            ValueFormat::Int8 => scale / 2.0 + (scale + v.abs()) * 4.0 * f32::EPSILON,
         }
     }
 

@@ -378,8 +378,9 @@ impl RoundEngine {
 
     /// Whether the model this peer holds after `round` is confirmed as the mesh's: the proposer
     /// of the best-ranked close of that round announced the same hash, or this peer is that
-    /// proposer (the caller then gives better-ranked closes time to arrive). After a resync
-    /// with no known proposer, any other peer announcing the same hash confirms it.
+    /// proposer and either ranked first or another peer announced the same hash (otherwise the
+    /// caller gives better-ranked closes time to arrive). After a resync with no known
+    /// proposer, any other peer announcing the same hash confirms it.
     pub fn confirmed(&self, round: u64) -> bool {
         if self.resync_pending || self.applying {
             return false;
@@ -389,7 +390,12 @@ impl RoundEngine {
         };
         let holders = self.holders.get(&round).and_then(|h| h.get(mine));
         match self.proposers.get(&round) {
-            Some(proposer) if *proposer == self.me => true,
+            // This peer's own close: nobody could rank before it, or another peer applied the
+            // same model.
+            Some(proposer) if *proposer == self.me => {
+                self.applied_ranks.get(&round) == Some(&0)
+                    || holders.is_some_and(|h| h.iter().any(|k| *k != self.me))
+            }
             Some(proposer) => holders.is_some_and(|h| h.contains(proposer)),
             None => holders.is_some_and(|h| h.iter().any(|k| *k != self.me)),
         }
@@ -1426,9 +1432,14 @@ mod tests {
         );
         engine.applied(1, [1; 32]);
         assert!(
-            engine.confirmed(1),
-            "its own close, until a better one is heard of"
+            !engine.confirmed(1),
+            "its own close, not the first ranked, nobody agreeing yet"
         );
+        let third = order[2];
+        engine
+            .on_state(model_state(1, [1; 32], [1; 32], 10, pks[third]), pks[third])
+            .expect("valid");
+        assert!(engine.confirmed(1), "another peer applied the same model");
         // The better-ranked close arrives late, then its proposer's state with another hash.
         let close = RoundClose {
             job_id: JOB,

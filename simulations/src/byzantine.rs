@@ -1078,3 +1078,61 @@ fn reason_kind(reason: &str) -> String {
     }
     out
 }
+
+/// The whole `docs/byzantine.md`: how the runs are made and read, the table, and each run's
+/// margins.
+pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64) -> String {
+    let screening = ScreeningConfig::default();
+    let mut out = format!(
+        "# Byzantine training\n\n\
+         Produced by `loom-sim byzantine --rounds {rounds} --table docs/byzantine.md` \
+         (`simulations/src/byzantine.rs`); the test suite runs the same checks with 10 rounds \
+         (`simulations/tests/byzantine.rs`).\n\n\
+         Each run trains the same job on real libtorch learners (an MLP on the built-in text, \
+         DiLoCo with 4 inner steps, top-k 10 % int8 updates with error feedback) with the real \
+         Trainer and GradientExchanger actors, several peers in one process joined by an \
+         in-memory bus standing in for gossip and the blob protocol. The last peers of each \
+         committee misbehave from the first round on (a replay from the third, as it needs an \
+         old round):\n\n\
+         - **random noise**, **sign flip**, **update x100**, **all-zero free rider**: the peer's \
+         learner rewrites its update after every inner loop; the exchanger is honest;\n\
+         - **copy of another peer's update**: the peer does no work and commits the blob of the \
+         first honest peer to reveal one, signed as its own;\n\
+         - **stale update**: from the third round on the peer commits again what it published two \
+         rounds before;\n\
+         - **forged signature**: besides its own honest update the peer sends a commitment in \
+         another peer's name with a forged signature.\n\n\
+         What refuses them (`docs/protocols.md`, training rounds): commit-then-reveal and the \
+         copy and replay checks on commitments, the signature check, and the verifier's \
+         screening of every update before aggregation (non-finite, all zeros, duplicates, a \
+         norm over {:.0}x the round's median or under it divided by that, a cosine below {:.2} \
+         with the sum of the others).\n\n\
+         Columns: *detected in its round* counts the rounds in which every byzantine \
+         contribution was refused in that same round (for the forged signature: a forged \
+         commitment was refused), over the rounds the peer misbehaved in as seen by the first \
+         honest peer; *refused because* groups the reasons given; *byzantine in model* counts \
+         rounds where a byzantine update was aggregated; *honest credits* and *byzantine \
+         reputation* come from folding, with the ledger's credit rules, one `RoundResult` per \
+         round that pays {PAY_PER_CONTRIBUTION} credits per accepted contribution and slashes \
+         each refused one, next to the all-honest run of the same committee; *val loss* compares \
+         the first honest peer's final validation loss with the all-honest run's (the bar is \
+         5 %).\n\n",
+        screening.max_norm_ratio, screening.min_cosine
+    );
+    out.push_str(&table(shapes));
+    out.push_str("\nMargins and times:\n\n| committee | run | smallest cosine of an honest update with the other honest updates | wall s |\n|---|---|---|---|\n");
+    for outcomes in shapes {
+        for outcome in outcomes {
+            let c = &outcome.config;
+            out.push_str(&format!(
+                "| {} of {} | {} | {:.3} | {:.1} |\n",
+                c.byzantine,
+                c.peers,
+                c.misbehaviour.map_or("all honest", |m| m.name()),
+                outcome.honest_cosine_min,
+                outcome.wall_s
+            ));
+        }
+    }
+    out
+}

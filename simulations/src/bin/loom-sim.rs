@@ -405,8 +405,8 @@ fn byzantine(
             }
         }
     }
-    let markdown = byzantine::table(&results);
-    println!("{markdown}");
+    println!("{}", byzantine::table(&results));
+    let markdown = byzantine::document(&results, rounds);
     println!("wall: {:.0} s", began.elapsed().as_secs_f64());
     if let Some(path) = table
         && let Err(e) = std::fs::write(path, &markdown)
