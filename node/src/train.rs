@@ -376,8 +376,8 @@ struct RoundPayer {
     unlisted_said: bool,
     /// Rounds others coordinated, with when this peer records them if they are still missing.
     backlog: BTreeMap<u64, (RoundReport, Instant)>,
-    /// This peer's stagger of the backup delay.
-    stagger: Duration,
+    /// How long after a report this peer records a round its coordinator did not.
+    backup_delay: Duration,
 }
 
 impl RoundPayer {
@@ -389,7 +389,7 @@ impl RoundPayer {
             pending: BTreeMap::new(),
             unlisted_said: false,
             backlog: BTreeMap::new(),
-            stagger: Duration::ZERO,
+            backup_delay: BACKUP_RECORD_DELAY,
         }
     }
 
@@ -398,14 +398,14 @@ impl RoundPayer {
         let spread = BACKUP_STAGGER.as_millis() as u64;
         let hash = blake3::hash(me);
         let offset = u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap_or([0; 8]));
-        self.stagger = Duration::from_millis(offset % spread.max(1));
+        self.backup_delay = BACKUP_RECORD_DELAY + Duration::from_millis(offset % spread.max(1));
         self
     }
 
     async fn on_report(&mut self, jobs: &SharedJobBook, report: &RoundReport) {
         if !report.closed_by_me {
             if self.backlog.len() < BACKUP_ROUNDS_MAX {
-                let due = Instant::now() + BACKUP_RECORD_DELAY + self.stagger;
+                let due = Instant::now() + self.backup_delay;
                 self.backlog.insert(report.round, (report.clone(), due));
             }
             return;
@@ -413,9 +413,9 @@ impl RoundPayer {
         self.record(jobs, report).await;
     }
 
-    /// Records the rounds of the backlog that are due and still missing from the ledger.
-    async fn on_tick(&mut self, jobs: &SharedJobBook) {
-        let now = Instant::now();
+    /// Records the rounds of the backlog that are due at `now` and still missing from the
+    /// ledger.
+    async fn on_tick(&mut self, jobs: &SharedJobBook, now: Instant) {
         let recorded: BTreeSet<u64> = {
             let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
             match book.get(&self.job) {
@@ -571,7 +571,7 @@ pub async fn run_job(
                 stopped = &mut stop => break stopped,
                 _ = &mut trainer_done => break Err(anyhow::anyhow!("the trainer stopped")),
                 _ = &mut exchanger_done => break Err(anyhow::anyhow!("the exchanger stopped")),
-                _ = payer_tick.tick() => payer.on_tick(&context.jobs).await,
+                _ = payer_tick.tick() => payer.on_tick(&context.jobs, Instant::now()).await,
                 report = reports.recv() => {
                     let Some(report) = report else { break Err(anyhow::anyhow!("the exchanger stopped reporting")) };
                     let (bytes_received, bytes_sent) = context.peer_bytes.totals();
@@ -604,7 +604,7 @@ pub async fn run_job(
                         let deadline = Instant::now() + BACKUP_RECORD_DELAY + BACKUP_STAGGER;
                         while payer.last_round_missing(&context.jobs) && Instant::now() < deadline {
                             payer_tick.tick().await;
-                            payer.on_tick(&context.jobs).await;
+                            payer.on_tick(&context.jobs, Instant::now()).await;
                         }
                         break Ok(());
                     }
@@ -827,6 +827,126 @@ pub fn human_bytes(bytes: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stands in for the LedgerReplica: takes every entry submitted.
+    struct FakeLedger;
+
+    impl Actor for FakeLedger {
+        type Msg = loom_actors::ledger::LedgerMsg;
+        type State = Arc<Mutex<Vec<loom_protocols::ledger::Entry>>>;
+        type Arguments = Arc<Mutex<Vec<loom_protocols::ledger::Entry>>>;
+
+        async fn pre_start(
+            &self,
+            _: ActorRef<Self::Msg>,
+            entries: Self::Arguments,
+        ) -> Result<Self::State, ractor::ActorProcessingErr> {
+            Ok(entries)
+        }
+
+        async fn handle(
+            &self,
+            _: ActorRef<Self::Msg>,
+            message: Self::Msg,
+            entries: &mut Self::State,
+        ) -> Result<(), ractor::ActorProcessingErr> {
+            if let loom_actors::ledger::LedgerMsg::SubmitOwn(entry, reply) = message {
+                entries.lock().expect("entries").push(entry);
+                let _ = reply.send(Ok(()));
+            }
+            Ok(())
+        }
+    }
+
+    /// A round its coordinator never recorded is recorded by a peer that applied it, once the
+    /// backup delay has passed; a round already on the ledger is not recorded again.
+    #[tokio::test]
+    async fn a_round_its_coordinator_did_not_record_is_recorded_by_another_peer() {
+        use loom_protocols::ledger::{Block, Entry, SignedEntry};
+        let job = Manifest::parse(crate::manifest::DEMO_MANIFEST)
+            .expect("manifest")
+            .into_job(Path::new("."))
+            .expect("job");
+        let sk = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let me = sk.verifying_key().to_bytes();
+        let sign = |entry: Entry| {
+            SignedEntry::sign(entry, me, |m| {
+                ed25519_dalek::Signer::sign(&sk, m).to_bytes().to_vec()
+            })
+        };
+        let (genesis, _) = loom_protocols::ledger_state::make_genesis(
+            &sk,
+            "t",
+            true,
+            None,
+            &[me],
+            &[(me, 1_000_000)],
+            0,
+        );
+        let block = |height: u64, entries: Vec<SignedEntry>| Block {
+            height,
+            prev_hash: [0; 32],
+            proposer: me,
+            timestamp_unix_ms: height,
+            entries,
+        };
+        let jobs: SharedJobBook = Arc::default();
+        {
+            let mut book = jobs.lock().expect("book");
+            book.apply(&genesis).expect("genesis");
+            book.apply(&block(
+                1,
+                vec![sign(Entry::JobSubmitted {
+                    job: job.id,
+                    escrow: 100_000,
+                    manifest: crate::manifest::DEMO_MANIFEST.into(),
+                })],
+            ))
+            .expect("job");
+        }
+        let submitted: Arc<Mutex<Vec<Entry>>> = Arc::default();
+        let (ledger, _) = Actor::spawn(Some(names::LEDGER.into()), FakeLedger, submitted.clone())
+            .await
+            .expect("ledger");
+        let mut payer = RoundPayer::new(&job);
+        payer.backup_delay = Duration::from_secs(10);
+        let report = |round: u64| RoundReport {
+            round,
+            model_hash: hex(&[round as u8; 32]),
+            closed_by_me: false,
+            accepted: vec![hex(&me)],
+            ..RoundReport::default()
+        };
+        payer.on_report(&jobs, &report(1)).await;
+        payer.on_report(&jobs, &report(2)).await;
+        payer.on_tick(&jobs, Instant::now()).await;
+        assert!(submitted.lock().expect("entries").is_empty(), "not due yet");
+        // Round 2's coordinator records it meanwhile.
+        jobs.lock()
+            .expect("book")
+            .apply(&block(
+                2,
+                vec![sign(Entry::RoundResult {
+                    job: job.id,
+                    round: 2,
+                    model_hash: [2; 32],
+                    accepted: vec![(me, 10)],
+                    rejected: Vec::new(),
+                })],
+            ))
+            .expect("round 2");
+        payer
+            .on_tick(&jobs, Instant::now() + Duration::from_secs(11))
+            .await;
+        let entries = submitted.lock().expect("entries").clone();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        assert!(
+            matches!(&entries[0], Entry::RoundResult { round: 1, accepted, .. } if accepted == &vec![(me, 10)]),
+            "{entries:?}"
+        );
+        assert!(payer.backlog.is_empty());
+        ledger.stop(None);
+    }
 
     #[test]
     fn pick_up_needs_the_resources_the_manifest_asks_for() {
