@@ -14,7 +14,11 @@
 //! Everything a remote peer can grow is bounded: fetches in flight, attempts per blob, the blob
 //! store's bytes, and the engine's per-round maps.
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
 
 use loom_protocols::{
     PeerKey,
@@ -23,7 +27,7 @@ use loom_protocols::{
     contribution::{self, BlobHash, Commitment},
     outer::{self, AdamWConfig, OuterConfig},
     robust,
-    round::{Action, JobId, ModelState, RoundConfig, RoundEngine, TrainMessage},
+    round::{Action, AuditVerdict, JobId, ModelState, RoundConfig, RoundEngine, TrainMessage},
     snapshot::{OuterState, Snapshot},
     verify::{self, ScreeningConfig},
 };
@@ -86,6 +90,95 @@ pub enum Aggregation {
     Median,
 }
 
+/// Audits: a seeded sample of each round's contributions is recomputed by assigned verifiers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AuditConfig {
+    /// Share of contributions audited (0 to 1).
+    pub fraction: f64,
+    /// Smallest cosine, on the transmitted coordinates, between a contribution and its
+    /// recomputation.
+    pub min_cosine: f64,
+    /// Rounds a contributor that failed an audit is excluded for.
+    pub exclusion_rounds: u64,
+}
+
+/// Most audits waiting on this peer.
+const MAX_QUEUED_AUDITS: usize = 16;
+/// Rounds of audit assignments remembered (to check the verdicts that arrive).
+const AUDIT_ROUNDS_KEPT: u64 = 8;
+
+/// Whether `subject`'s contribution to `round` (after which the model hash is `model_hash`) is
+/// audited: a draw from the hash of the round's outcome, which nobody knows when committing.
+pub fn audit_sampled(
+    job: &JobId,
+    round: u64,
+    subject: &PeerKey,
+    model_hash: &BlobHash,
+    fraction: f64,
+) -> bool {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"loom/audit/v1\0");
+    hasher.update(job);
+    hasher.update(&round.to_le_bytes());
+    hasher.update(subject);
+    hasher.update(model_hash);
+    let draw = u64::from_le_bytes(
+        hasher.finalize().as_bytes()[..8]
+            .try_into()
+            .unwrap_or([0; 8]),
+    );
+    (draw as f64) < fraction.clamp(0.0, 1.0) * u64::MAX as f64
+}
+
+/// The verifier assigned to `subject`'s contribution to `round`: among the round's other
+/// accepted contributors, the one with the smallest draw.
+pub fn audit_verifier(
+    job: &JobId,
+    round: u64,
+    subject: &PeerKey,
+    model_hash: &BlobHash,
+    contributors: &[PeerKey],
+) -> Option<PeerKey> {
+    contributors
+        .iter()
+        .filter(|k| *k != subject)
+        .min_by_key(|k| {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(b"loom/auditor/v1\0");
+            hasher.update(job);
+            hasher.update(&round.to_le_bytes());
+            hasher.update(subject);
+            hasher.update(model_hash);
+            hasher.update(k.as_slice());
+            *hasher.finalize().as_bytes()
+        })
+        .copied()
+}
+
+/// One audit this peer runs.
+#[derive(Debug, Clone)]
+struct PendingAudit {
+    round: u64,
+    subject: PeerKey,
+    params: Arc<Vec<f32>>,
+    blob_hash: BlobHash,
+}
+
+/// An audit verdict as reported.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AuditRecord {
+    /// The round audited.
+    pub round: u64,
+    /// Hex key of the contributor.
+    pub subject: String,
+    /// Hex key of the verifier.
+    pub verifier: String,
+    /// Cosine between the contribution and its recomputation.
+    pub cosine: f32,
+    /// Whether it passed.
+    pub passed: bool,
+}
+
 /// Everything about a job the exchanger needs.
 #[derive(Debug, Clone)]
 pub struct JobPlan {
@@ -113,6 +206,8 @@ pub struct JobPlan {
     pub aggregation: Aggregation,
     /// The verifier's screening of each round's updates (None: off).
     pub screening: Option<ScreeningConfig>,
+    /// Audits by recomputation (None: off).
+    pub audit: Option<AuditConfig>,
 }
 
 /// Writes checkpoints (the node writes them atomically to its data directory).
@@ -172,6 +267,12 @@ pub struct RoundReport {
     /// Commitments so far that came after this peer's reveal (left out of its closes).
     #[serde(default)]
     pub after_reveal_commitments: u64,
+    /// Audits this peer made as the assigned verifier since the last report.
+    #[serde(default)]
+    pub audits: Vec<AuditRecord>,
+    /// Audits failed so far, as known to this peer (any verifier).
+    #[serde(default)]
+    pub audits_failed: u64,
 }
 
 /// A contribution refused in a round and why.
@@ -208,6 +309,8 @@ pub struct ExchangerArgs {
     pub reports: mpsc::Sender<RoundReport>,
     /// Refused contributions per serving peer, read by the node's anomaly detector.
     pub rejections: SharedRejections,
+    /// A second Trainer with its own learner for audits (None: this peer audits nothing).
+    pub auditor: Option<ActorRef<TrainerMsg>>,
 }
 
 /// Refused contributions (blobs that failed their checks) per peer that served them; bounded.
@@ -248,6 +351,15 @@ pub enum ExchangerMsg {
         round: u64,
         /// The update (pseudo-gradient or gradient) and what it cost.
         result: Result<(Vec<f32>, StepReport), String>,
+    },
+    /// The auditor's recomputation of `subject`'s work of `round`.
+    Audited {
+        /// The round.
+        round: u64,
+        /// Whose work.
+        subject: PeerKey,
+        /// The recomputed update, or why not.
+        result: Result<Vec<f32>, String>,
     },
     /// The validation loss of the model after `round`.
     Evaluated {
@@ -311,6 +423,14 @@ pub struct ExchangerState {
     snapshot_len: u64,
     /// This peer's blob of the open round, held back until the engine says to reveal it.
     unrevealed: Option<(u64, Vec<u8>)>,
+    /// The round being applied: its number, the model it started from, and its contributions.
+    audit_base: Option<(u64, Arc<Vec<f32>>, Vec<Commitment>)>,
+    /// Assigned verifiers of recent rounds' sampled contributions.
+    audit_assignments: BTreeMap<(u64, PeerKey), PeerKey>,
+    /// Audits waiting for the auditor, and whether one is running.
+    audit_queue: VecDeque<PendingAudit>,
+    audit_running: bool,
+    pending_audit: Option<PendingAudit>,
 }
 
 /// The GradientExchanger actor.
@@ -369,6 +489,11 @@ impl Actor for ExchangerActor {
             own_commit: None,
             snapshot_len,
             unrevealed: None,
+            audit_base: None,
+            audit_assignments: BTreeMap::new(),
+            audit_queue: VecDeque::new(),
+            audit_running: false,
+            pending_audit: None,
             args,
         };
         Ok(state)
@@ -388,6 +513,11 @@ impl Actor for ExchangerActor {
                 state.on_blob(&myself, hash, from, result, now)
             }
             ExchangerMsg::Trained { round, result } => state.on_trained(&myself, round, result),
+            ExchangerMsg::Audited {
+                round,
+                subject,
+                result,
+            } => state.on_audited(&myself, round, subject, result),
             ExchangerMsg::Evaluated { round, val_loss } => state.on_evaluated(round, val_loss),
         }
         Ok(())
@@ -457,6 +587,12 @@ impl ExchangerState {
             TrainMessage::Commit(signed) => self.engine.on_commit(signed, now),
             TrainMessage::Close(close) => self.engine.on_close(close, from, &have, now),
             TrainMessage::State(state) => self.engine.on_state(state, from),
+            TrainMessage::Audit(verdict) => {
+                if verdict.verifier == from {
+                    self.on_verdict(&verdict);
+                }
+                Ok(Vec::new())
+            }
         };
         match outcome {
             Ok(actions) => self.run(myself, actions, now),
@@ -509,6 +645,13 @@ impl ExchangerState {
                     refused,
                 } => {
                     self.report.closed_by_me = proposer == self.me;
+                    // The close's refusals, and those this peer made itself.
+                    let mut refused = refused;
+                    for (author, reason) in self.engine.refused_here() {
+                        if !refused.iter().any(|(k, _)| *k == author) {
+                            refused.push((author, reason));
+                        }
+                    }
                     self.report.refused = refused
                         .into_iter()
                         .map(|(author, reason)| RefusedContribution {
@@ -835,6 +978,14 @@ impl ExchangerState {
             refs.retain(|(k, _)| !refused.iter().any(|(r, _)| r == k));
         }
         let (mean, used) = contribution::aggregate(len, &refs);
+        if self.args.plan.audit.is_some() {
+            let used_commitments: Vec<Commitment> = accepted
+                .iter()
+                .filter(|c| used.contains(&c.author))
+                .cloned()
+                .collect();
+            self.audit_base = Some((round, self.params.clone(), used_commitments));
+        }
         let average = match self.args.plan.aggregation {
             Aggregation::Mean => mean,
             Aggregation::TrimmedMean { trim } => {
@@ -906,6 +1057,7 @@ impl ExchangerState {
                 store.unpin(&old);
             }
         }
+        self.schedule_audits(myself, round, &hash);
         // After a resync or at the start the engine is already past `round`; `applied` then
         // does nothing.
         self.engine.applied(round, hash);
@@ -928,6 +1080,7 @@ impl ExchangerState {
         report.hash_mismatches = counters.hash_mismatches;
         report.resyncs = counters.resyncs;
         report.finished = round >= self.args.plan.rounds;
+        self.report.audits.clear();
         if report.finished {
             self.final_applied_ms = Some(unix_ms());
         }
@@ -1104,6 +1257,193 @@ impl ExchangerState {
     }
 }
 
+impl ExchangerState {
+    /// After round `round` was applied with model hash `hash`: draws the audited contributions,
+    /// records their verifiers, and queues those assigned to this peer.
+    fn schedule_audits(&mut self, myself: &ActorRef<ExchangerMsg>, round: u64, hash: &BlobHash) {
+        let Some((base_round, params, contributions)) = self.audit_base.take() else {
+            return;
+        };
+        let Some(config) = self.args.plan.audit else {
+            return;
+        };
+        if base_round != round {
+            return;
+        }
+        let job = self.args.plan.job_id;
+        let contributors: Vec<PeerKey> = contributions.iter().map(|c| c.author).collect();
+        for commitment in &contributions {
+            if !audit_sampled(&job, round, &commitment.author, hash, config.fraction) {
+                continue;
+            }
+            let Some(verifier) =
+                audit_verifier(&job, round, &commitment.author, hash, &contributors)
+            else {
+                continue;
+            };
+            self.audit_assignments
+                .insert((round, commitment.author), verifier);
+            if verifier == self.me
+                && self.args.auditor.is_some()
+                && self.audit_queue.len() < MAX_QUEUED_AUDITS
+            {
+                self.audit_queue.push_back(PendingAudit {
+                    round,
+                    subject: commitment.author,
+                    params: params.clone(),
+                    blob_hash: commitment.blob_hash,
+                });
+            }
+        }
+        let floor = round.saturating_sub(AUDIT_ROUNDS_KEPT);
+        self.audit_assignments
+            .retain(|(audited_round, _), _| *audited_round >= floor);
+        self.next_audit(myself);
+    }
+
+    /// Hands the next queued audit to the auditor when none is running.
+    fn next_audit(&mut self, myself: &ActorRef<ExchangerMsg>) {
+        if self.audit_running {
+            return;
+        }
+        let Some(auditor) = self.args.auditor.clone() else {
+            return;
+        };
+        let Some(audit) = self.audit_queue.pop_front() else {
+            return;
+        };
+        let work = match self.args.plan.strategy {
+            Strategy::Sync(_) => Work::Gradient {
+                step: audit.round - 1,
+            },
+            Strategy::Diloco { inner_steps, .. } => Work::Inner {
+                first_step: (audit.round - 1) * u64::from(inner_steps),
+                steps: inner_steps,
+            },
+        };
+        self.pending_audit = Some(audit.clone());
+        self.audit_running = auditor
+            .cast(TrainerMsg::Audit {
+                round: audit.round,
+                subject: audit.subject,
+                params: audit.params,
+                work,
+                shard: ShardKey {
+                    seed: self.args.plan.data_seed,
+                    peer: audit.subject,
+                },
+                reply_to: myself.clone(),
+            })
+            .is_ok();
+    }
+
+    /// The auditor's recomputation arrived: compare it with the contribution on the transmitted
+    /// coordinates, publish the verdict and take it.
+    fn on_audited(
+        &mut self,
+        myself: &ActorRef<ExchangerMsg>,
+        round: u64,
+        subject: PeerKey,
+        result: Result<Vec<f32>, String>,
+    ) {
+        self.audit_running = false;
+        let pending = self.pending_audit.take();
+        let (Some(config), Some(pending)) = (self.args.plan.audit, pending) else {
+            self.next_audit(myself);
+            return;
+        };
+        if pending.round != round || pending.subject != subject {
+            self.next_audit(myself);
+            return;
+        }
+        let recomputed = match result {
+            Ok(update) => update,
+            Err(why) => {
+                tracing::warn!(%why, round, "audit could not recompute; no verdict");
+                self.next_audit(myself);
+                return;
+            }
+        };
+        let blob = self
+            .args
+            .blobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pending.blob_hash);
+        let limit = self.args.plan.round.max_blob_bytes as usize;
+        let cosine = match blob.map(|b| compress::decode(&b, limit, self.params.len())) {
+            Some(Ok((update, _))) => robust::cosine_on_support(&update, &recomputed),
+            _ => {
+                tracing::warn!(round, "audited blob no longer held; no verdict");
+                self.next_audit(myself);
+                return;
+            }
+        };
+        let verdict = AuditVerdict {
+            job_id: self.args.plan.job_id,
+            round,
+            subject,
+            verifier: self.me,
+            cosine_milli: (cosine * 1000.0).round() as i32,
+            passed: cosine >= config.min_cosine,
+        };
+        self.publish(&TrainMessage::Audit(verdict.clone()));
+        self.on_verdict(&verdict);
+        self.next_audit(myself);
+    }
+
+    /// An audit verdict from its assigned verifier: a failed one excludes the contributor for
+    /// a while (its commitments are refused, and closes listing one).
+    fn on_verdict(&mut self, verdict: &AuditVerdict) {
+        let Some(config) = self.args.plan.audit else {
+            return;
+        };
+        if verdict.job_id != self.args.plan.job_id
+            || self
+                .audit_assignments
+                .get(&(verdict.round, verdict.subject))
+                .is_none_or(|v| *v != verdict.verifier)
+        {
+            return;
+        }
+        // Each assignment is taken once.
+        self.audit_assignments
+            .remove(&(verdict.round, verdict.subject));
+        let cosine = verdict.cosine_milli as f32 / 1000.0;
+        if verdict.verifier == self.me {
+            self.report.audits.push(AuditRecord {
+                round: verdict.round,
+                subject: hex(&verdict.subject),
+                verifier: hex(&verdict.verifier),
+                cosine,
+                passed: verdict.passed,
+            });
+        }
+        metrics::counter!("loom_train_audits_total").increment(1);
+        if verdict.passed {
+            return;
+        }
+        self.report.audits_failed += 1;
+        metrics::counter!("loom_train_audits_failed_total").increment(1);
+        let through = self.engine.current_round() + config.exclusion_rounds;
+        tracing::warn!(
+            round = verdict.round,
+            subject = %crate::short(&verdict.subject),
+            cosine,
+            through,
+            "contribution failed its audit; contributor excluded"
+        );
+        self.engine.exclude(
+            verdict.subject,
+            through,
+            format!(
+                "excluded: failed the audit of round {} (cosine {cosine:.3})",
+                verdict.round
+            ),
+        );
+    }
+}
+
 /// The updates of `used` (sorted by author), in that order.
 fn sorted_updates<'a>(
     refs: &[(PeerKey, &'a compress::SparseUpdate)],
@@ -1117,4 +1457,56 @@ fn sorted_updates<'a>(
 /// Lower-case hex of a hash.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: u8) -> PeerKey {
+        [i; 32]
+    }
+
+    #[test]
+    fn audit_draws_follow_the_fraction_and_every_peer_draws_the_same() {
+        let job = [1; 32];
+        let hash = [2; 32];
+        let keys: Vec<PeerKey> = (1..=200).map(key).collect();
+        assert!(keys.iter().all(|k| !audit_sampled(&job, 3, k, &hash, 0.0)));
+        assert!(keys.iter().all(|k| audit_sampled(&job, 3, k, &hash, 1.0)));
+        let half = keys
+            .iter()
+            .filter(|k| audit_sampled(&job, 3, k, &hash, 0.5))
+            .count();
+        assert!((60..=140).contains(&half), "{half} of 200 at one half");
+        // Another model hash draws another sample (nobody knows it when committing).
+        let other: Vec<bool> = keys
+            .iter()
+            .map(|k| audit_sampled(&job, 3, k, &[9; 32], 0.5))
+            .collect();
+        let same: Vec<bool> = keys
+            .iter()
+            .map(|k| audit_sampled(&job, 3, k, &hash, 0.5))
+            .collect();
+        assert_ne!(other, same);
+    }
+
+    #[test]
+    fn the_verifier_is_another_contributor_the_same_for_every_peer() {
+        let job = [1; 32];
+        let contributors = [key(1), key(2), key(3)];
+        for subject in &contributors {
+            let verifier =
+                audit_verifier(&job, 5, subject, &[7; 32], &contributors).expect("a verifier");
+            assert_ne!(&verifier, subject);
+            assert!(contributors.contains(&verifier));
+            let mut reordered = contributors;
+            reordered.reverse();
+            assert_eq!(
+                audit_verifier(&job, 5, subject, &[7; 32], &reordered),
+                Some(verifier)
+            );
+        }
+        assert_eq!(audit_verifier(&job, 5, &key(1), &[7; 32], &[key(1)]), None);
+    }
 }

@@ -76,4 +76,9 @@ pub trait Learner: Send + 'static {
     fn validation_loss(&mut self) -> Result<f32, LearnerError>;
     /// Tokens in one training batch (batch × context).
     fn tokens_per_step(&self) -> u64;
+    /// Starts the inner optimizer afresh (an auditor recomputing another peer's work does not
+    /// carry its own optimizer state into it). The default keeps the state.
+    fn reset_optimizer(&mut self) -> Result<(), LearnerError> {
+        Ok(())
+    }
 }

@@ -58,6 +58,22 @@ pub enum TrainerMsg {
         /// Where the answer goes.
         reply_to: ActorRef<ExchangerMsg>,
     },
+    /// Audit: recompute `subject`'s work of `round` (its shard, from `params`, with a fresh
+    /// inner optimizer) and answer with [`ExchangerMsg::Audited`].
+    Audit {
+        /// The round audited.
+        round: u64,
+        /// Whose contribution.
+        subject: loom_protocols::PeerKey,
+        /// The global parameters the round started from.
+        params: Arc<Vec<f32>>,
+        /// What the subject had to compute.
+        work: Work,
+        /// The subject's shard.
+        shard: ShardKey,
+        /// Where the answer goes.
+        reply_to: ActorRef<ExchangerMsg>,
+    },
 }
 
 /// The Trainer actor.
@@ -145,6 +161,25 @@ impl Actor for TrainerActor {
                 let _ = reply_to.cast(ExchangerMsg::Trained {
                     round,
                     result: result.map_err(|e| e.to_string()),
+                });
+            }
+            TrainerMsg::Audit {
+                round,
+                subject,
+                params,
+                work,
+                shard,
+                reply_to,
+            } => {
+                let result = with_learner(state, move |learner| {
+                    learner.reset_optimizer()?;
+                    train(learner, &params, work, shard)
+                })
+                .await?;
+                let _ = reply_to.cast(ExchangerMsg::Audited {
+                    round,
+                    subject,
+                    result: result.map(|(update, _)| update).map_err(|e| e.to_string()),
                 });
             }
         }

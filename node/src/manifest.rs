@@ -9,7 +9,7 @@
 
 use std::{path::Path, time::Duration};
 
-use loom_actors::{Aggregation, JobPlan, Strategy};
+use loom_actors::{Aggregation, JobPlan, Strategy, exchanger::AuditConfig};
 use loom_protocols::{
     compress::{Codec, Sparsity, ValueFormat},
     outer::{AdamWConfig, OuterConfig},
@@ -143,6 +143,24 @@ pub struct VerificationSpec {
     /// Largest ratio between an update's norm and the round's median norm.
     #[serde(default = "default_max_norm_ratio")]
     pub max_norm_ratio: f64,
+    /// Share of each round's contributions recomputed by an assigned verifier (0: none).
+    #[serde(default)]
+    pub audit: f64,
+    /// Smallest cosine between a contribution and its recomputation, on the transmitted
+    /// coordinates.
+    #[serde(default = "default_audit_min_cosine")]
+    pub audit_min_cosine: f64,
+    /// Rounds a contributor that failed an audit is excluded for.
+    #[serde(default = "default_audit_exclusion_rounds")]
+    pub audit_exclusion_rounds: u64,
+}
+
+fn default_audit_min_cosine() -> f64 {
+    0.3
+}
+
+fn default_audit_exclusion_rounds() -> u64 {
+    5
 }
 
 impl Default for VerificationSpec {
@@ -151,6 +169,9 @@ impl Default for VerificationSpec {
             screen: default_screen(),
             min_cosine: default_min_cosine(),
             max_norm_ratio: default_max_norm_ratio(),
+            audit: 0.0,
+            audit_min_cosine: default_audit_min_cosine(),
+            audit_exclusion_rounds: default_audit_exclusion_rounds(),
         }
     }
 }
@@ -442,6 +463,18 @@ impl Manifest {
         if !(-1.0..=1.0).contains(&self.verification.min_cosine) {
             return Err(field("verification.min_cosine", "must be in [-1, 1]"));
         }
+        if !(0.0..=1.0).contains(&self.verification.audit) {
+            return Err(field("verification.audit", "must be in [0, 1]"));
+        }
+        if !(-1.0..=1.0).contains(&self.verification.audit_min_cosine) {
+            return Err(field("verification.audit_min_cosine", "must be in [-1, 1]"));
+        }
+        if self.verification.audit_exclusion_rounds > MAX_ROUNDS {
+            return Err(field(
+                "verification.audit_exclusion_rounds",
+                format!("must be at most {MAX_ROUNDS}"),
+            ));
+        }
         if !(self.verification.max_norm_ratio >= 1.0
             && self.verification.max_norm_ratio.is_finite())
         {
@@ -677,6 +710,11 @@ impl Manifest {
                 AggregationSpec::TrimmedMean { trim } => Aggregation::TrimmedMean { trim },
                 AggregationSpec::Median => Aggregation::Median,
             },
+            audit: (self.verification.audit > 0.0).then_some(AuditConfig {
+                fraction: self.verification.audit,
+                min_cosine: self.verification.audit_min_cosine,
+                exclusion_rounds: self.verification.audit_exclusion_rounds,
+            }),
             screening: self.verification.screen.then(|| ScreeningConfig {
                 min_cosine: self.verification.min_cosine,
                 max_norm_ratio: self.verification.max_norm_ratio,

@@ -217,6 +217,8 @@ pub struct PreparedJob {
     pub job: Job,
     /// Its learner.
     pub learner: Box<dyn Learner>,
+    /// A second learner for audits, when the job audits contributions.
+    pub auditor: Option<Box<dyn Learner>>,
     /// The model to start from.
     pub start: Snapshot,
     /// Whether `start` is a checkpoint.
@@ -242,6 +244,14 @@ pub fn prepare_job(
 ) -> anyhow::Result<PreparedJob> {
     let learner = TchLearner::new(job.learner.clone(), job.dataset.clone())
         .context("cannot build the model")?;
+    let auditor: Option<Box<dyn Learner>> = if job.plan.audit.is_some() {
+        Some(Box::new(
+            TchLearner::new(job.learner.clone(), job.dataset.clone())
+                .context("cannot build the auditor's model")?,
+        ))
+    } else {
+        None
+    };
     let dir = job_dir(data_dir, &job);
     let checkpoints = dir.join("checkpoints");
     std::fs::create_dir_all(&checkpoints)
@@ -261,6 +271,7 @@ pub fn prepare_job(
         tokens_per_step: learner.tokens_per_step(),
         device: format!("{:?}", learner.device()),
         learner: Box::new(learner),
+        auditor,
         start,
         resumed: resumed.is_some(),
         checkpoints,
@@ -521,6 +532,20 @@ pub async fn run_job(
     let (trainer, trainer_done) = Actor::spawn(Some(names::TRAINER.into()), TrainerActor, slot)
         .await
         .map_err(|e| anyhow::anyhow!("cannot start the trainer: {e}"))?;
+    // Audits run on their own learner, so they never disturb this peer's inner optimizer.
+    let auditor = match prepared.auditor {
+        Some(learner) => {
+            let slot: LearnerSlot = Arc::new(Mutex::new(Some(learner)));
+            match Actor::spawn(None, TrainerActor, slot).await {
+                Ok((auditor, _)) => Some(auditor),
+                Err(e) => {
+                    trainer.stop(None);
+                    anyhow::bail!("cannot start the auditor: {e}");
+                }
+            }
+        }
+        None => None,
+    };
     let (reports_tx, mut reports) = mpsc::channel(1024);
     let exchanger_args = ExchangerArgs {
         plan: prepared.job.plan.clone(),
@@ -534,6 +559,7 @@ pub async fn run_job(
         checkpoints: Some(Arc::new(CheckpointDir(prepared.checkpoints.clone()))),
         reports: reports_tx,
         rejections: context.rejections.clone(),
+        auditor: auditor.clone(),
     };
     let spawned = Actor::spawn(
         Some(names::EXCHANGER.into()),
@@ -545,6 +571,9 @@ pub async fn run_job(
         Ok(spawned) => spawned,
         Err(e) => {
             trainer.stop(None);
+            if let Some(auditor) = &auditor {
+                auditor.stop(None);
+            }
             let _ = tokio::time::timeout(Duration::from_secs(5), trainer_done).await;
             anyhow::bail!("cannot start the exchanger: {e}");
         }
@@ -617,6 +646,9 @@ pub async fn run_job(
     .await;
     exchanger.stop(None);
     trainer.stop(None);
+    if let Some(auditor) = &auditor {
+        auditor.stop(None);
+    }
     // Their registry names are free again once they have stopped.
     let _ = tokio::time::timeout(Duration::from_secs(5), exchanger_done).await;
     let _ = tokio::time::timeout(Duration::from_secs(5), trainer_done).await;

@@ -164,6 +164,7 @@ fn plan_with(rounds: u64, strategy: Strategy) -> JobPlan {
         eval_every: 1,
         aggregation: loom_actors::Aggregation::Mean,
         screening: Some(Default::default()),
+        audit: None,
     }
 }
 
@@ -235,6 +236,7 @@ async fn spawn_peer_with(
         checkpoints: None,
         reports: tx,
         rejections: Default::default(),
+        auditor: None,
     };
     let (exchanger, _) = Actor::spawn(None, ExchangerActor, args).await.unwrap();
     bus.peers.lock().unwrap().insert(

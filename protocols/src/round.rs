@@ -77,6 +77,25 @@ pub struct ModelState {
     pub author: PeerKey,
 }
 
+/// An assigned verifier's verdict on a sampled contribution it recomputed (see the exchanger's
+/// audits): the cosine, on the transmitted coordinates, between the contribution and the
+/// verifier's recomputation of the subject's work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerdict {
+    /// The job.
+    pub job_id: JobId,
+    /// The round the contribution was applied in.
+    pub round: u64,
+    /// Whose contribution.
+    pub subject: PeerKey,
+    /// The verifier (must be the gossip author, and the one assigned).
+    pub verifier: PeerKey,
+    /// The cosine × 1000.
+    pub cosine_milli: i32,
+    /// Whether it passed.
+    pub passed: bool,
+}
+
 /// What travels on the training gossip topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TrainMessage {
@@ -86,6 +105,8 @@ pub enum TrainMessage {
     Close(RoundClose),
     /// A peer's model hash after a round.
     State(ModelState),
+    /// An audit's verdict.
+    Audit(AuditVerdict),
 }
 
 impl TrainMessage {
@@ -105,6 +126,7 @@ impl TrainMessage {
             TrainMessage::Commit(signed) => signed.verify().ok().map(|c| c.author),
             TrainMessage::Close(close) => Some(close.proposer),
             TrainMessage::State(state) => Some(state.author),
+            TrainMessage::Audit(verdict) => Some(verdict.verifier),
         }
     }
 }
@@ -229,6 +251,9 @@ pub enum RoundRejected {
     /// A commitment to the blob another author committed in the same round.
     #[error("copies another contributor's blob")]
     Copy,
+    /// A contributor excluded for a while (it failed an audit).
+    #[error("contributor excluded until round {0}")]
+    Excluded(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -308,6 +333,8 @@ pub struct RoundEngine {
     /// Blob hashes committed in recent rounds: the round first committed in, and the last round
     /// it was seen in (a replay keeps it remembered).
     recent_blobs: BTreeMap<BlobHash, (u64, u64)>,
+    /// Contributors excluded through a round, and why (a failed audit).
+    excluded: BTreeMap<PeerKey, (u64, String)>,
 }
 
 fn short_hex(key: &PeerKey) -> String {
@@ -362,6 +389,7 @@ impl RoundEngine {
             after_reveal: BTreeSet::new(),
             refused: BTreeMap::new(),
             recent_blobs: BTreeMap::new(),
+            excluded: BTreeMap::new(),
         }
     }
 
@@ -378,8 +406,9 @@ impl RoundEngine {
 
     /// Whether the model this peer holds after `round` is confirmed as the mesh's: the proposer
     /// of the best-ranked close of that round announced the same hash, or this peer is that
-    /// proposer and either ranked first or another peer announced the same hash (otherwise the
-    /// caller gives better-ranked closes time to arrive). After a resync with no known
+    /// proposer and another peer announced the same hash (otherwise the caller gives
+    /// better-ranked closes time to arrive: two proposers that each saw only part of the
+    /// commitments may both rank themselves first). After a resync with no known
     /// proposer, any other peer announcing the same hash confirms it.
     pub fn confirmed(&self, round: u64) -> bool {
         if self.resync_pending || self.applying {
@@ -393,8 +422,7 @@ impl RoundEngine {
             // This peer's own close: nobody could rank before it, or another peer applied the
             // same model.
             Some(proposer) if *proposer == self.me => {
-                self.applied_ranks.get(&round) == Some(&0)
-                    || holders.is_some_and(|h| h.iter().any(|k| *k != self.me))
+                holders.is_some_and(|h| h.iter().any(|k| *k != self.me))
             }
             Some(proposer) => holders.is_some_and(|h| h.contains(proposer)),
             None => holders.is_some_and(|h| h.iter().any(|k| *k != self.me)),
@@ -476,8 +504,16 @@ impl RoundEngine {
         {
             return Err(RoundRejected::Duplicate);
         }
-        // A replay of a blob committed in an earlier round (a peer does not police its own).
         let mine = commitment.author == self.me;
+        if !mine
+            && let Some((through, reason)) = self.excluded.get(&commitment.author)
+            && round <= *through
+        {
+            let (through, reason) = (*through, reason.clone());
+            self.refuse(round, commitment.author, reason);
+            return Err(RoundRejected::Excluded(through));
+        }
+        // A replay of a blob committed in an earlier round (a peer does not police its own).
         if !mine
             && let Some(seen) = self.recent_blobs.get_mut(&commitment.blob_hash)
             && seen.0 < round
@@ -509,6 +545,7 @@ impl RoundEngine {
             );
             return Err(RoundRejected::Copy);
         }
+        let expected_author = self.expected_contributors().contains(&commitment.author);
         let slot = self.commits.entry(round).or_default();
         if slot.len() >= self.config.max_contributors {
             return Err(RoundRejected::Full(round));
@@ -516,8 +553,14 @@ impl RoundEngine {
         if round == self.current && self.first_commit_ms.is_none() {
             self.first_commit_ms = Some(now_ms);
         }
-        if round == self.current && self.revealed_ms.is_some() && commitment.author != self.me {
-            // Its author could have seen the revealed blobs: left out of this peer's close.
+        if round == self.current
+            && self.revealed_ms.is_some()
+            && commitment.author != self.me
+            && !expected_author
+        {
+            // A newcomer whose commitment comes after the reveal could have seen the revealed
+            // blobs: left out of this peer's close. A contributor of the last round that is
+            // only slow still counts (an exact copy is refused by hash all the same).
             self.counters.after_reveal_commitments += 1;
             self.after_reveal.insert(commitment.author);
         }
@@ -593,6 +636,10 @@ impl RoundEngine {
                 .refused
                 .get(&close.round)
                 .is_some_and(|r| r.contains_key(&c.author))
+                || self
+                    .excluded
+                    .get(&c.author)
+                    .is_some_and(|(through, _)| close.round <= *through)
                 || self
                     .recent_blobs
                     .get(&c.blob_hash)
@@ -969,6 +1016,7 @@ impl RoundEngine {
         self.revealed_ms = None;
         self.after_reveal.clear();
         self.refused = self.refused.split_off(&next);
+        self.excluded.retain(|_, (through, _)| *through >= next);
         let stale_floor = next.saturating_sub(STALE_ROUNDS);
         self.recent_blobs
             .retain(|_, (_, last_seen)| *last_seen >= stale_floor);
@@ -995,6 +1043,44 @@ impl RoundEngine {
         self.last_ranks
             .as_ref()
             .map_or(0, |keys| self.rank_among(round, peer, keys.iter()))
+    }
+
+    /// The commitments of the open round this peer refused itself (replays, copies, excluded
+    /// contributors), with the reason.
+    pub fn refused_here(&self) -> Vec<(PeerKey, String)> {
+        self.refused
+            .get(&self.current)
+            .map(|r| r.iter().map(|(k, reason)| (*k, reason.clone())).collect())
+            .unwrap_or_default()
+    }
+
+    /// Excludes `subject`'s contributions through round `through` (it failed an audit): its
+    /// commitments are refused with `reason`, and closes that list one are refused. Bounded by
+    /// the contributors of a round.
+    pub fn exclude(&mut self, subject: PeerKey, through: u64, reason: String) {
+        if subject == self.me {
+            return;
+        }
+        if self.excluded.len() >= self.config.max_contributors
+            && !self.excluded.contains_key(&subject)
+        {
+            return;
+        }
+        let entry = self
+            .excluded
+            .entry(subject)
+            .or_insert((through, reason.clone()));
+        if entry.0 < through {
+            *entry = (through, reason.clone());
+        }
+        // A commitment of it already taken for the open round is refused too.
+        if let Some(slot) = self.commits.get_mut(&self.current)
+            && self.close.is_none()
+            && slot.remove(&subject).is_some()
+        {
+            let current = self.current;
+            self.refuse(current, subject, reason);
+        }
     }
 
     /// Records a refusal of `author`'s commitment in `round` (the open round or the next).

@@ -158,6 +158,18 @@ fn torch(error: TchError) -> LearnerError {
     LearnerError::Torch(error.to_string())
 }
 
+/// The inner AdamW (no weight decay on the no-decay group).
+fn build_optimizer(
+    config: &LearnerConfig,
+    var_store: &nn::VarStore,
+) -> Result<nn::Optimizer, TchError> {
+    let mut optimizer = nn::adamw(config.beta1, config.beta2, config.weight_decay)
+        .eps(1e-8)
+        .build(var_store, config.lr)?;
+    optimizer.set_weight_decay_group(NO_DECAY_GROUP, 0.0);
+    Ok(optimizer)
+}
+
 impl TchLearner {
     /// Builds the model on the configured device with parameters drawn from `init_seed`, and its
     /// optimizer. Refuses bad configs and datasets too short for the context.
@@ -184,10 +196,7 @@ impl TchLearner {
         named_params.sort_by(|a, b| a.0.cmp(&b.0));
         model::initialize(&config.model, &named_params, config.init_seed)?;
         let param_count = named_params.iter().map(|(_, t)| t.numel()).sum();
-        let mut optimizer = nn::adamw(config.beta1, config.beta2, config.weight_decay)
-            .eps(1e-8)
-            .build(&var_store, config.lr)?;
-        optimizer.set_weight_decay_group(NO_DECAY_GROUP, 0.0);
+        let optimizer = build_optimizer(&config, &var_store)?;
         Ok(Self {
             config,
             dataset,
@@ -391,6 +400,11 @@ impl Learner for TchLearner {
         // memory; the trait offers no error to return.
         self.try_params()
             .expect("copying the parameters out of libtorch")
+    }
+
+    fn reset_optimizer(&mut self) -> Result<(), LearnerError> {
+        self.optimizer = build_optimizer(&self.config, &self._var_store).map_err(torch)?;
+        Ok(())
     }
 
     fn set_params(&mut self, flat: &[f32]) -> Result<(), LearnerError> {

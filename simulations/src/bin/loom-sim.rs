@@ -117,6 +117,9 @@ enum Scenario {
         /// Write the table (Markdown) here.
         #[arg(long)]
         table: Option<PathBuf>,
+        /// Share of contributions audited by recomputation (0 to 1).
+        #[arg(long, default_value_t = 0.0)]
+        audit: f64,
     },
 }
 
@@ -192,12 +195,18 @@ fn main() -> ExitCode {
             only,
             committee,
             table,
+            audit,
         } => {
+            if !(0.0..=1.0).contains(&audit) {
+                eprintln!("error: --audit must be between 0 and 1");
+                return ExitCode::FAILURE;
+            }
             return byzantine(
                 rounds,
                 only,
                 committee.as_deref(),
                 table.as_deref(),
+                audit,
                 cli.json.as_deref(),
             );
         }
@@ -367,6 +376,7 @@ fn byzantine(
     only: Option<loom_simulations::byzantine::Misbehaviour>,
     committee: Option<&str>,
     table: Option<&Path>,
+    audit: f64,
     json: Option<&Path>,
 ) -> ExitCode {
     use loom_simulations::byzantine;
@@ -397,7 +407,7 @@ fn byzantine(
     let mut results = Vec::new();
     for (peers, bad) in shapes {
         eprintln!("byzantine: {bad} of {peers}, {rounds} rounds per run ...");
-        match runtime.block_on(byzantine::run_shape(peers, bad, rounds, only)) {
+        match runtime.block_on(byzantine::run_shape(peers, bad, rounds, only, audit)) {
             Ok(outcomes) => results.push(outcomes),
             Err(e) => {
                 eprintln!("error: {e}");
