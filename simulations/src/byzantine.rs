@@ -1131,11 +1131,12 @@ fn reason_kind(reason: &str) -> String {
 
 /// The whole `docs/byzantine.md`: how the runs are made and read, the table, and each run's
 /// margins.
-pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64) -> String {
+pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64, audit: f64) -> String {
     let screening = ScreeningConfig::default();
     let mut out = format!(
         "# Byzantine training\n\n\
-         Produced by `loom-sim byzantine --rounds {rounds} --table docs/byzantine.md` \
+         Produced by `loom-sim byzantine --rounds {rounds} --audit {audit} --table \
+         docs/byzantine.md` \
          (`simulations/src/byzantine.rs`); the test suite runs the same checks with 10 rounds \
          (`simulations/tests/byzantine.rs`).\n\n\
          Each run trains the same job on real libtorch learners (an MLP on the built-in text, \
@@ -1156,7 +1157,12 @@ pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64) -> String {
          copy and replay checks on commitments, the signature check, and the verifier's \
          screening of every update before aggregation (non-finite, all zeros, duplicates, a \
          norm over {:.0}x the round's median or under it divided by that, a cosine below {:.2} \
-         with the sum of the others).\n\n\
+         with the sum of the others). With `--audit` a share of the accepted contributions is \
+         also recomputed by an assigned verifier (its own learner, a fresh inner optimizer, the \
+         subject's shard and steps) and compared on the transmitted coordinates; a cosine below \
+         {AUDIT_MIN_COSINE} excludes the contributor for the rest of the run. Every contribution \
+         that gets past the checks above is honest here, so the audits' column below is the \
+         margin they keep.\n\n\
          Columns: *detected in its round* counts the rounds in which every byzantine \
          contribution was refused with a reason in that same round (for the forged signature: \
          the forged commitments refused), over the rounds the peer misbehaved in as seen by the \
@@ -1171,12 +1177,25 @@ pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64) -> String {
         screening.max_norm_ratio, screening.min_cosine
     );
     out.push_str(&table(shapes));
-    out.push_str("\nMargins and times:\n\n| committee | run | smallest cosine of an honest update with the other honest updates | wall s |\n|---|---|---|---|\n");
+    out.push_str("\nMargins and times:\n\n| committee | run | smallest cosine of an honest update with the other honest updates | audits of honest contributions: count, smallest cosine | wall s |\n|---|---|---|---|---|\n");
     for outcomes in shapes {
         for outcome in outcomes {
             let c = &outcome.config;
+            let audits = if outcome.audit_cosines_honest.is_empty() {
+                "-".to_owned()
+            } else {
+                format!(
+                    "{}, {:.3}",
+                    outcome.audit_cosines_honest.len(),
+                    outcome
+                        .audit_cosines_honest
+                        .iter()
+                        .copied()
+                        .fold(f32::INFINITY, f32::min)
+                )
+            };
             out.push_str(&format!(
-                "| {} of {} | {} | {:.3} | {:.1} |\n",
+                "| {} of {} | {} | {:.3} | {audits} | {:.1} |\n",
                 c.byzantine,
                 c.peers,
                 c.misbehaviour.map_or("all honest", |m| m.name()),

@@ -3,9 +3,9 @@
 //! stale replay or a forged signature, no byzantine update ever enters the model, a refusal with
 //! its reason is recorded in the round itself (in at least 80 % of the misbehaving rounds; in the
 //! others the commitment came after the round closed), no honest contribution is refused or
-//! slashed, credits are conserved, the honest models stay
-//! identical, and the final validation loss is within 5 % of the all-honest run's. Real libtorch learners and the real
-//! exchanger; the table is printed (`loom-sim byzantine` writes it to `docs/byzantine.md`).
+//! slashed, credits are conserved, the honest models stay identical, and the final validation
+//! loss is within 5 % of the all-honest run's. Real libtorch learners and the real exchanger; the
+//! table is printed (`loom-sim byzantine` writes it to `docs/byzantine.md`).
 
 use loom_simulations::byzantine::{run_shape, table, verdict};
 

@@ -416,7 +416,7 @@ fn byzantine(
         }
     }
     println!("{}", byzantine::table(&results));
-    let markdown = byzantine::document(&results, rounds);
+    let markdown = byzantine::document(&results, rounds, audit);
     println!("wall: {:.0} s", began.elapsed().as_secs_f64());
     if let Some(path) = table
         && let Err(e) = std::fs::write(path, &markdown)
