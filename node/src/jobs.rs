@@ -580,6 +580,65 @@ pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, C
     (entries, spent)
 }
 
+/// A one-member ledger for tests: signed entries, a genesis, blocks.
+#[cfg(test)]
+pub(crate) mod testing {
+    use loom_protocols::{
+        PeerKey,
+        ledger::{Block, Credits, Entry, SignedEntry},
+    };
+
+    /// The member and its key.
+    pub(crate) struct TestLedger {
+        key: ed25519_dalek::SigningKey,
+        /// The member.
+        pub me: PeerKey,
+    }
+
+    impl TestLedger {
+        /// A member from a key seed.
+        pub(crate) fn new(seed: u8) -> Self {
+            let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+            let me = key.verifying_key().to_bytes();
+            Self { key, me }
+        }
+
+        /// `entry` signed by the member.
+        pub(crate) fn sign(&self, entry: Entry) -> SignedEntry {
+            SignedEntry::sign(entry, self.me, |m| {
+                ed25519_dalek::Signer::sign(&self.key, m)
+                    .to_bytes()
+                    .to_vec()
+            })
+        }
+
+        /// A genesis that mints `mint` to the member.
+        pub(crate) fn genesis(&self, mint: Credits) -> Block {
+            loom_protocols::ledger_state::make_genesis(
+                &self.key,
+                "t",
+                true,
+                None,
+                &[self.me],
+                &[(self.me, mint)],
+                0,
+            )
+            .0
+        }
+
+        /// A block at `height` (the job book does not check the chain).
+        pub(crate) fn block(&self, height: u64, entries: Vec<SignedEntry>) -> Block {
+            Block {
+                height,
+                prev_hash: [0; 32],
+                proposer: self.me,
+                timestamp_unix_ms: height,
+                entries,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -687,31 +746,12 @@ pay: {per_contribution: 5, per_verdict: 2}
 
     #[test]
     fn the_book_follows_jobs_rounds_and_escrow() {
-        use loom_protocols::ledger::SignedEntry;
-        let sk = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-        let me = sk.verifying_key().to_bytes();
-        let sign = |entry: Entry| {
-            SignedEntry::sign(entry, me, |m| {
-                ed25519_dalek::Signer::sign(&sk, m).to_bytes().to_vec()
-            })
-        };
-        let (genesis, _) = loom_protocols::ledger_state::make_genesis(
-            &sk,
-            "t",
-            true,
-            None,
-            &[me],
-            &[(me, 1_000)],
-            0,
-        );
+        let ledger = super::testing::TestLedger::new(1);
+        let me = ledger.me;
+        let sign = |entry: Entry| ledger.sign(entry);
+        let genesis = ledger.genesis(1_000);
         let job = [3; 32];
-        let block = |height: u64, entries: Vec<SignedEntry>| Block {
-            height,
-            prev_hash: [0; 32],
-            proposer: me,
-            timestamp_unix_ms: height,
-            entries,
-        };
+        let block = |height: u64, entries| ledger.block(height, entries);
         let mut book = JobBook::default();
         book.apply(&genesis).expect("genesis");
         assert!(book.apply(&block(5, vec![])).is_err(), "out of order");

@@ -894,34 +894,16 @@ mod tests {
     /// backup delay has passed; a round already on the ledger is not recorded again.
     #[tokio::test]
     async fn a_round_its_coordinator_did_not_record_is_recorded_by_another_peer() {
-        use loom_protocols::ledger::{Block, Entry, SignedEntry};
+        use loom_protocols::ledger::Entry;
         let job = Manifest::parse(crate::manifest::DEMO_MANIFEST)
             .expect("manifest")
             .into_job(Path::new("."))
             .expect("job");
-        let sk = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-        let me = sk.verifying_key().to_bytes();
-        let sign = |entry: Entry| {
-            SignedEntry::sign(entry, me, |m| {
-                ed25519_dalek::Signer::sign(&sk, m).to_bytes().to_vec()
-            })
-        };
-        let (genesis, _) = loom_protocols::ledger_state::make_genesis(
-            &sk,
-            "t",
-            true,
-            None,
-            &[me],
-            &[(me, 1_000_000)],
-            0,
-        );
-        let block = |height: u64, entries: Vec<SignedEntry>| Block {
-            height,
-            prev_hash: [0; 32],
-            proposer: me,
-            timestamp_unix_ms: height,
-            entries,
-        };
+        let ledger_keys = crate::jobs::testing::TestLedger::new(1);
+        let me = ledger_keys.me;
+        let sign = |entry: Entry| ledger_keys.sign(entry);
+        let genesis = ledger_keys.genesis(1_000_000);
+        let block = |height: u64, entries| ledger_keys.block(height, entries);
         let jobs: SharedJobBook = Arc::default();
         {
             let mut book = jobs.lock().expect("book");
