@@ -747,7 +747,6 @@ pay: {per_contribution: 5, per_verdict: 2}
     #[test]
     fn the_book_follows_jobs_rounds_and_escrow() {
         let ledger = super::testing::TestLedger::new(1);
-        let me = ledger.me;
         let sign = |entry: Entry| ledger.sign(entry);
         let genesis = ledger.genesis(1_000);
         let job = [3; 32];
