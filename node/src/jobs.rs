@@ -580,6 +580,46 @@ pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, C
     (entries, spent)
 }
 
+/// The verdicts this peer made as an assigned verifier of audits (`report.audits`), each paid
+/// `pay.per_verdict` from what the remaining rounds' contributions do not need; and the credits
+/// they take in total.
+pub fn audit_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, Credits) {
+    let reserve = terms
+        .rounds
+        .saturating_sub(report.round)
+        .saturating_mul(terms.max_contributors as Credits)
+        .saturating_mul(terms.pay.per_contribution);
+    let mut budget = terms.available.saturating_sub(reserve);
+    let mut spent = 0;
+    let mut entries = Vec::new();
+    for audit in report.audits.iter().take(terms.max_contributors) {
+        let Some(subject) =
+            unhex(&audit.subject).and_then(|b| PeerKey::try_from(b.as_slice()).ok())
+        else {
+            continue;
+        };
+        let fee = terms.pay.per_verdict.min(budget);
+        budget -= fee;
+        spent += fee;
+        entries.push(Entry::Verdict {
+            job: terms.job,
+            round: audit.round,
+            subject,
+            accepted: audit.passed,
+            reason: if audit.passed {
+                String::new()
+            } else {
+                clip_reason(&format!(
+                    "failed its audit: cosine {:.3} with the recomputation",
+                    audit.cosine
+                ))
+            },
+            fee,
+        });
+    }
+    (entries, spent)
+}
+
 /// A one-member ledger for tests: signed entries, a genesis, blocks.
 #[cfg(test)]
 pub(crate) mod testing {
@@ -715,6 +755,42 @@ pay: {per_contribution: 5, per_verdict: 2}
                 if *subject == key(3) && reason == "norm too large"
         ));
         assert_eq!(spent, 12);
+    }
+
+    #[test]
+    fn audit_verdicts_pay_their_verifier_from_what_the_rounds_do_not_need() {
+        let mut audited = report(1, &[], &[]);
+        audited.audits = vec![
+            loom_actors::exchanger::AuditRecord {
+                round: 1,
+                subject: hex(&key(2)),
+                verifier: hex(&key(1)),
+                cosine: 0.9,
+                passed: true,
+            },
+            loom_actors::exchanger::AuditRecord {
+                round: 1,
+                subject: hex(&key(3)),
+                verifier: hex(&key(1)),
+                cosine: 0.1,
+                passed: false,
+            },
+        ];
+        let (entries, spent) = audit_entries(&terms(1_000), &audited);
+        assert_eq!(spent, 4);
+        assert!(matches!(
+            &entries[0],
+            Entry::Verdict { subject, accepted: true, fee: 2, reason, .. }
+                if *subject == key(2) && reason.is_empty()
+        ));
+        assert!(matches!(
+            &entries[1],
+            Entry::Verdict { subject, accepted: false, fee: 2, reason, .. }
+                if *subject == key(3) && reason.contains("0.100")
+        ));
+        // 2 rounds × 4 × 5 = 40 reserved: nothing left for fees.
+        let (_, spent) = audit_entries(&terms(40), &audited);
+        assert_eq!(spent, 0);
     }
 
     #[test]

@@ -32,7 +32,7 @@ use loom_actors::{
 use loom_protocols::{
     PeerKey,
     contribution::{BlobHash, blob_hash},
-    ledger::{Credits, JobId},
+    ledger::{Credits, Entry, JobId},
     snapshot::{OuterState, Snapshot},
 };
 use loom_trainer::{DeviceChoice, TchLearner};
@@ -43,7 +43,7 @@ use tokio::sync::mpsc;
 use crate::{
     config::NodeConfig,
     identity,
-    jobs::{RoundTerms, SharedJobBook, round_entries},
+    jobs::{RoundTerms, SharedJobBook, audit_entries, round_entries},
     manifest::{DatasetSpec, Job, Manifest},
     run::{self, KeypairSigner},
 };
@@ -414,6 +414,13 @@ impl RoundPayer {
     }
 
     async fn on_report(&mut self, jobs: &SharedJobBook, report: &RoundReport) {
+        if !report.audits.is_empty()
+            && let Some(terms) = self.terms(jobs)
+        {
+            let (entries, spent) = audit_entries(&terms, report);
+            self.submit(entries, report.round).await;
+            *self.pending.entry(report.round).or_default() += spent;
+        }
         if !report.closed_by_me {
             if self.backlog.len() < BACKUP_ROUNDS_MAX {
                 let due = Instant::now() + self.backup_delay;
@@ -463,35 +470,35 @@ impl RoundPayer {
             .is_some_and(|record| !record.rounds.contains_key(&self.rounds))
     }
 
-    async fn record(&mut self, jobs: &SharedJobBook, report: &RoundReport) {
-        let terms = {
-            let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(record) = book.get(&self.job) else {
-                if !self.unlisted_said {
-                    tracing::info!(job = %hex(&self.job), "job not on the ledger; rounds are not paid");
-                    self.unlisted_said = true;
-                }
-                return;
-            };
-            if record.rounds.contains_key(&report.round) {
-                return;
+    /// The job's terms at the ledger's tip, less what this peer's entries not yet on the
+    /// ledger will take; None when the job is not on the ledger.
+    fn terms(&mut self, jobs: &SharedJobBook) -> Option<RoundTerms> {
+        let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(record) = book.get(&self.job) else {
+            if !self.unlisted_said {
+                tracing::info!(job = %hex(&self.job), "job not on the ledger; rounds are not paid");
+                self.unlisted_said = true;
             }
-            self.pending
-                .retain(|round, _| !record.rounds.contains_key(round));
-            let pending: Credits = self.pending.values().sum();
-            RoundTerms {
-                job: self.job,
-                pay: record.parsed.as_ref().map(|m| m.pay).unwrap_or_default(),
-                max_contributors: self.max_contributors,
-                rounds: self.rounds,
-                available: book.credits().escrow(&self.job).saturating_sub(pending),
-            }
+            return None;
         };
-        let (entries, spent) = round_entries(&terms, report);
+        self.pending
+            .retain(|round, _| !record.rounds.contains_key(round));
+        let pending: Credits = self.pending.values().sum();
+        Some(RoundTerms {
+            job: self.job,
+            pay: record.parsed.as_ref().map(|m| m.pay).unwrap_or_default(),
+            max_contributors: self.max_contributors,
+            rounds: self.rounds,
+            available: book.credits().escrow(&self.job).saturating_sub(pending),
+        })
+    }
+
+    /// Submits this peer's entries for `round` to its ledger replica.
+    async fn submit(&self, entries: Vec<Entry>, round: u64) {
         let Some(ledger) = ractor::registry::where_is(names::LEDGER)
             .map(ActorRef::<loom_actors::ledger::LedgerMsg>::from)
         else {
-            tracing::warn!(round = report.round, "no ledger to record the round on");
+            tracing::warn!(round, "no ledger to record the round on");
             return;
         };
         for entry in entries {
@@ -502,13 +509,27 @@ impl RoundPayer {
                 entry
             ) {
                 Ok(Ok(())) => {}
-                Ok(Err(error)) => {
-                    tracing::warn!(round = report.round, %error, "round entry refused")
-                }
-                Err(error) => tracing::warn!(round = report.round, %error, "ledger unreachable"),
+                Ok(Err(error)) => tracing::warn!(round, %error, "round entry refused"),
+                Err(error) => tracing::warn!(round, %error, "ledger unreachable"),
             }
         }
-        self.pending.insert(report.round, spent);
+    }
+
+    async fn record(&mut self, jobs: &SharedJobBook, report: &RoundReport) {
+        let already = jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&self.job)
+            .is_some_and(|record| record.rounds.contains_key(&report.round));
+        if already {
+            return;
+        }
+        let Some(terms) = self.terms(jobs) else {
+            return;
+        };
+        let (entries, spent) = round_entries(&terms, report);
+        self.submit(entries, report.round).await;
+        *self.pending.entry(report.round).or_default() += spent;
         tracing::info!(
             round = report.round,
             credits = spent,
