@@ -230,13 +230,19 @@ pub fn init_rule(spec: &ModelSpec, name: &str, shape: &[i64]) -> InitRule {
     }
 }
 
+/// libtorch's generator is process-wide: two models initialized at once (an auditor's beside a
+/// trainer's, tests side by side) would interleave their draws.
+static INIT_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Initializes `named` (sorted by name) in order after `tch::manual_seed(seed)`: values are drawn
-/// on the CPU and copied to each tensor's device, so CPU and CUDA peers start identically.
+/// on the CPU and copied to each tensor's device, so CPU and CUDA peers start identically. One
+/// initialization at a time in the process.
 pub(crate) fn initialize(
     spec: &ModelSpec,
     named: &[(String, Tensor)],
     seed: i64,
 ) -> Result<(), TchError> {
+    let _serial = INIT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     tch::manual_seed(seed);
     let _guard = tch::no_grad_guard();
     for (name, tensor) in named {
