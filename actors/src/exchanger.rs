@@ -107,6 +107,23 @@ const MAX_QUEUED_AUDITS: usize = 16;
 /// Rounds of audit assignments remembered (to check the verdicts that arrive).
 const AUDIT_ROUNDS_KEPT: u64 = 8;
 
+/// A hasher over a domain tag and what identifies an audited contribution.
+fn audit_hasher(
+    tag: &[u8],
+    job: &JobId,
+    round: u64,
+    subject: &PeerKey,
+    model_hash: &BlobHash,
+) -> blake3::Hasher {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(tag);
+    hasher.update(job);
+    hasher.update(&round.to_le_bytes());
+    hasher.update(subject);
+    hasher.update(model_hash);
+    hasher
+}
+
 /// Whether `subject`'s contribution to `round` (after which the model hash is `model_hash`) is
 /// audited: a draw from the hash of the round's outcome, which nobody knows when committing.
 pub fn audit_sampled(
@@ -116,12 +133,7 @@ pub fn audit_sampled(
     model_hash: &BlobHash,
     fraction: f64,
 ) -> bool {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(b"loom/audit/v1\0");
-    hasher.update(job);
-    hasher.update(&round.to_le_bytes());
-    hasher.update(subject);
-    hasher.update(model_hash);
+    let hasher = audit_hasher(b"loom/audit/v1\0", job, round, subject, model_hash);
     let draw = u64::from_le_bytes(
         hasher.finalize().as_bytes()[..8]
             .try_into()
@@ -143,12 +155,7 @@ pub fn audit_verifier(
         .iter()
         .filter(|k| *k != subject)
         .min_by_key(|k| {
-            let mut hasher = blake3::Hasher::new();
-            hasher.update(b"loom/auditor/v1\0");
-            hasher.update(job);
-            hasher.update(&round.to_le_bytes());
-            hasher.update(subject);
-            hasher.update(model_hash);
+            let mut hasher = audit_hasher(b"loom/auditor/v1\0", job, round, subject, model_hash);
             hasher.update(k.as_slice());
             *hasher.finalize().as_bytes()
         })
@@ -1106,13 +1113,7 @@ impl ExchangerState {
     }
 
     fn start_training(&mut self, myself: &ActorRef<ExchangerMsg>, round: u64) {
-        let work = match self.args.plan.strategy {
-            Strategy::Sync(_) => Work::Gradient { step: round - 1 },
-            Strategy::Diloco { inner_steps, .. } => Work::Inner {
-                first_step: (round - 1) * u64::from(inner_steps),
-                steps: inner_steps,
-            },
-        };
+        let work = work_of_round(self.args.plan.strategy, round);
         self.training_round = Some(round);
         let _ = self.args.trainer.cast(TrainerMsg::Train {
             round,
@@ -1312,15 +1313,7 @@ impl ExchangerState {
         let Some(audit) = self.audit_queue.pop_front() else {
             return;
         };
-        let work = match self.args.plan.strategy {
-            Strategy::Sync(_) => Work::Gradient {
-                step: audit.round - 1,
-            },
-            Strategy::Diloco { inner_steps, .. } => Work::Inner {
-                first_step: (audit.round - 1) * u64::from(inner_steps),
-                steps: inner_steps,
-            },
-        };
+        let work = work_of_round(self.args.plan.strategy, audit.round);
         self.pending_audit = Some(audit.clone());
         self.audit_running = auditor
             .cast(TrainerMsg::Audit {
@@ -1441,6 +1434,18 @@ impl ExchangerState {
                 verdict.round
             ),
         );
+    }
+}
+
+/// What every contributor computes for `round`: the same for its own update and for an audit
+/// of someone else's.
+fn work_of_round(strategy: Strategy, round: u64) -> Work {
+    match strategy {
+        Strategy::Sync(_) => Work::Gradient { step: round - 1 },
+        Strategy::Diloco { inner_steps, .. } => Work::Inner {
+            first_step: (round - 1) * u64::from(inner_steps),
+            steps: inner_steps,
+        },
     }
 }
 

@@ -504,6 +504,17 @@ pub struct RoundTerms {
     pub available: Credits,
 }
 
+impl RoundTerms {
+    /// What the contributions of the rounds after `round` may need from the escrow: verdict
+    /// fees never touch it.
+    fn reserve_after(&self, round: u64) -> Credits {
+        self.rounds
+            .saturating_sub(round)
+            .saturating_mul(self.max_contributors as Credits)
+            .saturating_mul(self.pay.per_contribution)
+    }
+}
+
 fn keys(hexes: impl Iterator<Item = String>, limit: usize) -> Vec<PeerKey> {
     let mut seen = BTreeSet::new();
     hexes
@@ -551,11 +562,7 @@ pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, C
         rejected: rejected.clone(),
     }];
     // Verdict fees come from what the remaining rounds' contributions do not need.
-    let reserve = terms
-        .rounds
-        .saturating_sub(report.round)
-        .saturating_mul(terms.max_contributors as Credits)
-        .saturating_mul(terms.pay.per_contribution);
+    let reserve = terms.reserve_after(report.round);
     let mut budget = terms.available.saturating_sub(paid).saturating_sub(reserve);
     let mut spent = paid;
     for subject in &rejected {
@@ -584,11 +591,7 @@ pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, C
 /// `pay.per_verdict` from what the remaining rounds' contributions do not need; and the credits
 /// they take in total.
 pub fn audit_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, Credits) {
-    let reserve = terms
-        .rounds
-        .saturating_sub(report.round)
-        .saturating_mul(terms.max_contributors as Credits)
-        .saturating_mul(terms.pay.per_contribution);
+    let reserve = terms.reserve_after(report.round);
     let mut budget = terms.available.saturating_sub(reserve);
     let mut spent = 0;
     let mut entries = Vec::new();

@@ -337,10 +337,6 @@ pub struct RoundEngine {
     excluded: BTreeMap<PeerKey, (u64, String)>,
 }
 
-fn short_hex(key: &PeerKey) -> String {
-    key[..6].iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// The proposer rank key of `peer` in `round` of `job`.
 pub fn proposer_rank_key(job_id: &JobId, round: u64, peer: &PeerKey) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
@@ -541,7 +537,10 @@ impl RoundEngine {
             self.refuse(
                 round,
                 commitment.author,
-                format!("copy of the update of {}", short_hex(&original)),
+                format!(
+                    "copy of the update of {}",
+                    crate::verify::short_hex(&original)
+                ),
             );
             return Err(RoundRejected::Copy);
         }

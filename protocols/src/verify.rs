@@ -94,7 +94,8 @@ impl fmt::Display for Refusal {
     }
 }
 
-fn short_hex(key: &PeerKey) -> String {
+/// The first 6 bytes of a key in hex, for reasons people read.
+pub(crate) fn short_hex(key: &PeerKey) -> String {
     key[..6].iter().map(|b| format!("{b:02x}")).collect()
 }
 
