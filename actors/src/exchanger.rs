@@ -35,7 +35,9 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::mpsc;
 
 use crate::{
-    HeartbeatSigner, NetworkPort, ShardKey, StepReport, Topic, TrainerMsg, trainer::Work, unix_ms,
+    HeartbeatSigner, NetworkPort, ShardKey, StepReport, Topic, TrainerMsg,
+    trainer::{LossCandidate, LossMeasured, Work},
+    unix_ms,
 };
 
 /// A blob store shared with the network task, which serves it.
@@ -215,6 +217,9 @@ pub struct JobPlan {
     pub screening: Option<ScreeningConfig>,
     /// Audits by recomputation (None: off).
     pub audit: Option<AuditConfig>,
+    /// The cheap check: every peer measures each contribution's loss on a batch its author was
+    /// assigned, before and after the update, and refuses one that does not lower it.
+    pub loss_check: bool,
 }
 
 /// Writes checkpoints (the node writes them atomically to its data directory).
@@ -280,6 +285,20 @@ pub struct RoundReport {
     /// Audits failed so far, as known to this peer (any verifier).
     #[serde(default)]
     pub audits_failed: u64,
+    /// The cheap check's measurements of the round's contributions (empty when off).
+    #[serde(default)]
+    pub loss_checks: Vec<LossCheckRecord>,
+}
+
+/// The cheap check of one contribution: loss on its assigned batch before and after it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LossCheckRecord {
+    /// Hex key of its author.
+    pub author: String,
+    /// Loss at the round's starting model (nats per token).
+    pub before: f32,
+    /// Loss after the contribution's update.
+    pub after: f32,
 }
 
 /// A contribution refused in a round and why.
@@ -368,6 +387,13 @@ pub enum ExchangerMsg {
         /// The recomputed update, or why not.
         result: Result<Vec<f32>, String>,
     },
+    /// The trainer's measurements for the cheap check of `round`.
+    LossChecked {
+        /// The round.
+        round: u64,
+        /// Loss before and after each contribution, or why not.
+        result: Result<Vec<LossMeasured>, String>,
+    },
     /// The validation loss of the model after `round`.
     Evaluated {
         /// The round.
@@ -438,6 +464,15 @@ pub struct ExchangerState {
     audit_queue: VecDeque<PendingAudit>,
     audit_running: bool,
     pending_audit: Option<PendingAudit>,
+    /// The round waiting for the trainer's loss check before it is aggregated.
+    pending_apply: Option<PendingApply>,
+}
+
+/// A round being applied: the close's contributions and the decoded updates still in.
+struct PendingApply {
+    round: u64,
+    accepted: Vec<Commitment>,
+    updates: Vec<(PeerKey, Arc<compress::SparseUpdate>)>,
 }
 
 /// The GradientExchanger actor.
@@ -501,6 +536,7 @@ impl Actor for ExchangerActor {
             audit_queue: VecDeque::new(),
             audit_running: false,
             pending_audit: None,
+            pending_apply: None,
             args,
         };
         Ok(state)
@@ -525,6 +561,9 @@ impl Actor for ExchangerActor {
                 subject,
                 result,
             } => state.on_audited(&myself, round, subject, result),
+            ExchangerMsg::LossChecked { round, result } => {
+                state.on_loss_checked(&myself, round, result)
+            }
             ExchangerMsg::Evaluated { round, val_loss } => state.on_evaluated(round, val_loss),
         }
         Ok(())
@@ -652,6 +691,7 @@ impl ExchangerState {
                     refused,
                 } => {
                     self.report.closed_by_me = proposer == self.me;
+                    self.report.loss_checks.clear();
                     // The close's refusals, and those this peer made itself.
                     let mut refused = refused;
                     for (author, reason) in self.engine.refused_here() {
@@ -946,7 +986,7 @@ impl ExchangerState {
                 };
                 match compress::decode(&blob, limit, len) {
                     Ok((update, _)) if update.len == len => {
-                        updates.push((commitment.author, update))
+                        updates.push((commitment.author, Arc::new(update)))
                     }
                     // Every peer holds the same bytes, so every peer skips the same update.
                     _ => {
@@ -960,36 +1000,135 @@ impl ExchangerState {
                 }
             }
         }
-        let mut refs: Vec<(PeerKey, &compress::SparseUpdate)> =
-            updates.iter().map(|(k, u)| (*k, u)).collect();
         if let Some(config) = &self.args.plan.screening {
+            let refs: Vec<(PeerKey, &compress::SparseUpdate)> =
+                updates.iter().map(|(k, u)| (*k, u.as_ref())).collect();
             let refused = verify::screen(&refs, config);
-            if !refused.is_empty() {
-                let mut rejections = self
-                    .args
-                    .rejections
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                for (author, why) in &refused {
-                    tracing::warn!(round, author = %crate::short(author), %why, "contribution refused");
-                    metrics::counter!("loom_train_contributions_refused_total").increment(1);
-                    if rejections.len() < MAX_REJECTION_PEERS || rejections.contains_key(author) {
-                        *rejections.entry(*author).or_default() += 1;
+            for (author, why) in &refused {
+                self.refuse(round, author, why.to_string());
+            }
+            updates.retain(|(k, _)| !refused.iter().any(|(r, _)| r == k));
+        }
+        let pending = PendingApply {
+            round,
+            accepted: accepted.to_vec(),
+            updates,
+        };
+        if self.args.plan.loss_check && !pending.updates.is_empty() {
+            let work = work_of_round(self.args.plan.strategy, round);
+            let step_scale = match self.args.plan.strategy {
+                Strategy::Diloco { .. } => 1.0,
+                Strategy::Sync(config) => config.lr,
+            };
+            let candidates = pending
+                .updates
+                .iter()
+                .map(|(author, update)| LossCandidate {
+                    author: *author,
+                    update: update.clone(),
+                    step_scale,
+                    batch_step: loss_check_step(&self.args.plan.job_id, round, author, work),
+                    shard: ShardKey {
+                        seed: self.args.plan.data_seed,
+                        peer: *author,
+                    },
+                })
+                .collect();
+            let asked = self.args.trainer.cast(TrainerMsg::CheckLoss {
+                round,
+                params: self.params.clone(),
+                candidates,
+                reply_to: myself.clone(),
+            });
+            if asked.is_ok() {
+                self.pending_apply = Some(pending);
+                return;
+            }
+            tracing::error!(
+                round,
+                "trainer gone: contributions applied without the loss check"
+            );
+        }
+        self.finish_apply(myself, pending);
+    }
+
+    /// Records a contribution of `round` refused by this peer's verifier.
+    fn refuse(&mut self, round: u64, author: &PeerKey, why: String) {
+        tracing::warn!(round, author = %crate::short(author), %why, "contribution refused");
+        metrics::counter!("loom_train_contributions_refused_total").increment(1);
+        {
+            let mut rejections = self
+                .args
+                .rejections
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if rejections.len() < MAX_REJECTION_PEERS || rejections.contains_key(author) {
+                *rejections.entry(*author).or_default() += 1;
+            }
+        }
+        self.report.refused.push(RefusedContribution {
+            author: hex(author),
+            reason: why,
+        });
+    }
+
+    /// The trainer measured the cheap check of the round being applied: a contribution that does
+    /// not lower the loss on its assigned batch is refused; the rest are aggregated.
+    fn on_loss_checked(
+        &mut self,
+        myself: &ActorRef<ExchangerMsg>,
+        round: u64,
+        result: Result<Vec<LossMeasured>, String>,
+    ) {
+        let Some(mut pending) = self.pending_apply.take_if(|p| p.round == round) else {
+            return;
+        };
+        match result {
+            Ok(measured) => {
+                for m in &measured {
+                    // NaN compares false: a loss that is not a number is not lowered either.
+                    let lowered = m.after < m.before;
+                    if !lowered {
+                        self.refuse(
+                            round,
+                            &m.author,
+                            format!(
+                                "loss check: does not lower the loss on its assigned batch \
+                                 ({:.4} -> {:.4})",
+                                m.before, m.after
+                            ),
+                        );
+                        pending.updates.retain(|(k, _)| *k != m.author);
                     }
-                    self.report.refused.push(RefusedContribution {
-                        author: hex(author),
-                        reason: why.to_string(),
+                    self.report.loss_checks.push(LossCheckRecord {
+                        author: hex(&m.author),
+                        before: m.before,
+                        after: m.after,
                     });
                 }
             }
-            refs.retain(|(k, _)| !refused.iter().any(|(r, _)| r == k));
+            Err(why) => {
+                tracing::error!(%why, round, "loss check failed; contributions applied unchecked")
+            }
         }
+        self.finish_apply(myself, pending);
+    }
+
+    /// Aggregates the round's updates that passed the verifier and takes the outer step.
+    fn finish_apply(&mut self, myself: &ActorRef<ExchangerMsg>, pending: PendingApply) {
+        let PendingApply {
+            round,
+            accepted,
+            updates,
+        } = pending;
+        let len = self.params.len();
+        let refs: Vec<(PeerKey, &compress::SparseUpdate)> =
+            updates.iter().map(|(k, u)| (*k, u.as_ref())).collect();
         let (mean, used) = contribution::aggregate(len, &refs);
         if self.args.plan.audit.is_some() {
             let used_commitments: Vec<Commitment> = accepted
-                .iter()
+                .into_iter()
                 .filter(|c| used.contains(&c.author))
-                .cloned()
                 .collect();
             self.audit_base = Some((round, self.params.clone(), used_commitments));
         }
@@ -1449,6 +1588,25 @@ fn work_of_round(strategy: Strategy, round: u64) -> Work {
     }
 }
 
+/// The global step whose batch the cheap check measures `author`'s contribution of `round` on:
+/// one of the batches its work was assigned, drawn from the job, round and author so that every
+/// peer measures the same one.
+pub fn loss_check_step(job: &JobId, round: u64, author: &PeerKey, work: Work) -> u64 {
+    match work {
+        Work::Gradient { step } => step,
+        Work::Inner { first_step, steps } => {
+            let mut hasher = blake3::Hasher::new();
+            hasher.update(b"loom/losscheck/v1\0");
+            hasher.update(job);
+            hasher.update(&round.to_le_bytes());
+            hasher.update(author);
+            let draw = hasher.finalize();
+            let draw = u64::from_le_bytes(draw.as_bytes()[..8].try_into().unwrap_or([0; 8]));
+            first_step + draw % u64::from(steps.max(1))
+        }
+    }
+}
+
 /// The updates of `used` (sorted by author), in that order.
 fn sorted_updates<'a>(
     refs: &[(PeerKey, &'a compress::SparseUpdate)],
@@ -1494,6 +1652,31 @@ mod tests {
             .map(|k| audit_sampled(&job, 3, k, &hash, 0.5))
             .collect();
         assert_ne!(other, same);
+    }
+
+    #[test]
+    fn the_loss_check_batch_is_one_the_author_trained_on() {
+        let job = [3; 32];
+        let work = Work::Inner {
+            first_step: 40,
+            steps: 10,
+        };
+        let steps: std::collections::BTreeSet<u64> = (0..64u8)
+            .map(|i| loss_check_step(&job, 5, &key(i), work))
+            .collect();
+        assert!(steps.iter().all(|s| (40..50).contains(s)), "{steps:?}");
+        assert!(
+            steps.len() > 5,
+            "the draw spreads over the steps: {steps:?}"
+        );
+        assert_eq!(
+            loss_check_step(&job, 5, &key(1), work),
+            loss_check_step(&job, 5, &key(1), work)
+        );
+        assert_eq!(
+            loss_check_step(&job, 5, &key(1), Work::Gradient { step: 4 }),
+            4
+        );
     }
 
     #[test]

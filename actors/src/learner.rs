@@ -74,6 +74,9 @@ pub trait Learner: Send + 'static {
     ) -> Result<(Vec<f32>, StepReport), LearnerError>;
     /// Mean validation loss over a fixed set of held-out batches (the same on every peer).
     fn validation_loss(&mut self) -> Result<f32, LearnerError>;
+    /// The loss of the current parameters on the training batch of global step `step` for
+    /// `shard`, without gradients (the verifier's cheap check of a contribution).
+    fn batch_loss(&mut self, step: u64, shard: ShardKey) -> Result<f32, LearnerError>;
     /// Tokens in one training batch (batch × context).
     fn tokens_per_step(&self) -> u64;
     /// Starts the inner optimizer afresh (an auditor recomputing another peer's work does not

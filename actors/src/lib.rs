@@ -17,7 +17,7 @@ pub mod trainer;
 
 pub use exchanger::{
     Aggregation, CheckpointSink, ExchangerActor, ExchangerArgs, ExchangerMsg, JobPlan,
-    RefusedContribution, RoundReport, SharedBlobs, SharedRejections, Strategy,
+    LossCheckRecord, RefusedContribution, RoundReport, SharedBlobs, SharedRejections, Strategy,
 };
 pub use learner::{Learner, LearnerError, ShardKey, StepReport};
 pub use membership::{MemberSummary, MembershipActor, MembershipArgs, MembershipMsg};

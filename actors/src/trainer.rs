@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 
+use loom_protocols::compress::SparseUpdate;
+
 use crate::{
     ExchangerMsg, Learner, ShardKey,
     learner::{LearnerError, StepReport},
@@ -31,6 +33,33 @@ pub enum Work {
         /// Global step index.
         step: u64,
     },
+}
+
+/// One contribution for the cheap check: its update, how far along it the check steps, and the
+/// batch it was assigned.
+#[derive(Debug, Clone)]
+pub struct LossCandidate {
+    /// The contributor.
+    pub author: loom_protocols::PeerKey,
+    /// Its decoded update.
+    pub update: Arc<SparseUpdate>,
+    /// The checked parameters are `params − step_scale × update`.
+    pub step_scale: f32,
+    /// The global step whose batch of `shard` the loss is measured on.
+    pub batch_step: u64,
+    /// The contributor's shard.
+    pub shard: ShardKey,
+}
+
+/// The cheap check's measurement of one contribution.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossMeasured {
+    /// The contributor.
+    pub author: loom_protocols::PeerKey,
+    /// Loss on its assigned batch at the round's starting parameters.
+    pub before: f32,
+    /// Loss on the same batch after its update.
+    pub after: f32,
 }
 
 /// Messages of the Trainer actor.
@@ -71,6 +100,18 @@ pub enum TrainerMsg {
         work: Work,
         /// The subject's shard.
         shard: ShardKey,
+        /// Where the answer goes.
+        reply_to: ActorRef<ExchangerMsg>,
+    },
+    /// The cheap check: the loss of each candidate's assigned batch at `params` and after its
+    /// update, answered with [`ExchangerMsg::LossChecked`].
+    CheckLoss {
+        /// The round checked.
+        round: u64,
+        /// The global parameters the round started from.
+        params: Arc<Vec<f32>>,
+        /// The contributions.
+        candidates: Vec<LossCandidate>,
         /// Where the answer goes.
         reply_to: ActorRef<ExchangerMsg>,
     },
@@ -182,9 +223,49 @@ impl Actor for TrainerActor {
                     result: result.map(|(update, _)| update).map_err(|e| e.to_string()),
                 });
             }
+            TrainerMsg::CheckLoss {
+                round,
+                params,
+                candidates,
+                reply_to,
+            } => {
+                let result = with_learner(state, move |learner| {
+                    check_losses(learner, &params, &candidates)
+                })
+                .await?;
+                let _ = reply_to.cast(ExchangerMsg::LossChecked {
+                    round,
+                    result: result.map_err(|e| e.to_string()),
+                });
+            }
         }
         Ok(())
     }
+}
+
+/// Each candidate's loss on its assigned batch at `params` and at `params − scale × update`.
+pub fn check_losses(
+    learner: &mut dyn Learner,
+    params: &[f32],
+    candidates: &[LossCandidate],
+) -> Result<Vec<LossMeasured>, LearnerError> {
+    learner.set_params(params)?;
+    let before = candidates
+        .iter()
+        .map(|c| learner.batch_loss(c.batch_step, c.shard))
+        .collect::<Result<Vec<f32>, LearnerError>>()?;
+    let mut measured = Vec::with_capacity(candidates.len());
+    for (candidate, before) in candidates.iter().zip(before) {
+        let mut moved = params.to_vec();
+        candidate.update.add_into(&mut moved, -candidate.step_scale);
+        learner.set_params(&moved)?;
+        measured.push(LossMeasured {
+            author: candidate.author,
+            before,
+            after: learner.batch_loss(candidate.batch_step, candidate.shard)?,
+        });
+    }
+    Ok(measured)
 }
 
 fn train(

@@ -153,6 +153,9 @@ pub struct VerificationSpec {
     /// Rounds a contributor that failed an audit is excluded for.
     #[serde(default = "default_audit_exclusion_rounds")]
     pub audit_exclusion_rounds: u64,
+    /// The cheap check: a contribution must lower the loss on a batch its author was assigned.
+    #[serde(default = "default_screen")]
+    pub loss_check: bool,
 }
 
 fn default_audit_min_cosine() -> f64 {
@@ -172,6 +175,7 @@ impl Default for VerificationSpec {
             audit: 0.0,
             audit_min_cosine: default_audit_min_cosine(),
             audit_exclusion_rounds: default_audit_exclusion_rounds(),
+            loss_check: default_screen(),
         }
     }
 }
@@ -715,6 +719,7 @@ impl Manifest {
                 min_cosine: self.verification.audit_min_cosine,
                 exclusion_rounds: self.verification.audit_exclusion_rounds,
             }),
+            loss_check: self.verification.loss_check,
             screening: self.verification.screen.then(|| ScreeningConfig {
                 min_cosine: self.verification.min_cosine,
                 max_norm_ratio: self.verification.max_norm_ratio,

@@ -165,6 +165,7 @@ fn plan_with(rounds: u64, strategy: Strategy) -> JobPlan {
         aggregation: loom_actors::Aggregation::Mean,
         screening: Some(Default::default()),
         audit: None,
+        loss_check: true,
     }
 }
 

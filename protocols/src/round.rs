@@ -480,6 +480,8 @@ impl RoundEngine {
         }
         let round = commitment.round;
         if round < self.current || (round == self.current && self.close.is_some()) {
+            // Too late to count, not too late to remember: a replay of it later is stale.
+            self.remember_blob(commitment.blob_hash, round);
             self.counters.late_contributions += 1;
             if round == self.current && self.late_authors.len() < self.config.max_contributors {
                 // Wait for it next round: it is alive, only slow.
@@ -544,6 +546,7 @@ impl RoundEngine {
             );
             return Err(RoundRejected::Copy);
         }
+        self.remember_blob(commitment.blob_hash, round);
         let expected_author = self.expected_contributors().contains(&commitment.author);
         let slot = self.commits.entry(round).or_default();
         if slot.len() >= self.config.max_contributors {
@@ -562,11 +565,6 @@ impl RoundEngine {
             // only slow still counts (an exact copy is refused by hash all the same).
             self.counters.after_reveal_commitments += 1;
             self.after_reveal.insert(commitment.author);
-        }
-        if self.recent_blobs.len() < 2 * STALE_ROUNDS as usize * self.config.max_contributors {
-            self.recent_blobs
-                .entry(commitment.blob_hash)
-                .or_insert((round, round));
         }
         let action = Action::Fetch {
             hash: commitment.blob_hash,
@@ -647,6 +645,10 @@ impl RoundEngine {
                 return Err(RoundRejected::BadClose("lists a refused contribution"));
             }
             contributions.push(c);
+        }
+        // A contribution this peer first hears of in a close is remembered like a commitment.
+        for c in &contributions {
+            self.remember_blob(c.blob_hash, c.round);
         }
         contributions.sort_by_key(|c| c.author);
         if close.refused.len() > self.config.max_contributors
@@ -1082,6 +1084,16 @@ impl RoundEngine {
         }
     }
 
+    /// Remembers that `hash` was committed in `round`, so that a later commitment of it is a
+    /// replay (bounded; old entries are pruned as rounds advance).
+    fn remember_blob(&mut self, hash: BlobHash, round: u64) {
+        if self.recent_blobs.len() < 2 * STALE_ROUNDS as usize * self.config.max_contributors {
+            let seen = self.recent_blobs.entry(hash).or_insert((round, round));
+            seen.0 = seen.0.min(round);
+            seen.1 = seen.1.max(round);
+        }
+    }
+
     /// Records a refusal of `author`'s commitment in `round` (the open round or the next).
     fn refuse(&mut self, round: u64, author: PeerKey, reason: String) {
         if round < self.current || round > self.current + 1 {
@@ -1228,6 +1240,42 @@ mod tests {
         );
         assert_eq!(engine.counters().stale_commitments, 1);
         assert_eq!(engine.counters().copied_commitments, 1);
+    }
+
+    /// A blob first seen in a late commitment or only inside a close is remembered all the
+    /// same: committing it again in a later round is a replay.
+    #[test]
+    fn replays_of_late_commitments_and_of_blobs_seen_only_in_a_close_are_stale() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let pc = c.verifying_key().to_bytes();
+        let mut engine = RoundEngine::new(config(), JOB, a.verifying_key().to_bytes(), 0, true);
+        engine
+            .on_commit(commit(JOB, 1, &a, b"a1"), 0)
+            .expect("taken");
+        engine.applied(1, [1; 32]);
+        assert_eq!(
+            engine.on_commit(commit(JOB, 1, &b, b"b1"), 10),
+            Err(RoundRejected::Late { round: 1 })
+        );
+        assert_eq!(
+            engine.on_commit(commit(JOB, 2, &b, b"b1"), 20),
+            Err(RoundRejected::Stale(1))
+        );
+        let close = RoundClose {
+            job_id: JOB,
+            round: 2,
+            proposer: pc,
+            commitments: vec![commit(JOB, 2, &c, b"c2")],
+            refused: Vec::new(),
+        };
+        let all = |_: &BlobHash| true;
+        engine.on_close(close, pc, &all, 30).expect("taken");
+        engine.applied(2, [2; 32]);
+        assert_eq!(
+            engine.on_commit(commit(JOB, 3, &c, b"c2"), 40),
+            Err(RoundRejected::Stale(2))
+        );
+        assert_eq!(engine.counters().stale_commitments, 2);
     }
 
     fn model_state(

@@ -108,6 +108,9 @@ pub struct ByzantineConfig {
     pub rounds: u64,
     /// Share of contributions audited by recomputation (0: none).
     pub audit: f64,
+    /// Whether the verifier screens updates (off: the commitment checks, the cheap loss check
+    /// and audits are left).
+    pub screen: bool,
 }
 
 /// Smallest cosine an audited contribution must have with its recomputation in these runs.
@@ -150,6 +153,9 @@ pub struct ByzantineOutcome {
     /// Smallest cosine, over rounds, between an honest update and the sum of the other honest
     /// updates (the margin above the screening threshold).
     pub honest_cosine_min: f64,
+    /// The smallest relative loss decrease the cheap check measured for an honest contribution
+    /// ((before − after) / before on its assigned batch; the check refuses at 0 or below).
+    pub honest_loss_drop_min: f64,
     /// Wall time of the run, seconds.
     pub wall_s: f64,
     /// Round by round, as the first honest peer saw it.
@@ -505,6 +511,10 @@ impl Learner for Poisoned {
         self.inner.validation_loss()
     }
 
+    fn batch_loss(&mut self, step: u64, shard: ShardKey) -> Result<f32, LearnerError> {
+        self.inner.batch_loss(step, shard)
+    }
+
     fn tokens_per_step(&self) -> u64 {
         self.inner.tokens_per_step()
     }
@@ -532,7 +542,7 @@ fn learner_config() -> LearnerConfig {
     }
 }
 
-fn plan(rounds: u64, peers: usize, audit: f64) -> JobPlan {
+fn plan(rounds: u64, peers: usize, audit: f64, screen: bool) -> JobPlan {
     JobPlan {
         job_id: JOB,
         rounds,
@@ -556,12 +566,13 @@ fn plan(rounds: u64, peers: usize, audit: f64) -> JobPlan {
         join_wait_ms: 300,
         eval_every: 1,
         aggregation: loom_actors::Aggregation::Mean,
-        screening: Some(ScreeningConfig::default()),
+        screening: screen.then(ScreeningConfig::default),
         audit: (audit > 0.0).then_some(loom_actors::exchanger::AuditConfig {
             fraction: audit,
             min_cosine: AUDIT_MIN_COSINE,
             exclusion_rounds: rounds,
         }),
+        loss_check: true,
     }
 }
 
@@ -653,7 +664,7 @@ async fn spawn_peer(
         victim,
     };
     let args = ExchangerArgs {
-        plan: plan(config.rounds, config.peers, config.audit),
+        plan: plan(config.rounds, config.peers, config.audit, config.screen),
         signer: Arc::new(KeySigner(signing)),
         network: Arc::new(port),
         blobs: blobs.clone(),
@@ -743,6 +754,7 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
     let honest: Vec<PeerKey> = peers[..honest_count].iter().map(|p| p.key).collect();
     let byzantine: Vec<PeerKey> = peers[honest_count..].iter().map(|p| p.key).collect();
     let reference = peers[0].by_round();
+    let honest_hex_all: Vec<String> = peers[..honest_count].iter().map(|p| hex(&p.key)).collect();
     let mut outcome = ByzantineOutcome {
         config,
         misbehaving_rounds: 0,
@@ -766,6 +778,12 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
         byzantine_reputation: Vec::new(),
         credits_conserved: false,
         honest_cosine_min: f64::INFINITY,
+        honest_loss_drop_min: reference
+            .values()
+            .flat_map(|r| &r.loss_checks)
+            .filter(|c| honest_hex_all.contains(&c.author))
+            .map(|c| f64::from(c.before - c.after) / f64::from(c.before))
+            .fold(f64::INFINITY, f64::min),
         wall_s: 0.0,
         rounds: Vec::new(),
         audit_cosines_honest: Vec::new(),
@@ -973,6 +991,7 @@ pub async fn run_shape(
     rounds: u64,
     only: Option<Misbehaviour>,
     audit: f64,
+    screen: bool,
 ) -> Result<Vec<ByzantineOutcome>, ByzantineError> {
     let mut outcomes = vec![
         run(ByzantineConfig {
@@ -981,6 +1000,7 @@ pub async fn run_shape(
             misbehaviour: None,
             rounds,
             audit,
+            screen,
         })
         .await?,
     ];
@@ -995,6 +1015,7 @@ pub async fn run_shape(
                 misbehaviour: Some(misbehaviour),
                 rounds,
                 audit,
+                screen,
             })
             .await?,
         );
@@ -1112,6 +1133,9 @@ fn reason_kind(reason: &str) -> String {
         .unwrap_or("")
         .split(" of the update of")
         .next()
+        .unwrap_or("")
+        .split(" (")
+        .next()
         .unwrap_or("");
     let mut out = String::new();
     let mut in_number = false;
@@ -1133,9 +1157,14 @@ fn reason_kind(reason: &str) -> String {
 /// margins.
 pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64, audit: f64) -> String {
     let screening = ScreeningConfig::default();
+    let screened = shapes
+        .first()
+        .and_then(|o| o.first())
+        .is_none_or(|o| o.config.screen);
+    let no_screen = if screened { "" } else { " --no-screen" };
     let mut out = format!(
         "# Byzantine training\n\n\
-         Produced by `loom-sim byzantine --rounds {rounds} --audit {audit} --table \
+         Produced by `loom-sim byzantine --rounds {rounds} --audit {audit}{no_screen} --table \
          docs/byzantine.md` \
          (`simulations/src/byzantine.rs`); the test suite runs the same checks with 10 rounds \
          (`simulations/tests/byzantine.rs`).\n\n\
@@ -1157,7 +1186,9 @@ pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64, audit: f64) -> St
          copy and replay checks on commitments, the signature check, and the verifier's \
          screening of every update before aggregation (non-finite, all zeros, duplicates, a \
          norm over {:.0}x the round's median or under it divided by that, a cosine below {:.2} \
-         with the sum of the others). With `--audit` a share of the accepted contributions is \
+         with the sum of the others), then the cheap check (every peer measures each update's \
+         loss on one of the batches its author was assigned, at the round's starting model and \
+         after the update, and refuses an update that does not lower it). With `--audit` a share of the accepted contributions is \
          also recomputed by an assigned verifier (its own learner, a fresh inner optimizer, the \
          subject's shard and steps) and compared on the transmitted coordinates; a cosine below \
          {AUDIT_MIN_COSINE} excludes the contributor for the rest of the run. Every contribution \
@@ -1177,7 +1208,7 @@ pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64, audit: f64) -> St
         screening.max_norm_ratio, screening.min_cosine
     );
     out.push_str(&table(shapes));
-    out.push_str("\nMargins and times:\n\n| committee | run | smallest cosine of an honest update with the other honest updates | audits of honest contributions: count, smallest cosine | wall s |\n|---|---|---|---|---|\n");
+    out.push_str("\nMargins and times:\n\n| committee | run | smallest cosine of an honest update with the other honest updates | smallest loss drop of an honest update (cheap check) | audits of honest contributions: count, smallest cosine | wall s |\n|---|---|---|---|---|---|\n");
     for outcomes in shapes {
         for outcome in outcomes {
             let c = &outcome.config;
@@ -1195,11 +1226,12 @@ pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64, audit: f64) -> St
                 )
             };
             out.push_str(&format!(
-                "| {} of {} | {} | {:.3} | {audits} | {:.1} |\n",
+                "| {} of {} | {} | {:.3} | {:.2} % | {audits} | {:.1} |\n",
                 c.byzantine,
                 c.peers,
                 c.misbehaviour.map_or("all honest", |m| m.name()),
                 outcome.honest_cosine_min,
+                outcome.honest_loss_drop_min * 100.0,
                 outcome.wall_s
             ));
         }

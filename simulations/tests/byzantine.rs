@@ -30,6 +30,7 @@ async fn shape(
         misbehaviour,
         rounds: ROUNDS,
         audit: 0.0,
+        screen: true,
     };
     let mut outcomes = vec![run(config(None, 0)).await.expect("all-honest run")];
     for misbehaviour in misbehaviours {
@@ -99,6 +100,7 @@ async fn audits_by_recomputation_pass_every_honest_contribution() {
         misbehaviour: None,
         rounds: 6,
         audit: 1.0,
+        screen: true,
     })
     .await
     .expect("run");

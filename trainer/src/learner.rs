@@ -494,6 +494,14 @@ impl Learner for TchLearner {
         Ok(loss as f32)
     }
 
+    fn batch_loss(&mut self, step: u64, shard: ShardKey) -> Result<f32, LearnerError> {
+        let _guard = tch::no_grad_guard();
+        let batch = self.train_batch(step, &shard).map_err(torch)?;
+        let loss = self.model.loss(&batch).map_err(torch)?;
+        let loss = f64::try_from(&loss).map_err(torch)?;
+        Ok(loss as f32)
+    }
+
     fn tokens_per_step(&self) -> u64 {
         (self.config.batch * self.config.model.context()) as u64
     }
@@ -546,6 +554,46 @@ mod tests {
         seed: 3,
         peer: [9; 32],
     };
+
+    #[test]
+    fn the_loss_check_passes_real_work_and_refuses_its_reverse_and_nothing() {
+        use loom_actors::trainer::{LossCandidate, check_losses};
+        use loom_protocols::compress::SparseUpdate;
+        let mut trainer = learner(tiny_mlp());
+        let start = trainer.params();
+        trainer.train_inner(0, 5, SHARD).expect("train");
+        let pseudo = loom_protocols::outer::pseudo_gradient(&start, &trainer.params());
+        let dense = |values: Vec<f32>| {
+            std::sync::Arc::new(SparseUpdate {
+                len: values.len(),
+                indices: (0..values.len() as u32).collect(),
+                values,
+            })
+        };
+        let candidate = |author: u8, update: Vec<f32>| LossCandidate {
+            author: [author; 32],
+            update: dense(update),
+            step_scale: 1.0,
+            batch_step: 2,
+            shard: SHARD,
+        };
+        let candidates = vec![
+            candidate(1, pseudo.clone()),
+            candidate(2, pseudo.iter().map(|v| -v).collect()),
+            candidate(3, vec![0.0; pseudo.len()]),
+        ];
+        let mut checker = learner(tiny_mlp());
+        let measured = check_losses(&mut checker, &start, &candidates).expect("check");
+        assert_eq!(measured.len(), 3);
+        // Every candidate starts from the same model on its own batch.
+        assert!(measured.iter().all(|m| m.before == measured[0].before));
+        assert!(measured[0].after < measured[0].before, "{measured:?}");
+        assert!(measured[1].after > measured[1].before, "{measured:?}");
+        assert_eq!(measured[2].after, measured[2].before);
+        // The same measurement on another learner is bit-identical: every peer refuses alike.
+        let again = check_losses(&mut learner(tiny_mlp()), &start, &candidates).expect("check");
+        assert_eq!(measured, again);
+    }
 
     #[test]
     fn params_round_trip_bit_exactly() {

@@ -120,6 +120,10 @@ enum Scenario {
         /// Share of contributions audited by recomputation (0 to 1).
         #[arg(long, default_value_t = 0.0)]
         audit: f64,
+        /// Turn the verifier's screening off, to see what the other checks (commitments, the
+        /// cheap loss check, audits) catch alone.
+        #[arg(long)]
+        no_screen: bool,
     },
 }
 
@@ -196,6 +200,7 @@ fn main() -> ExitCode {
             committee,
             table,
             audit,
+            no_screen,
         } => {
             if !(0.0..=1.0).contains(&audit) {
                 eprintln!("error: --audit must be between 0 and 1");
@@ -207,6 +212,7 @@ fn main() -> ExitCode {
                 committee.as_deref(),
                 table.as_deref(),
                 audit,
+                !no_screen,
                 cli.json.as_deref(),
             );
         }
@@ -377,6 +383,7 @@ fn byzantine(
     committee: Option<&str>,
     table: Option<&Path>,
     audit: f64,
+    screen: bool,
     json: Option<&Path>,
 ) -> ExitCode {
     use loom_simulations::byzantine;
@@ -407,7 +414,9 @@ fn byzantine(
     let mut results = Vec::new();
     for (peers, bad) in shapes {
         eprintln!("byzantine: {bad} of {peers}, {rounds} rounds per run ...");
-        match runtime.block_on(byzantine::run_shape(peers, bad, rounds, only, audit)) {
+        match runtime.block_on(byzantine::run_shape(
+            peers, bad, rounds, only, audit, screen,
+        )) {
             Ok(outcomes) => results.push(outcomes),
             Err(e) => {
                 eprintln!("error: {e}");
