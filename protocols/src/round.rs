@@ -592,14 +592,17 @@ impl RoundEngine {
         if close.round < self.current {
             // A better-ranked close of the round just applied (two proposers closed at once):
             // its proposer's model is the reference; its state will show whether ours differs.
+            // Ranks are compared by the proposers' rank keys, which every peer computes alike,
+            // not by position among the contributors this peer knows: two groups of peers that
+            // each closed the round without the other's commitments agree on which close wins.
             if close.round + 1 == self.current
-                && let Some(applied_rank) = self.applied_ranks.get(&close.round)
+                && let Some(applied) = self.proposers.get(&close.round)
+                && proposer_rank_key(&self.job_id, close.round, &close.proposer)
+                    < proposer_rank_key(&self.job_id, close.round, applied)
             {
                 let rank = self.rank_of_known(close.round, &close.proposer);
-                if rank < *applied_rank {
-                    self.proposers.insert(close.round, close.proposer);
-                    self.applied_ranks.insert(close.round, rank);
-                }
+                self.proposers.insert(close.round, close.proposer);
+                self.applied_ranks.insert(close.round, rank);
             }
             return Ok(Vec::new());
         }
