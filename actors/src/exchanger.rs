@@ -1027,7 +1027,7 @@ impl ExchangerState {
                     author: *author,
                     update: update.clone(),
                     step_scale,
-                    batch_step: loss_check_step(&self.args.plan.job_id, round, author, work),
+                    batch_steps: loss_check_steps(&self.args.plan.job_id, round, author, work),
                     shard: ShardKey {
                         seed: self.args.plan.data_seed,
                         peer: *author,
@@ -1093,7 +1093,7 @@ impl ExchangerState {
                             round,
                             &m.author,
                             format!(
-                                "loss check: does not lower the loss on its assigned batch \
+                                "loss check: does not lower the loss on its assigned batches \
                                  ({:.4} -> {:.4})",
                                 m.before, m.after
                             ),
@@ -1588,13 +1588,19 @@ fn work_of_round(strategy: Strategy, round: u64) -> Work {
     }
 }
 
-/// The global step whose batch the cheap check measures `author`'s contribution of `round` on:
-/// one of the batches its work was assigned, drawn from the job, round and author so that every
-/// peer measures the same one.
-pub fn loss_check_step(job: &JobId, round: u64, author: &PeerKey, work: Work) -> u64 {
+/// Most batches the cheap check measures one contribution on.
+pub const LOSS_CHECK_BATCHES: u64 = 4;
+
+/// The global steps whose batches the cheap check measures `author`'s contribution of `round`
+/// on: batches its work was assigned (all of them up to [`LOSS_CHECK_BATCHES`], else that many
+/// consecutive ones from an offset drawn from the job, round and author), the same on every
+/// peer.
+pub fn loss_check_steps(job: &JobId, round: u64, author: &PeerKey, work: Work) -> Vec<u64> {
     match work {
-        Work::Gradient { step } => step,
+        Work::Gradient { step } => vec![step],
         Work::Inner { first_step, steps } => {
+            let steps = u64::from(steps.max(1));
+            let count = steps.min(LOSS_CHECK_BATCHES);
             let mut hasher = blake3::Hasher::new();
             hasher.update(b"loom/losscheck/v1\0");
             hasher.update(job);
@@ -1602,7 +1608,8 @@ pub fn loss_check_step(job: &JobId, round: u64, author: &PeerKey, work: Work) ->
             hasher.update(author);
             let draw = hasher.finalize();
             let draw = u64::from_le_bytes(draw.as_bytes()[..8].try_into().unwrap_or([0; 8]));
-            first_step + draw % u64::from(steps.max(1))
+            let offset = draw % (steps - count + 1);
+            (0..count).map(|i| first_step + offset + i).collect()
         }
     }
 }
@@ -1655,27 +1662,34 @@ mod tests {
     }
 
     #[test]
-    fn the_loss_check_batch_is_one_the_author_trained_on() {
+    fn the_loss_check_batches_are_ones_the_author_trained_on() {
         let job = [3; 32];
         let work = Work::Inner {
             first_step: 40,
             steps: 10,
         };
-        let steps: std::collections::BTreeSet<u64> = (0..64u8)
-            .map(|i| loss_check_step(&job, 5, &key(i), work))
+        let drawn: Vec<Vec<u64>> = (0..64u8)
+            .map(|i| loss_check_steps(&job, 5, &key(i), work))
             .collect();
-        assert!(steps.iter().all(|s| (40..50).contains(s)), "{steps:?}");
-        assert!(
-            steps.len() > 5,
-            "the draw spreads over the steps: {steps:?}"
-        );
+        for steps in &drawn {
+            assert_eq!(steps.len() as u64, LOSS_CHECK_BATCHES);
+            assert!(steps.iter().all(|s| (40..50).contains(s)), "{steps:?}");
+            assert!(steps.windows(2).all(|w| w[1] == w[0] + 1), "{steps:?}");
+        }
+        let offsets: std::collections::BTreeSet<u64> = drawn.iter().map(|s| s[0]).collect();
+        assert!(offsets.len() > 4, "the draw spreads: {offsets:?}");
         assert_eq!(
-            loss_check_step(&job, 5, &key(1), work),
-            loss_check_step(&job, 5, &key(1), work)
+            loss_check_steps(&job, 5, &key(1), work),
+            loss_check_steps(&job, 5, &key(1), work)
         );
+        let few = Work::Inner {
+            first_step: 8,
+            steps: 2,
+        };
+        assert_eq!(loss_check_steps(&job, 5, &key(1), few), vec![8, 9]);
         assert_eq!(
-            loss_check_step(&job, 5, &key(1), Work::Gradient { step: 4 }),
-            4
+            loss_check_steps(&job, 5, &key(1), Work::Gradient { step: 4 }),
+            vec![4]
         );
     }
 

@@ -45,8 +45,8 @@ pub struct LossCandidate {
     pub update: Arc<SparseUpdate>,
     /// The checked parameters are `params − step_scale × update`.
     pub step_scale: f32,
-    /// The global step whose batch of `shard` the loss is measured on.
-    pub batch_step: u64,
+    /// The global steps whose batches of `shard` the loss is measured on (the mean).
+    pub batch_steps: Vec<u64>,
     /// The contributor's shard.
     pub shard: ShardKey,
 }
@@ -252,7 +252,7 @@ pub fn check_losses(
     learner.set_params(params)?;
     let before = candidates
         .iter()
-        .map(|c| learner.batch_loss(c.batch_step, c.shard))
+        .map(|c| mean_batch_loss(learner, c))
         .collect::<Result<Vec<f32>, LearnerError>>()?;
     let mut measured = Vec::with_capacity(candidates.len());
     for (candidate, before) in candidates.iter().zip(before) {
@@ -262,10 +262,23 @@ pub fn check_losses(
         measured.push(LossMeasured {
             author: candidate.author,
             before,
-            after: learner.batch_loss(candidate.batch_step, candidate.shard)?,
+            after: mean_batch_loss(learner, candidate)?,
         });
     }
     Ok(measured)
+}
+
+/// The mean loss of the learner's parameters over a candidate's batches, summed in order in
+/// `f64` (NaN when it has none).
+fn mean_batch_loss(
+    learner: &mut dyn Learner,
+    candidate: &LossCandidate,
+) -> Result<f32, LearnerError> {
+    let mut sum = 0f64;
+    for &step in &candidate.batch_steps {
+        sum += f64::from(learner.batch_loss(step, candidate.shard)?);
+    }
+    Ok((sum / candidate.batch_steps.len() as f64) as f32)
 }
 
 fn train(

@@ -156,6 +156,8 @@ pub struct ByzantineOutcome {
     /// The smallest relative loss decrease the cheap check measured for an honest contribution
     /// ((before − after) / before on its assigned batch; the check refuses at 0 or below).
     pub honest_loss_drop_min: f64,
+    /// Every relative loss decrease the cheap check measured for an honest contribution.
+    pub honest_loss_drops: Vec<f64>,
     /// Wall time of the run, seconds.
     pub wall_s: f64,
     /// Round by round, as the first honest peer saw it.
@@ -778,12 +780,13 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
         byzantine_reputation: Vec::new(),
         credits_conserved: false,
         honest_cosine_min: f64::INFINITY,
-        honest_loss_drop_min: reference
+        honest_loss_drop_min: f64::INFINITY,
+        honest_loss_drops: reference
             .values()
             .flat_map(|r| &r.loss_checks)
             .filter(|c| honest_hex_all.contains(&c.author))
             .map(|c| f64::from(c.before - c.after) / f64::from(c.before))
-            .fold(f64::INFINITY, f64::min),
+            .collect(),
         wall_s: 0.0,
         rounds: Vec::new(),
         audit_cosines_honest: Vec::new(),
@@ -800,6 +803,11 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
         })
         .collect();
     outcome.models_identical = last_hashes.windows(2).all(|w| w[0] == w[1]);
+    outcome.honest_loss_drop_min = outcome
+        .honest_loss_drops
+        .iter()
+        .copied()
+        .fold(f64::INFINITY, f64::min);
     let honest_hex: Vec<String> = honest.iter().map(hex).collect();
     let byzantine_hex: Vec<String> = byzantine.iter().map(hex).collect();
     // A ledger's view of the run: the submitter escrows, every round's result pays accepted
@@ -1187,7 +1195,7 @@ pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64, audit: f64) -> St
          screening of every update before aggregation (non-finite, all zeros, duplicates, a \
          norm over {:.0}x the round's median or under it divided by that, a cosine below {:.2} \
          with the sum of the others), then the cheap check (every peer measures each update's \
-         loss on one of the batches its author was assigned, at the round's starting model and \
+         mean loss on up to 4 of the batches its author was assigned, at the round's starting model and \
          after the update, and refuses an update that does not lower it). With `--audit` a share of the accepted contributions is \
          also recomputed by an assigned verifier (its own learner, a fresh inner optimizer, the \
          subject's shard and steps) and compared on the transmitted coordinates; a cosine below \

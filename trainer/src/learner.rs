@@ -574,7 +574,7 @@ mod tests {
             author: [author; 32],
             update: dense(update),
             step_scale: 1.0,
-            batch_step: 2,
+            batch_steps: vec![1, 3],
             shard: SHARD,
         };
         let candidates = vec![
