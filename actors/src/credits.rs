@@ -33,6 +33,9 @@ pub struct PeerCredits {
     pub earned_verifying: Credits,
     /// Put in escrow for jobs it submitted.
     pub escrowed: Credits,
+    /// Escrow returned when it closed its jobs.
+    #[serde(default)]
+    pub refunded: Credits,
     /// Taken for rejected contributions.
     pub slashed: Credits,
     /// Accepted contributions.
@@ -84,11 +87,14 @@ impl CreditBook {
         let mut whole = self.state.clone();
         whole.apply_block(block).map_err(|e| e.to_string())?;
         for signed in &block.entries {
+            // What an entry takes depends on the state before it: the balances of the slashed,
+            // the escrow a closed job returns.
             let slashed_before: Vec<(PeerKey, Credits)> = match &signed.entry {
                 Entry::RoundResult { rejected, .. } => rejected
                     .iter()
                     .map(|p| (*p, self.state.balance(p)))
                     .collect(),
+                Entry::JobClosed { job } => vec![(signed.author, self.state.escrow(job))],
                 _ => Vec::new(),
             };
             self.state
@@ -150,6 +156,11 @@ impl CreditBook {
                 }
             }
             Entry::Verdict { fee, .. } => self.row(author).earned_verifying += fee,
+            Entry::JobClosed { .. } => {
+                // The escrow the job held before it closed.
+                let refund = slashed_before.first().map_or(0, |(_, escrow)| *escrow);
+                self.row(author).refunded += refund;
+            }
             Entry::Enroll { peer } => {
                 self.row(peer);
             }

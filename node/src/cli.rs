@@ -94,6 +94,12 @@ pub enum JobCommand {
         /// The job id or a unique prefix of it.
         id: String,
     },
+    /// Close a job this node submitted: no more rounds are paid, and the escrow left goes back
+    /// to this node once the entry is final.
+    Close {
+        /// The job id or a unique prefix of it.
+        id: String,
+    },
     /// The jobs on the ledger.
     List {
         /// Print JSON.

@@ -224,6 +224,19 @@ impl ControlClient {
         self.decode(r)
     }
 
+    /// Closes a job this node submitted, by id or unique hex prefix.
+    pub fn close_job(&self, id: &str) -> Result<crate::jobs::CloseJobReply, ClientError> {
+        if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(self.error(crate::jobs::JobError::BadId(id.to_owned())));
+        }
+        let r = self
+            .agent
+            .post(&self.url(&format!("/v1/jobs/{id}/close")))
+            .header("Authorization", &self.bearer())
+            .send_empty();
+        self.decode(r)
+    }
+
     /// The jobs on the ledger.
     pub fn jobs(&self) -> Result<Vec<crate::jobs::JobSummary>, ClientError> {
         self.get_json("/v1/jobs")

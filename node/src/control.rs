@@ -225,6 +225,7 @@ pub async fn serve(
                 .layer(DefaultBodyLimit::max(MAX_JOB_BODY_BYTES)),
         )
         .route("/v1/jobs/{id}", get(job_status))
+        .route("/v1/jobs/{id}/close", post(close_job))
         .layer(DefaultBodyLimit::max(16 * 1024))
         .route_layer(middleware::from_fn_with_state(state.clone(), authorize))
         .with_state(state);
@@ -620,6 +621,49 @@ async fn submit_job(
         Ok(Err(e)) => (
             StatusCode::BAD_REQUEST,
             format!("ledger refused the job: {e}\n"),
+        )
+            .into_response(),
+        Err(e) => unavailable("ledger", e),
+    }
+}
+
+/// `POST /v1/jobs/<id>/close`: the submitter (this node) closes its job; the escrow left goes
+/// back to it once the entry is final.
+async fn close_job(
+    State(state): State<ApiState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Response {
+    let (job, refund) = {
+        let book = state.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let record = match book.resolve(&id) {
+            Ok(record) => record,
+            Err(error) => return job_error(error),
+        };
+        let job_hex = crate::ledger_cli::hex(&record.id);
+        if record.submitter != state.me {
+            return job_error(JobError::NotSubmitter(job_hex));
+        }
+        if record.closed_height.is_some() {
+            return job_error(JobError::Closed(job_hex));
+        }
+        (record.id, book.credits().escrow(&record.id))
+    };
+    let Some(ledger) = actor::<LedgerMsg>(names::LEDGER) else {
+        return job_error(JobError::Ledger("is not running".into()));
+    };
+    let entry = loom_protocols::ledger::Entry::JobClosed { job };
+    match ractor::call_t!(ledger, LedgerMsg::SubmitOwn, ACTOR_CALL_MS, entry) {
+        Ok(Ok(())) => (
+            StatusCode::ACCEPTED,
+            Json(crate::jobs::CloseJobReply {
+                job_id: crate::ledger_cli::hex(&job),
+                refund,
+            }),
+        )
+            .into_response(),
+        Ok(Err(e)) => (
+            StatusCode::BAD_REQUEST,
+            format!("ledger refused to close the job: {e}\n"),
         )
             .into_response(),
         Err(e) => unavailable("ledger", e),

@@ -43,6 +43,16 @@ pub fn submit(data_dir: &Path, manifest: &Path, escrow: Option<u64>) -> anyhow::
     Ok(())
 }
 
+/// `job close`: closes a job this node submitted; prints the escrow that goes back.
+pub fn close(data_dir: &Path, id: &str) -> anyhow::Result<()> {
+    let reply = ControlClient::from_data_dir(data_dir)?.close_job(id)?;
+    println!(
+        "job {} closed: {} credits of escrow go back to this node once the entry is final",
+        reply.job_id, reply.refund
+    );
+    Ok(())
+}
+
 /// `job list`: the jobs on the ledger.
 pub fn list(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     let jobs = ControlClient::from_data_dir(data_dir)?.jobs()?;
@@ -113,7 +123,13 @@ pub fn render_status(status: &JobStatus) -> String {
         "rounds    {} of {} recorded on the ledger{}",
         s.rounds_recorded,
         s.rounds,
-        if s.finished { ", finished" } else { "" }
+        if s.finished {
+            ", finished"
+        } else if s.closed {
+            ", closed by its submitter"
+        } else {
+            ""
+        }
     );
     if !status.recorded.is_empty() {
         let _ = writeln!(
@@ -195,7 +211,7 @@ pub fn render_progress(status: &JobStatus) -> String {
     format!("[{bar}] round {done}/{total}  val {val}  contributors {contributors}")
 }
 
-/// `job watch`: follows the job until its last round is on the ledger.
+/// `job watch`: follows the job until its last round is on the ledger or it is closed.
 pub fn watch(data_dir: &Path, id: &str) -> anyhow::Result<()> {
     let client = ControlClient::from_data_dir(data_dir)?;
     let mut out = std::io::stdout().lock();
@@ -226,6 +242,16 @@ pub fn watch(data_dir: &Path, id: &str) -> anyhow::Result<()> {
                     writeln!(
                         out,
                         "job {} finished: {} rounds on the ledger",
+                        &status.summary.id[..16],
+                        status.summary.rounds_recorded
+                    )?;
+                    return Ok(());
+                }
+                if status.summary.closed {
+                    end_line(&mut out, &shown);
+                    writeln!(
+                        out,
+                        "job {} closed by its submitter after {} rounds on the ledger",
                         &status.summary.id[..16],
                         status.summary.rounds_recorded
                     )?;
@@ -264,6 +290,7 @@ mod tests {
                 rounds,
                 rounds_recorded: recorded.len(),
                 finished: recorded.contains(&rounds),
+                closed: false,
             },
             submitted_height: 3,
             pay: None,

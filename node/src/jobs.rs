@@ -81,6 +81,12 @@ pub enum JobError {
     /// No job has that id.
     #[error("no job on the ledger has an id starting with {0}")]
     Unknown(String),
+    /// Only the submitter may close a job.
+    #[error("job {0} was submitted by another peer; only its submitter may close it")]
+    NotSubmitter(String),
+    /// The job is closed already.
+    #[error("job {0} is closed already")]
+    Closed(String),
     /// More than one job has that prefix.
     #[error("job id prefix {prefix} matches {count} jobs; give more digits")]
     Ambiguous {
@@ -155,6 +161,8 @@ pub struct JobRecord {
     pub verdicts: Vec<RecordedVerdict>,
     /// Peers paid for accepted contributions.
     pub contributors: BTreeSet<PeerKey>,
+    /// The block in which its submitter closed it, if it did.
+    pub closed_height: Option<u64>,
 }
 
 impl JobRecord {
@@ -167,6 +175,11 @@ impl JobRecord {
     pub fn finished(&self) -> bool {
         let total = self.rounds_total();
         total > 0 && self.rounds.contains_key(&total)
+    }
+
+    /// Whether peers should still train it: not finished and not closed.
+    pub fn open(&self) -> bool {
+        !self.finished() && self.closed_height.is_none()
     }
 }
 
@@ -189,6 +202,9 @@ pub struct JobSummary {
     pub rounds_recorded: usize,
     /// The last round is recorded.
     pub finished: bool,
+    /// Its submitter closed it (the escrow left went back to the submitter).
+    #[serde(default)]
+    pub closed: bool,
 }
 
 /// `GET /v1/jobs/<id>`: a job's status.
@@ -221,6 +237,15 @@ pub struct SubmitJobRequest {
     pub escrow: Option<Credits>,
     /// Directory a relative dataset path is taken from [default: the node's data directory].
     pub base_dir: Option<String>,
+}
+
+/// Answer of `POST /v1/jobs/<id>/close`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CloseJobReply {
+    /// The job id (hex).
+    pub job_id: String,
+    /// The escrow that goes back to the submitter once the entry is final.
+    pub refund: Credits,
 }
 
 /// Answer of `POST /v1/jobs`.
@@ -301,8 +326,15 @@ impl JobBook {
                         rounds: BTreeMap::new(),
                         verdicts: Vec::new(),
                         contributors: BTreeSet::new(),
+                        closed_height: None,
                     },
                 );
+            }
+            Entry::JobClosed { job } => {
+                if let Some(record) = self.jobs.get_mut(job) {
+                    record.closed_height = Some(height);
+                    record.manifest = String::new();
+                }
             }
             Entry::RoundResult {
                 job,
@@ -392,6 +424,7 @@ impl JobBook {
             rounds: record.rounds_total(),
             rounds_recorded: record.rounds.len(),
             finished: record.finished(),
+            closed: record.closed_height.is_some(),
         }
     }
 
@@ -857,6 +890,40 @@ pay: {per_contribution: 5, per_verdict: 2}
         assert!(matches!(book.resolve("ff"), Err(JobError::Unknown(_))));
         assert!(matches!(book.resolve("xyz"), Err(JobError::BadId(_))));
         assert!(matches!(book.resolve(""), Err(JobError::BadId(_))));
+        assert!(!record.open(), "finished");
+        // The submitter closes it: the escrow left comes back and the book says so.
+        let before = book.credits().balance(&ledger.me);
+        book.apply(&block(3, vec![sign(Entry::JobClosed { job })]))
+            .expect("closed");
+        let record = book.get(&job).expect("still listed");
+        assert_eq!(record.closed_height, Some(3));
+        assert!(book.summary(record).closed);
+        assert_eq!(book.summary(record).escrow_remaining, 0);
+        assert_eq!(book.credits().balance(&ledger.me), before + 100 - 5 - 2);
+    }
+
+    #[test]
+    fn a_closed_job_is_not_open_for_training() {
+        let ledger = super::testing::TestLedger::new(1);
+        let sign = |entry: Entry| ledger.sign(entry);
+        let job = [4; 32];
+        let mut book = JobBook::default();
+        book.apply(&ledger.genesis(1_000)).expect("genesis");
+        book.apply(&ledger.block(
+            1,
+            vec![sign(Entry::JobSubmitted {
+                job,
+                escrow: 100,
+                manifest: MANIFEST.into(),
+            })],
+        ))
+        .expect("job");
+        assert!(book.get(&job).expect("job").open());
+        book.apply(&ledger.block(2, vec![sign(Entry::JobClosed { job })]))
+            .expect("closed");
+        let record = book.get(&job).expect("job");
+        assert!(!record.open() && !record.finished());
+        assert!(record.manifest.is_empty(), "no longer needed");
     }
 
     #[test]

@@ -158,6 +158,7 @@ fn entry_view(author: &PeerKey, entry: &Entry) -> EntryView {
             "job-submitted",
             json!({"job": hex(job), "escrow": escrow, "manifest_bytes": manifest.len()}),
         ),
+        Entry::JobClosed { job } => ("job-closed", json!({"job": hex(job)})),
         Entry::RoundResult {
             job,
             round,
@@ -330,19 +331,20 @@ pub fn credits(data_dir: &Path, peer: Option<&str>, json: bool) -> anyhow::Resul
         report.conserved
     );
     println!(
-        "{:<54} {:>10} {:>5} {:>9} {:>9} {:>8} {:>8}",
-        "peer", "balance", "rep", "trained", "verified", "slashed", "escrow"
+        "{:<54} {:>10} {:>5} {:>9} {:>9} {:>8} {:>8} {:>8}",
+        "peer", "balance", "rep", "trained", "verified", "slashed", "escrow", "refunded"
     );
     for row in &report.peers {
         println!(
-            "{:<54} {:>10} {:>5} {:>9} {:>9} {:>8} {:>8}",
+            "{:<54} {:>10} {:>5} {:>9} {:>9} {:>8} {:>8} {:>8}",
             peer_name(&row.peer),
             row.balance,
             row.reputation,
             row.earned_training,
             row.earned_verifying,
             row.slashed,
-            row.escrowed
+            row.escrowed,
+            row.refunded
         );
     }
     Ok(())

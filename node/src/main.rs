@@ -90,6 +90,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             JobCommand::Status { id, json } => job_cli::status(&data_dir, &id, json),
             JobCommand::Watch { id } => job_cli::watch(&data_dir, &id),
             JobCommand::List { json } => job_cli::list(&data_dir, json),
+            JobCommand::Close { id } => job_cli::close(&data_dir, &id),
         },
         Command::Fleet(command) => match command {
             FleetCommand::Init { key } => fleet::init(&key),

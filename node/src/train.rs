@@ -816,7 +816,7 @@ pub async fn pick_up(context: NodeContext) {
         let candidate = {
             let book = context.jobs.lock().unwrap_or_else(|e| e.into_inner());
             book.jobs()
-                .filter(|r| !r.finished() && !considered.contains(&r.id))
+                .filter(|r| r.open() && !considered.contains(&r.id))
                 .min_by_key(|r| r.height)
                 .map(|r| (r.id, r.manifest.clone()))
         };
@@ -835,7 +835,8 @@ pub async fn pick_up(context: NodeContext) {
                 running = Some((
                     id,
                     tokio::spawn(async move {
-                        run_job(&context, prepared, false, std::future::pending()).await
+                        let closed = closed_on_ledger(context.jobs.clone(), id);
+                        run_job(&context, prepared, false, closed).await
                     }),
                 ));
             }
@@ -843,6 +844,21 @@ pub async fn pick_up(context: NodeContext) {
                 tracing::warn!(job = %hex(&id), %reason, "job not picked up");
             }
             Err(error) => tracing::error!(job = %hex(&id), %error, "job preparation failed"),
+        }
+    }
+}
+
+/// Resolves with an error once the job's submitter has closed it on the ledger.
+async fn closed_on_ledger(jobs: crate::jobs::SharedJobBook, id: JobId) -> anyhow::Result<()> {
+    loop {
+        tokio::time::sleep(PICK_UP_INTERVAL).await;
+        let closed = jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&id)
+            .is_some_and(|r| r.closed_height.is_some());
+        if closed {
+            anyhow::bail!("the job was closed by its submitter");
         }
     }
 }

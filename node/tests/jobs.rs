@@ -80,6 +80,7 @@ fn job_commands_without_a_node_are_one_line() {
         vec!["job", "status", "abcd"],
         vec!["job", "watch", "abcd"],
         vec!["job", "list"],
+        vec!["job", "close", "abcd"],
     ] {
         let line = one_line_error(&loom(dir.path(), &args));
         assert!(line.contains("no running loom-peer"), "{line}");
@@ -375,5 +376,43 @@ fn a_submitted_job_is_picked_up_trained_recorded_and_paid() {
         );
         assert!(!dir.join("jobs").join(&other[..16]).exists());
     }
+
+    // Only the submitter may close a job; closing it returns the escrow left on every replica.
+    let line = one_line_error(&loom(&dirs[1], &["job", "close", &other]));
+    assert!(line.contains("only its submitter may close it"), "{line}");
+    let other_escrow = clients[0].job(&other).unwrap().summary.escrow_remaining;
+    assert!(other_escrow > 0);
+    let out = loom(&dirs[0], &["job", "close", &other[..12]]);
+    assert!(out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("{other_escrow} credits")), "{said}");
+    wait_until(
+        "every peer to fold the job's close",
+        Duration::from_secs(30),
+        || {
+            clients.iter().all(|c| {
+                c.job(&other)
+                    .is_ok_and(|s| s.summary.closed && s.summary.escrow_remaining == 0)
+            })
+        },
+    );
+    let report = clients[0].credits().unwrap();
+    assert!(report.conserved);
+    let submitter_after = report
+        .peers
+        .iter()
+        .find(|p| loom_node::ledger_cli::peer_name(&p.peer) == mesh.peers[0].peer_id.to_string())
+        .cloned()
+        .unwrap();
+    assert_eq!(submitter_after.refunded, other_escrow);
+    assert_eq!(
+        submitter_after.balance,
+        MINT - submitter_after.escrowed
+            + submitter_after.refunded
+            + submitter_after.earned_training
+            + submitter_after.earned_verifying
+    );
+    let line = one_line_error(&loom(&dirs[0], &["job", "close", &other]));
+    assert!(line.contains("closed already"), "{line}");
     mesh.check_alive().unwrap();
 }

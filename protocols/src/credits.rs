@@ -62,6 +62,18 @@ pub enum CreditError {
         /// Entry position.
         index: usize,
     },
+    /// Only a job's submitter may close it.
+    #[error("entry {index}: only the job's submitter may close it")]
+    NotSubmitter {
+        /// Entry position.
+        index: usize,
+    },
+    /// The job is closed: nothing more is paid from its escrow.
+    #[error("entry {index}: the job is closed")]
+    JobClosed {
+        /// Entry position.
+        index: usize,
+    },
     /// The round's result is already on the ledger.
     #[error("entry {index}: round {round} already has a result")]
     DuplicateRound {
@@ -83,6 +95,10 @@ pub enum CreditError {
 pub struct CreditState {
     balances: BTreeMap<PeerKey, Credits>,
     escrow: BTreeMap<JobId, Credits>,
+    /// Who submitted each job (the one who may close it).
+    submitters: BTreeMap<JobId, PeerKey>,
+    /// Jobs closed by their submitter.
+    closed: BTreeSet<JobId>,
     reputation: BTreeMap<PeerKey, i64>,
     banned_until_unix_ms: BTreeMap<PeerKey, u64>,
     /// (job, round) pairs whose result is recorded.
@@ -111,7 +127,12 @@ impl CreditState {
         self.banned_until_unix_ms.get(peer).copied()
     }
 
-    /// Whether the result of `round` of `job` is recorded.
+    /// Whether `job` was closed by its submitter.
+    pub fn job_closed(&self, job: &JobId) -> bool {
+        self.closed.contains(job)
+    }
+
+    /// Whether round `round` of `job` has its result on the ledger.
     pub fn round_recorded(&self, job: &JobId, round: u64) -> bool {
         self.rounds.contains(&(*job, round))
     }
@@ -225,6 +246,23 @@ impl CreditState {
                 }
                 self.debit(index, author, *escrow)?;
                 self.escrow.insert(*job, *escrow);
+                self.submitters.insert(*job, *author);
+            }
+            Entry::JobClosed { job } => {
+                let submitter = self
+                    .submitters
+                    .get(job)
+                    .ok_or(CreditError::UnknownJob { index })?;
+                if submitter != author {
+                    return Err(CreditError::NotSubmitter { index });
+                }
+                if self.closed.contains(job) {
+                    return Err(CreditError::JobClosed { index });
+                }
+                let refund = self.escrow(job);
+                self.escrow.insert(*job, 0);
+                self.credit(index, author, refund)?;
+                self.closed.insert(*job);
             }
             Entry::RoundResult {
                 job,
@@ -233,6 +271,9 @@ impl CreditState {
                 rejected,
                 ..
             } => {
+                if self.closed.contains(job) {
+                    return Err(CreditError::JobClosed { index });
+                }
                 if self.round_recorded(job, *round) {
                     return Err(CreditError::DuplicateRound {
                         index,
@@ -258,6 +299,9 @@ impl CreditState {
                 self.rounds.insert((*job, *round));
             }
             Entry::Verdict { job, fee, .. } => {
+                if self.closed.contains(job) {
+                    return Err(CreditError::JobClosed { index });
+                }
                 self.take_escrow(index, job, *fee)?;
                 self.credit(index, author, *fee)?;
                 self.add_reputation(author, REPUTATION_ACCEPTED);
@@ -372,6 +416,101 @@ mod tests {
         assert_eq!(state.reputation(&pk(2)), REPUTATION_ACCEPTED);
         assert_eq!(state.reputation(&pk(3)), REPUTATION_REJECTED);
         assert_eq!(state.minted(), 1_055);
+    }
+
+    /// The submitter closes its job: the escrow left goes back to it, nobody else may close it,
+    /// and nothing more is paid from the job.
+    #[test]
+    fn closing_a_job_returns_its_escrow_to_the_submitter_and_ends_its_payments() {
+        let g = genesis();
+        let b1 = block(
+            1,
+            Some(&g),
+            vec![
+                signed(
+                    1,
+                    Entry::JobSubmitted {
+                        job: JOB,
+                        escrow: 300,
+                        manifest: String::new(),
+                    },
+                ),
+                signed(
+                    4,
+                    Entry::RoundResult {
+                        job: JOB,
+                        round: 1,
+                        model_hash: [0; 32],
+                        accepted: vec![(pk(2), 100)],
+                        rejected: Vec::new(),
+                    },
+                ),
+            ],
+        );
+        let mut state = CreditState::default();
+        for b in [&g, &b1] {
+            state.apply_block(b).expect("applies");
+        }
+        let close_by = |author: u8, height: u64| {
+            block(
+                height,
+                Some(&b1),
+                vec![signed(author, Entry::JobClosed { job: JOB })],
+            )
+        };
+        assert_eq!(
+            state.apply_block(&close_by(2, 2)),
+            Err(CreditError::NotSubmitter { index: 0 })
+        );
+        let unknown = block(
+            2,
+            Some(&b1),
+            vec![signed(1, Entry::JobClosed { job: [7; 32] })],
+        );
+        assert_eq!(
+            state.apply_block(&unknown),
+            Err(CreditError::UnknownJob { index: 0 })
+        );
+        let b2 = close_by(1, 2);
+        state.apply_block(&b2).expect("the submitter closes");
+        assert!(state.job_closed(&JOB));
+        assert_eq!(state.escrow(&JOB), 0);
+        assert_eq!(
+            state.balance(&pk(1)),
+            1_000 - 300 + 200,
+            "the 200 left came back"
+        );
+        assert!(state.check_conservation());
+        let after = |entry: Entry| block(3, Some(&b2), vec![signed(4, entry)]);
+        assert_eq!(
+            state.apply_block(&after(Entry::RoundResult {
+                job: JOB,
+                round: 2,
+                model_hash: [0; 32],
+                accepted: Vec::new(),
+                rejected: Vec::new(),
+            })),
+            Err(CreditError::JobClosed { index: 0 })
+        );
+        assert_eq!(
+            state.apply_block(&after(Entry::Verdict {
+                job: JOB,
+                round: 2,
+                subject: pk(2),
+                accepted: true,
+                reason: String::new(),
+                fee: 0,
+            })),
+            Err(CreditError::JobClosed { index: 0 })
+        );
+        assert_eq!(
+            state.apply_block(&block(
+                3,
+                Some(&b2),
+                vec![signed(1, Entry::JobClosed { job: JOB })]
+            )),
+            Err(CreditError::JobClosed { index: 0 })
+        );
     }
 
     #[test]

@@ -122,6 +122,12 @@ pub enum Entry {
         /// A private fleet's key: it may also enroll, ban and revoke peers.
         fleet: Option<PeerKey>,
     },
+    /// The submitter closes its job: the escrow left goes back to it, and no round result or
+    /// verdict of the job is accepted after.
+    JobClosed {
+        /// The job.
+        job: JobId,
+    },
 }
 
 /// An entry with its author's signature.

@@ -302,7 +302,9 @@ impl LedgerState {
             Entry::Ban { .. } => (governs, "ban"),
             Entry::RoundResult { .. } => (self.committee.contains(author), "round result"),
             Entry::Verdict { .. } => (self.committee.contains(author), "verdict"),
+            // The credit fold checks that a job is closed by its submitter.
             Entry::JobSubmitted { .. }
+            | Entry::JobClosed { .. }
             | Entry::Transfer { .. }
             | Entry::CheckpointPublished { .. } => (true, ""),
         };
