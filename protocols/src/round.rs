@@ -55,6 +55,17 @@ pub struct RoundClose {
     pub refused: Vec<(PeerKey, String)>,
 }
 
+/// A blob hash this peer heard committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SeenBlob {
+    /// The round it was first committed in.
+    first_round: u64,
+    /// The last round it was committed in.
+    last_round: u64,
+    /// Who committed it first.
+    author: PeerKey,
+}
+
 /// Longest refusal reason carried in a close.
 pub const MAX_REFUSAL_REASON_BYTES: usize = 160;
 /// Rounds back in which a committed blob hash is remembered (a replay of one is stale).
@@ -330,9 +341,9 @@ pub struct RoundEngine {
     /// Refusals of the open round and the next (stale or copied commitments), carried in this
     /// peer's close.
     refused: BTreeMap<u64, BTreeMap<PeerKey, String>>,
-    /// Blob hashes committed in recent rounds: the round first committed in, and the last round
-    /// it was seen in (a replay keeps it remembered).
-    recent_blobs: BTreeMap<BlobHash, (u64, u64)>,
+    /// Blob hashes committed in recent rounds: who first committed each, in which round, and the
+    /// last round it was seen in (a replay keeps it remembered).
+    recent_blobs: BTreeMap<BlobHash, SeenBlob>,
     /// Contributors excluded through a round, and why (a failed audit).
     excluded: BTreeMap<PeerKey, (u64, String)>,
 }
@@ -481,7 +492,7 @@ impl RoundEngine {
         let round = commitment.round;
         if round < self.current || (round == self.current && self.close.is_some()) {
             // Too late to count, not too late to remember: a replay of it later is stale.
-            self.remember_blob(commitment.blob_hash, round);
+            self.remember_blob(commitment.blob_hash, round, commitment.author);
             self.counters.late_contributions += 1;
             if round == self.current && self.late_authors.len() < self.config.max_contributors {
                 // Wait for it next round: it is alive, only slow.
@@ -514,10 +525,10 @@ impl RoundEngine {
         // A replay of a blob committed in an earlier round (a peer does not police its own).
         if !mine
             && let Some(seen) = self.recent_blobs.get_mut(&commitment.blob_hash)
-            && seen.0 < round
+            && seen.first_round < round
         {
-            let earlier = seen.0;
-            seen.1 = seen.1.max(round);
+            let earlier = seen.first_round;
+            seen.last_round = seen.last_round.max(round);
             self.counters.stale_commitments += 1;
             self.refuse(
                 round,
@@ -527,13 +538,24 @@ impl RoundEngine {
             return Err(RoundRejected::Stale(earlier));
         }
         // The blob another author committed in this round: a copy (commit-then-reveal means
-        // the original was committed first, before any blob of the round was served).
+        // the original was committed first, before any blob of the round was served). The
+        // original may be in this round's commitments, or only remembered (it came after the
+        // round closed here, or in a close).
         if !mine
-            && let Some(original) = self.commits.get(&round).and_then(|slot| {
-                slot.values()
-                    .find(|p| p.commitment.blob_hash == commitment.blob_hash)
-                    .map(|p| p.commitment.author)
-            })
+            && let Some(original) = self
+                .commits
+                .get(&round)
+                .and_then(|slot| {
+                    slot.values()
+                        .find(|p| p.commitment.blob_hash == commitment.blob_hash)
+                        .map(|p| p.commitment.author)
+                })
+                .or_else(|| {
+                    self.recent_blobs
+                        .get(&commitment.blob_hash)
+                        .filter(|s| s.first_round == round && s.author != commitment.author)
+                        .map(|s| s.author)
+                })
         {
             self.counters.copied_commitments += 1;
             self.refuse(
@@ -546,7 +568,7 @@ impl RoundEngine {
             );
             return Err(RoundRejected::Copy);
         }
-        self.remember_blob(commitment.blob_hash, round);
+        self.remember_blob(commitment.blob_hash, round, commitment.author);
         let expected_author = self.expected_contributors().contains(&commitment.author);
         let slot = self.commits.entry(round).or_default();
         if slot.len() >= self.config.max_contributors {
@@ -640,10 +662,10 @@ impl RoundEngine {
                     .excluded
                     .get(&c.author)
                     .is_some_and(|(through, _)| close.round <= *through)
-                || self
-                    .recent_blobs
-                    .get(&c.blob_hash)
-                    .is_some_and(|(first, _)| *first < close.round);
+                || self.recent_blobs.get(&c.blob_hash).is_some_and(|s| {
+                    s.first_round < close.round
+                        || (s.first_round == close.round && s.author != c.author)
+                });
             if refused_here {
                 return Err(RoundRejected::BadClose("lists a refused contribution"));
             }
@@ -651,7 +673,7 @@ impl RoundEngine {
         }
         // A contribution this peer first hears of in a close is remembered like a commitment.
         for c in &contributions {
-            self.remember_blob(c.blob_hash, c.round);
+            self.remember_blob(c.blob_hash, c.round, c.author);
         }
         contributions.sort_by_key(|c| c.author);
         if close.refused.len() > self.config.max_contributors
@@ -1023,7 +1045,7 @@ impl RoundEngine {
         self.excluded.retain(|_, (through, _)| *through >= next);
         let stale_floor = next.saturating_sub(STALE_ROUNDS);
         self.recent_blobs
-            .retain(|_, (_, last_seen)| *last_seen >= stale_floor);
+            .retain(|_, seen| seen.last_round >= stale_floor);
         let floor = next.saturating_sub(HASH_HISTORY_ROUNDS);
         self.my_hashes = self.my_hashes.split_off(&floor);
         self.proposers = self.proposers.split_off(&floor);
@@ -1089,11 +1111,20 @@ impl RoundEngine {
 
     /// Remembers that `hash` was committed in `round`, so that a later commitment of it is a
     /// replay (bounded; old entries are pruned as rounds advance).
-    fn remember_blob(&mut self, hash: BlobHash, round: u64) {
-        if self.recent_blobs.len() < 2 * STALE_ROUNDS as usize * self.config.max_contributors {
-            let seen = self.recent_blobs.entry(hash).or_insert((round, round));
-            seen.0 = seen.0.min(round);
-            seen.1 = seen.1.max(round);
+    fn remember_blob(&mut self, hash: BlobHash, round: u64, author: PeerKey) {
+        if self.recent_blobs.len() < 2 * STALE_ROUNDS as usize * self.config.max_contributors
+            || self.recent_blobs.contains_key(&hash)
+        {
+            let seen = self.recent_blobs.entry(hash).or_insert(SeenBlob {
+                first_round: round,
+                last_round: round,
+                author,
+            });
+            if round < seen.first_round {
+                seen.first_round = round;
+                seen.author = author;
+            }
+            seen.last_round = seen.last_round.max(round);
         }
     }
 
@@ -1279,6 +1310,40 @@ mod tests {
             Err(RoundRejected::Stale(2))
         );
         assert_eq!(engine.counters().stale_commitments, 2);
+    }
+
+    /// A close that lists a copy of a blob this peer saw another author commit in the round is
+    /// refused, even when this peer never received the copy's own commitment.
+    #[test]
+    fn a_close_listing_a_copy_of_a_commitment_seen_here_is_refused() {
+        let (a, b, c, d) = (key(1), key(2), key(3), key(4));
+        let pc = c.verifying_key().to_bytes();
+        let mut engine = RoundEngine::new(config(), JOB, d.verifying_key().to_bytes(), 0, true);
+        engine
+            .on_commit(commit(JOB, 1, &a, b"a1"), 0)
+            .expect("taken");
+        let all = |_: &BlobHash| true;
+        let close = |commitments| RoundClose {
+            job_id: JOB,
+            round: 1,
+            proposer: pc,
+            commitments,
+            refused: Vec::new(),
+        };
+        assert_eq!(
+            engine.on_close(close(vec![commit(JOB, 1, &b, b"a1")]), pc, &all, 10),
+            Err(RoundRejected::BadClose("lists a refused contribution"))
+        );
+        // The original itself is fine, and so is a copy's commitment refused on arrival.
+        assert_eq!(
+            engine.on_commit(commit(JOB, 1, &b, b"a1"), 20),
+            Err(RoundRejected::Copy)
+        );
+        assert!(
+            engine
+                .on_close(close(vec![commit(JOB, 1, &a, b"a1")]), pc, &all, 30)
+                .is_ok()
+        );
     }
 
     fn model_state(
