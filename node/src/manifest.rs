@@ -153,8 +153,9 @@ pub struct VerificationSpec {
     /// Rounds a contributor that failed an audit is excluded for.
     #[serde(default = "default_audit_exclusion_rounds")]
     pub audit_exclusion_rounds: u64,
-    /// The cheap check: a contribution must lower the loss on a batch its author was assigned.
-    #[serde(default = "default_screen")]
+    /// The cheap check: a contribution must lower the loss on batches its author was assigned
+    /// (off by default: every peer then runs two forward passes per contribution and batch).
+    #[serde(default)]
     pub loss_check: bool,
 }
 
@@ -175,7 +176,7 @@ impl Default for VerificationSpec {
             audit: 0.0,
             audit_min_cosine: default_audit_min_cosine(),
             audit_exclusion_rounds: default_audit_exclusion_rounds(),
-            loss_check: default_screen(),
+            loss_check: false,
         }
     }
 }

@@ -9,7 +9,7 @@
 #
 # Usage: train-bench.sh [--bin DIR] [--data FILE] [--rounds R] [--inner-steps H]
 #          [--target-loss X] [--ratio R] [--outer-lr LR] [--outer-momentum M] [--out DIR] [--only loom|ddp|both] [--rate-mbit M] [--delay-ms MS]
-#          [--python PY] [--timeout SECS]
+#          [--python PY] [--timeout SECS] [--loss-check]
 # Needs root. Exit 77 when it cannot run here (not root, tools missing).
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,11 +22,13 @@ LAYERS=4; HEADS=4; WIDTH=128; CONTEXT=64; BATCH=12; NHOSTS=4
 # Loom's exchange: SparseLoCo-style top-k with decayed error feedback and a plain outer step
 # (momentum 0, learning rate 3: a sparse average divides each coordinate one peer sent by all the peers).
 RATIO=0.03; OUTER_LR=3.0; OUTER_MOMENTUM=0.0
+# --loss-check turns on the verifier's cheap check (manifest verification.loss_check).
+LOSS_CHECK=false
 
 die() { echo "train-bench: $*" >&2; exit 1; }
 skip() { echo "train-bench: SKIPPED: $*" >&2; exit 77; }
 while [ $# -gt 0 ]; do
-  [ $# -ge 2 ] || [ "$1" = -h ] || [ "$1" = --help ] || die "missing value for $1"
+  [ $# -ge 2 ] || [ "$1" = -h ] || [ "$1" = --help ] || [ "$1" = --loss-check ] || die "missing value for $1"
   case "$1" in
     --bin) BIN_DIR="$2"; shift 2 ;;
     --data) DATA="$2"; shift 2 ;;
@@ -42,6 +44,7 @@ while [ $# -gt 0 ]; do
     --delay-ms) DELAY="$2"; shift 2 ;;
     --python) PY="$2"; shift 2 ;;
     --timeout) TIMEOUT="$2"; shift 2 ;;
+    --loss-check) LOSS_CHECK=true; shift ;;
     -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) die "unknown argument $1" ;;
   esac
@@ -178,6 +181,7 @@ round_deadline: 60s
 checkpoint_every: 0
 eval_every: $EVAL_ROUNDS
 resources: {device: cpu, threads: 1}
+verification: {loss_check: $LOSS_CHECK}
 EOF
   local i peer1 pids=()
   for i in $(seq 1 $NHOSTS); do mkdir -p "$dir/h$i"; done
