@@ -66,6 +66,21 @@ struct SeenBlob {
     author: PeerKey,
 }
 
+/// A blob this peer heard committed before, as a later commitment of it finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PriorBlob {
+    /// Committed in an earlier round: a replay.
+    Replay {
+        /// The round it was first committed in.
+        round: u64,
+    },
+    /// Committed by another author in the same round: a copy.
+    Copy {
+        /// The author of the original.
+        original: PeerKey,
+    },
+}
+
 /// Longest refusal reason carried in a close.
 pub const MAX_REFUSAL_REASON_BYTES: usize = 160;
 /// Rounds back in which a committed blob hash is remembered (a replay of one is stale).
@@ -522,51 +537,35 @@ impl RoundEngine {
             self.refuse(round, commitment.author, reason);
             return Err(RoundRejected::Excluded(through));
         }
-        // A replay of a blob committed in an earlier round (a peer does not police its own).
-        if !mine
-            && let Some(seen) = self.recent_blobs.get_mut(&commitment.blob_hash)
-            && seen.first_round < round
-        {
-            let earlier = seen.first_round;
-            seen.last_round = seen.last_round.max(round);
-            self.counters.stale_commitments += 1;
-            self.refuse(
-                round,
-                commitment.author,
-                format!("stale: replays a blob committed in round {earlier}"),
-            );
-            return Err(RoundRejected::Stale(earlier));
-        }
-        // The blob another author committed in this round: a copy (commit-then-reveal means
-        // the original was committed first, before any blob of the round was served). The
-        // original may be in this round's commitments, or only remembered (it came after the
-        // round closed here, or in a close).
-        if !mine
-            && let Some(original) = self
-                .commits
-                .get(&round)
-                .and_then(|slot| {
-                    slot.values()
-                        .find(|p| p.commitment.blob_hash == commitment.blob_hash)
-                        .map(|p| p.commitment.author)
-                })
-                .or_else(|| {
-                    self.recent_blobs
-                        .get(&commitment.blob_hash)
-                        .filter(|s| s.first_round == round && s.author != commitment.author)
-                        .map(|s| s.author)
-                })
-        {
-            self.counters.copied_commitments += 1;
-            self.refuse(
-                round,
-                commitment.author,
-                format!(
-                    "copy of the update of {}",
-                    crate::verify::short_hex(&original)
-                ),
-            );
-            return Err(RoundRejected::Copy);
+        // A replay of a blob committed in an earlier round, or a copy of the blob another author
+        // committed in this round (commit-then-reveal means the original was committed first,
+        // before any blob of the round was served). A peer does not police its own.
+        match self.prior_blob(&commitment).filter(|_| !mine) {
+            Some(PriorBlob::Replay { round: earlier }) => {
+                if let Some(seen) = self.recent_blobs.get_mut(&commitment.blob_hash) {
+                    seen.last_round = seen.last_round.max(round);
+                }
+                self.counters.stale_commitments += 1;
+                self.refuse(
+                    round,
+                    commitment.author,
+                    format!("stale: replays a blob committed in round {earlier}"),
+                );
+                return Err(RoundRejected::Stale(earlier));
+            }
+            Some(PriorBlob::Copy { original }) => {
+                self.counters.copied_commitments += 1;
+                self.refuse(
+                    round,
+                    commitment.author,
+                    format!(
+                        "copy of the update of {}",
+                        crate::verify::short_hex(&original)
+                    ),
+                );
+                return Err(RoundRejected::Copy);
+            }
+            None => {}
         }
         self.remember_blob(commitment.blob_hash, round, commitment.author);
         let expected_author = self.expected_contributors().contains(&commitment.author);
@@ -662,10 +661,7 @@ impl RoundEngine {
                     .excluded
                     .get(&c.author)
                     .is_some_and(|(through, _)| close.round <= *through)
-                || self.recent_blobs.get(&c.blob_hash).is_some_and(|s| {
-                    s.first_round < close.round
-                        || (s.first_round == close.round && s.author != c.author)
-                });
+                || self.prior_blob(&c).is_some();
             if refused_here {
                 return Err(RoundRejected::BadClose("lists a refused contribution"));
             }
@@ -1107,6 +1103,33 @@ impl RoundEngine {
             let current = self.current;
             self.refuse(current, subject, reason);
         }
+    }
+
+    /// What this peer already knows of `commitment`'s blob: committed in an earlier round, or
+    /// by another author in the same round (found among the round's commitments, or only
+    /// remembered: it came after the round closed here, or in a close).
+    fn prior_blob(&self, commitment: &Commitment) -> Option<PriorBlob> {
+        let seen = self.recent_blobs.get(&commitment.blob_hash);
+        if let Some(seen) = seen
+            && seen.first_round < commitment.round
+        {
+            return Some(PriorBlob::Replay {
+                round: seen.first_round,
+            });
+        }
+        self.commits
+            .get(&commitment.round)
+            .and_then(|slot| {
+                slot.values()
+                    .map(|p| &p.commitment)
+                    .find(|p| p.blob_hash == commitment.blob_hash && p.author != commitment.author)
+                    .map(|p| p.author)
+            })
+            .or_else(|| {
+                seen.filter(|s| s.first_round == commitment.round && s.author != commitment.author)
+                    .map(|s| s.author)
+            })
+            .map(|original| PriorBlob::Copy { original })
     }
 
     /// Remembers that `hash` was committed in `round`, so that a later commitment of it is a
