@@ -27,7 +27,9 @@ use loom_protocols::{
     contribution::{self, BlobHash, Commitment},
     outer::{self, AdamWConfig, OuterConfig},
     robust,
-    round::{Action, AuditVerdict, JobId, ModelState, RoundConfig, RoundEngine, TrainMessage},
+    round::{
+        Action, AuditVerdict, JobId, ModelHash, ModelState, RoundConfig, RoundEngine, TrainMessage,
+    },
     snapshot::{OuterState, Snapshot},
     verify::{self, ScreeningConfig},
 };
@@ -288,6 +290,12 @@ pub struct RoundReport {
     /// The cheap check's measurements of the round's contributions (empty when off).
     #[serde(default)]
     pub loss_checks: Vec<LossCheckRecord>,
+    /// The newest round of the job recorded on the ledger, as known to this peer.
+    #[serde(default)]
+    pub ledger_round: Option<u64>,
+    /// Resyncs so far onto the branch the ledger recorded (this peer had trained on another).
+    #[serde(default)]
+    pub ledger_resyncs: u64,
 }
 
 /// The cheap check of one contribution: loss on its assigned batch before and after it.
@@ -400,6 +408,13 @@ pub enum ExchangerMsg {
         round: u64,
         /// The loss, or why not.
         val_loss: Result<f32, String>,
+    },
+    /// The ledger recorded `round` of the job with `model_hash` (a finalized block).
+    Recorded {
+        /// The round.
+        round: u64,
+        /// The model hash recorded.
+        model_hash: ModelHash,
     },
     /// Poll the engine.
     Tick,
@@ -565,6 +580,16 @@ impl Actor for ExchangerActor {
                 state.on_loss_checked(&myself, round, result)
             }
             ExchangerMsg::Evaluated { round, val_loss } => state.on_evaluated(round, val_loss),
+            ExchangerMsg::Recorded { round, model_hash } => {
+                let actions = state.engine.on_recorded(round, model_hash);
+                if !actions.is_empty() {
+                    tracing::warn!(
+                        round,
+                        "this peer's model is off the branch the ledger recorded; resyncing"
+                    );
+                }
+                state.run(&myself, actions, now);
+            }
         }
         Ok(())
     }
@@ -1211,6 +1236,7 @@ impl ExchangerState {
             job_id: self.args.plan.job_id,
             round,
             model_hash: hash,
+            parent_hash: self.engine.parent_hash(round),
             snapshot_hash: hash,
             snapshot_len,
             author: self.me,
@@ -1225,6 +1251,8 @@ impl ExchangerState {
         report.late_contributions = counters.late_contributions;
         report.hash_mismatches = counters.hash_mismatches;
         report.resyncs = counters.resyncs;
+        report.ledger_resyncs = counters.ledger_resyncs;
+        report.ledger_round = self.engine.ledger_tip().map(|(round, _)| round);
         report.finished = round >= self.args.plan.rounds;
         self.report.audits.clear();
         if report.finished {

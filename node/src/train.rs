@@ -538,6 +538,23 @@ impl RoundPayer {
     }
 }
 
+/// The newest round of `job` recorded on the ledger, with its model hash, when newer than
+/// `after`: what the exchanger follows when its peers split onto two models.
+fn newest_recorded(
+    jobs: &SharedJobBook,
+    job: &JobId,
+    after: Option<u64>,
+) -> Option<(u64, [u8; 32])> {
+    let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
+    let (round, recorded) = book.get(job)?.rounds.last_key_value()?;
+    if after.is_some_and(|fed| fed >= *round) {
+        return None;
+    }
+    let model_hash = crate::ledger_cli::unhex(&recorded.model_hash)
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes.as_slice()).ok())?;
+    Some((*round, model_hash))
+}
+
 /// Trains a prepared job inside a started node until its last round, or until `stop` resolves
 /// (with its result): starts the Trainer and GradientExchanger actors on the node's network,
 /// writes each round's report to the progress file and the status slot, records the rounds this
@@ -604,6 +621,7 @@ pub async fn run_job(
         .unwrap_or_default();
     let mut payer = RoundPayer::new(&prepared.job).with_stagger(&me);
     let mut payer_tick = tokio::time::interval(Duration::from_millis(500));
+    let mut recorded_fed: Option<u64> = None;
     let rounds = prepared.job.plan.rounds;
     let started = Instant::now();
     let mut last = RoundReport::default();
@@ -621,7 +639,18 @@ pub async fn run_job(
                 stopped = &mut stop => break stopped,
                 _ = &mut trainer_done => break Err(anyhow::anyhow!("the trainer stopped")),
                 _ = &mut exchanger_done => break Err(anyhow::anyhow!("the exchanger stopped")),
-                _ = payer_tick.tick() => payer.on_tick(&context.jobs, Instant::now()).await,
+                _ = payer_tick.tick() => {
+                    payer.on_tick(&context.jobs, Instant::now()).await;
+                    if let Some((round, model_hash)) =
+                        newest_recorded(&context.jobs, &prepared.job.id, recorded_fed)
+                    {
+                        recorded_fed = Some(round);
+                        let _ = exchanger.cast(loom_actors::exchanger::ExchangerMsg::Recorded {
+                            round,
+                            model_hash,
+                        });
+                    }
+                }
                 report = reports.recv() => {
                     let Some(report) = report else { break Err(anyhow::anyhow!("the exchanger stopped reporting")) };
                     let (bytes_received, bytes_sent) = context.peer_bytes.totals();

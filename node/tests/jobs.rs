@@ -264,6 +264,18 @@ fn a_submitted_job_is_picked_up_trained_recorded_and_paid() {
             .collect();
         assert_eq!(rounds, vec![1, 2, 3, 4], "{status}");
         assert!(!status["contributors"].as_array().unwrap().is_empty());
+        // The model the ledger recorded for the last round is the one every peer finished on.
+        let recorded_last = status["recorded"][3]["model_hash"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        for path in &progress {
+            let finished = read_progress(path)
+                .into_iter()
+                .rfind(|l| l.finished)
+                .expect("a finished line");
+            assert_eq!(finished.model_hash, recorded_last, "{}", path.display());
+        }
     }
     let local = loom(&dirs[2], &["job", "status", prefix]);
     let text = String::from_utf8_lossy(&local.stdout);

@@ -15,6 +15,16 @@
 //! from the proposer's snapshot; a peer that joins, or falls two rounds behind, resyncs from the
 //! newest state it hears of.
 //!
+//! The ledger has the last word. Its consensus records at most one result per round, with the
+//! model hash; the driver hands each recorded round to [`RoundEngine::on_recorded`]. The newest
+//! recorded round is the job's **ledger tip**: a peer whose model at that round differs has
+//! trained on another branch (a split the gossip rank did not mend: a partition longer than a
+//! round, a proposer that sent two closes) and resyncs to the newest state descending from the
+//! tip. Descent is known because every [`ModelState`] names the model it was built on. States
+//! that contradict the tip are never followed, and a tip whose branch nobody holds at this
+//! peer's round any more is waited out (the ledger will record a later round) rather than
+//! rolled back to.
+//!
 //! Time comes in as `now_ms`; blob availability is asked of the caller; actions come out.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -38,6 +48,10 @@ pub const MAX_TRAIN_MESSAGE_BYTES: usize = 60 * 1024;
 const HASH_HISTORY_ROUNDS: u64 = 16;
 /// Rounds of snapshot holders remembered.
 const HOLDER_ROUNDS: usize = 4;
+/// Rounds of announced states (with their parents) remembered, to follow the ledger tip.
+const LINEAGE_ROUNDS: usize = 2 * HASH_HISTORY_ROUNDS as usize;
+/// Ledger-tip resync targets remembered (each is tried once).
+const TIP_TARGETS_TRIED: usize = 8;
 
 /// The proposer closes round `round`: these commitments are the accepted set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +95,15 @@ enum PriorBlob {
     },
 }
 
+/// A model some peers announced after a round: what it was built on, and where to fetch it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Announced {
+    parent_hash: ModelHash,
+    snapshot_hash: BlobHash,
+    snapshot_len: u64,
+    authors: BTreeSet<PeerKey>,
+}
+
 /// Longest refusal reason carried in a close.
 pub const MAX_REFUSAL_REASON_BYTES: usize = 160;
 /// Rounds back in which a committed blob hash is remembered (a replay of one is stale).
@@ -95,6 +118,9 @@ pub struct ModelState {
     pub round: u64,
     /// Hash of the model after that round.
     pub model_hash: ModelHash,
+    /// Hash of the model that round started from (zeros when unknown: the initial model, or a
+    /// resync whose origin was not heard).
+    pub parent_hash: ModelHash,
     /// Hash of the snapshot blob the author serves.
     pub snapshot_hash: BlobHash,
     /// Its size in bytes.
@@ -313,6 +339,8 @@ pub struct RoundCounters {
     pub copied_commitments: u64,
     /// Commitments that arrived after this peer revealed its blob (left out of its close).
     pub after_reveal_commitments: u64,
+    /// Times this peer's model was off the ledger tip's branch and it resynced to that branch.
+    pub ledger_resyncs: u64,
 }
 
 /// The round state machine of one job on one peer.
@@ -361,6 +389,12 @@ pub struct RoundEngine {
     recent_blobs: BTreeMap<BlobHash, SeenBlob>,
     /// Contributors excluded through a round, and why (a failed audit).
     excluded: BTreeMap<PeerKey, (u64, String)>,
+    /// Announced models of recent rounds, with what each was built on.
+    lineage: BTreeMap<u64, BTreeMap<ModelHash, Announced>>,
+    /// The newest round recorded on the ledger, and its model hash.
+    ledger_tip: Option<(u64, ModelHash)>,
+    /// Ledger-tip resync targets already tried (round, model hash).
+    tip_targets_tried: Vec<(u64, ModelHash)>,
 }
 
 /// The proposer rank key of `peer` in `round` of `job`.
@@ -412,6 +446,9 @@ impl RoundEngine {
             refused: BTreeMap::new(),
             recent_blobs: BTreeMap::new(),
             excluded: BTreeMap::new(),
+            lineage: BTreeMap::new(),
+            ledger_tip: None,
+            tip_targets_tried: Vec::new(),
         }
     }
 
@@ -439,6 +476,12 @@ impl RoundEngine {
         let Some(mine) = self.my_hashes.get(&round) else {
             return false;
         };
+        // The ledger recorded this round: its hash is the job's.
+        if let Some((tip_round, tip_hash)) = self.ledger_tip
+            && tip_round == round
+        {
+            return *mine == tip_hash;
+        }
         let holders = self.holders.get(&round).and_then(|h| h.get(mine));
         match self.proposers.get(&round) {
             // This peer's own close: nobody could rank before it, or another peer applied the
@@ -739,6 +782,11 @@ impl RoundEngine {
         {
             self.latest_state = Some(state.clone());
         }
+        self.remember_state(&state);
+        if self.contradicts_tip(state.round, &state.model_hash) {
+            // Another branch than the one the ledger recorded: never followed.
+            return Ok(Vec::new());
+        }
         let holders = self
             .holders
             .entry(state.round)
@@ -794,6 +842,7 @@ impl RoundEngine {
             self.proposers.get(&state.round),
         ) && *proposer == sender
             && *mine != state.model_hash
+            && !self.on_tip_branch(state.round)
         {
             self.counters.hash_mismatches += 1;
             if !self.applying {
@@ -810,6 +859,9 @@ impl RoundEngine {
     pub fn poll(&mut self, now_ms: u64, have: &dyn Fn(&BlobHash) -> bool) -> Vec<Action> {
         if !self.synced || self.applying {
             return Vec::new();
+        }
+        if let Some(resync) = self.follow_tip() {
+            return vec![resync];
         }
         // Commitments that arrived before the round opened start its clock now.
         if self.first_commit_ms.is_none()
@@ -1014,6 +1066,8 @@ impl RoundEngine {
         self.resync_pending = false;
         self.applying = false;
         self.close = None;
+        // The hashes of the rounds before were of the model this peer left.
+        self.my_hashes.clear();
         self.my_hashes.insert(round, model_hash);
         self.expected.clear();
         self.advance_to(round + 1);
@@ -1065,6 +1119,177 @@ impl RoundEngine {
         self.last_ranks
             .as_ref()
             .map_or(0, |keys| self.rank_among(round, peer, keys.iter()))
+    }
+
+    /// The ledger recorded `round` of this job with `model_hash` (from a finalized block). The
+    /// newest recorded round is the ledger tip: if this peer's model at that round differs, it
+    /// resyncs to the newest state built on the tip's model, when one is announced at or
+    /// after its own round. Recorded rounds older than the tip change nothing.
+    pub fn on_recorded(&mut self, round: u64, model_hash: ModelHash) -> Vec<Action> {
+        if self.ledger_tip.is_some_and(|(tip, _)| tip >= round) {
+            return Vec::new();
+        }
+        self.ledger_tip = Some((round, model_hash));
+        if !self.synced || self.applying {
+            return Vec::new();
+        }
+        self.follow_tip().into_iter().collect()
+    }
+
+    /// The newest round recorded on the ledger, and its model hash.
+    pub fn ledger_tip(&self) -> Option<(u64, ModelHash)> {
+        self.ledger_tip
+    }
+
+    /// The hash of the model this peer's model after `round` was built on: its own model after
+    /// the round before, or else the parent its origin announced (zeros when unknown).
+    pub fn parent_hash(&self, round: u64) -> ModelHash {
+        if let Some(parent) = round
+            .checked_sub(1)
+            .and_then(|before| self.my_hashes.get(&before))
+        {
+            return *parent;
+        }
+        self.my_hashes
+            .get(&round)
+            .and_then(|mine| self.lineage.get(&round)?.get(mine))
+            .map_or([0; 32], |a| a.parent_hash)
+    }
+
+    /// Remembers an announced state with its parent (bounded: rounds, models per round, authors
+    /// per model).
+    fn remember_state(&mut self, state: &ModelState) {
+        // A synced peer keeps only rounds near its own: one far ahead cannot push the real ones
+        // out.
+        if self.synced && state.round > self.current + HASH_HISTORY_ROUNDS {
+            return;
+        }
+        if !self.lineage.contains_key(&state.round)
+            && self.lineage.len() >= LINEAGE_ROUNDS
+            && self
+                .lineage
+                .first_key_value()
+                .is_some_and(|(oldest, _)| *oldest > state.round)
+        {
+            return;
+        }
+        let models = self.lineage.entry(state.round).or_default();
+        if !models.contains_key(&state.model_hash) && models.len() >= self.config.max_contributors {
+            return;
+        }
+        let announced = models.entry(state.model_hash).or_insert_with(|| Announced {
+            parent_hash: state.parent_hash,
+            snapshot_hash: state.snapshot_hash,
+            snapshot_len: state.snapshot_len,
+            authors: BTreeSet::new(),
+        });
+        if announced.authors.len() < self.config.max_contributors {
+            announced.authors.insert(state.author);
+        }
+        while self.lineage.len() > LINEAGE_ROUNDS {
+            self.lineage.pop_first();
+        }
+    }
+
+    /// Whether the model `model_hash` after `round` is off the ledger tip's branch, as far as
+    /// the announced parents tell.
+    fn contradicts_tip(&self, round: u64, model_hash: &ModelHash) -> bool {
+        let Some((tip_round, tip_hash)) = self.ledger_tip else {
+            return false;
+        };
+        if round < tip_round {
+            return false;
+        }
+        let (mut at, mut hash) = (round, *model_hash);
+        while at > tip_round {
+            match self.lineage.get(&at).and_then(|m| m.get(&hash)) {
+                Some(announced) => {
+                    hash = announced.parent_hash;
+                    at -= 1;
+                }
+                None => return false,
+            }
+        }
+        hash != tip_hash
+    }
+
+    /// Whether this peer's model is on the ledger tip's branch (its hash at the tip's round is
+    /// the recorded one).
+    fn on_tip_branch(&self, round: u64) -> bool {
+        self.ledger_tip.is_some_and(|(tip_round, tip_hash)| {
+            round <= tip_round && self.my_hashes.get(&tip_round) == Some(&tip_hash)
+        })
+    }
+
+    /// The newest announced model built on `model_hash` after `round`, following the parents
+    /// forward: (round, model hash, where to fetch it). Among several at the newest round, the
+    /// one most peers announced.
+    fn branch_head(
+        &self,
+        round: u64,
+        model_hash: ModelHash,
+    ) -> Option<(u64, ModelHash, &Announced)> {
+        let mut frontier = BTreeSet::from([model_hash]);
+        let mut at = round;
+        loop {
+            let next: BTreeSet<ModelHash> = self
+                .lineage
+                .get(&(at + 1))
+                .map(|models| {
+                    models
+                        .iter()
+                        .filter(|(_, a)| frontier.contains(&a.parent_hash))
+                        .map(|(hash, _)| *hash)
+                        .collect()
+                })
+                .unwrap_or_default();
+            if next.is_empty() {
+                break;
+            }
+            frontier = next;
+            at += 1;
+        }
+        let models = self.lineage.get(&at)?;
+        frontier
+            .iter()
+            .filter_map(|hash| models.get(hash).map(|a| (*hash, a)))
+            .max_by(|(ha, a), (hb, b)| a.authors.len().cmp(&b.authors.len()).then(hb.cmp(ha)))
+            .map(|(hash, announced)| (at, hash, announced))
+    }
+
+    /// A resync onto the ledger tip's branch, when this peer's model is off it and the branch is
+    /// announced at or after this peer's last applied round (a branch nobody carries any more
+    /// is not rolled back to: the ledger will record a later round). Each target is tried once.
+    fn follow_tip(&mut self) -> Option<Action> {
+        let (tip_round, tip_hash) = self.ledger_tip?;
+        if !self.synced || self.applying || self.resync_pending {
+            return None;
+        }
+        let mine = self.my_hashes.get(&tip_round)?;
+        if *mine == tip_hash {
+            return None;
+        }
+        let last_applied = self.current - 1;
+        let (round, model_hash, head) = self.branch_head(tip_round, tip_hash)?;
+        if round < last_applied || self.tip_targets_tried.contains(&(round, model_hash)) {
+            return None;
+        }
+        let resync = Action::Resync {
+            round,
+            model_hash,
+            snapshot_hash: head.snapshot_hash,
+            snapshot_len: head.snapshot_len,
+            from: head.authors.iter().copied().collect(),
+        };
+        if self.tip_targets_tried.len() >= TIP_TARGETS_TRIED {
+            self.tip_targets_tried.remove(0);
+        }
+        self.tip_targets_tried.push((round, model_hash));
+        self.resync_pending = true;
+        self.counters.resyncs += 1;
+        self.counters.ledger_resyncs += 1;
+        self.counters.hash_mismatches += 1;
+        Some(resync)
     }
 
     /// The commitments of the open round this peer refused itself (replays, copies, excluded
@@ -1380,6 +1605,7 @@ mod tests {
             job_id: JOB,
             round,
             model_hash,
+            parent_hash: [0; 32],
             snapshot_hash,
             snapshot_len,
             author,
@@ -1734,6 +1960,148 @@ mod tests {
         assert!(
             matches!(actions.first(), Some(Action::Resync { round: 5, .. })),
             "{actions:?}"
+        );
+    }
+
+    /// Applies rounds `rounds` closed by `proposer` (one contribution of its own each), with
+    /// model hashes `[round; 32]` offset by `branch`.
+    fn apply_own_branch(
+        engine: &mut RoundEngine,
+        proposer: &SigningKey,
+        rounds: std::ops::RangeInclusive<u64>,
+        branch: u8,
+    ) {
+        let pk = proposer.verifying_key().to_bytes();
+        let all = |_: &BlobHash| true;
+        for round in rounds {
+            let close = RoundClose {
+                job_id: JOB,
+                round,
+                proposer: pk,
+                commitments: vec![commit(JOB, round, proposer, &[round as u8, branch])],
+                refused: Vec::new(),
+            };
+            let actions = engine.on_close(close, pk, &all, 0).expect("valid");
+            assert!(
+                matches!(actions.last(), Some(Action::Apply { .. })),
+                "{actions:?}"
+            );
+            engine.applied(round, [round as u8 + branch; 32]);
+        }
+    }
+
+    /// The states of another branch, rounds `rounds`, each built on the one before (hashes
+    /// `[round + branch; 32]`), announced by `authors`.
+    fn announce_branch(
+        engine: &mut RoundEngine,
+        authors: &[PeerKey],
+        rounds: std::ops::RangeInclusive<u64>,
+        branch: u8,
+    ) {
+        for round in rounds {
+            let hash = [round as u8 + branch; 32];
+            let parent = if round == 1 {
+                [0; 32]
+            } else {
+                [round as u8 - 1 + branch; 32]
+            };
+            for author in authors {
+                let mut state = model_state(round, hash, hash, 100, *author);
+                state.parent_hash = parent;
+                engine.on_state(state, *author).expect("valid");
+            }
+        }
+    }
+
+    /// Two groups trained apart for rounds (a partition longer than a round): the ledger's
+    /// newest recorded round decides, and the peer on the other branch resyncs to the newest
+    /// state built on the recorded model, then follows no state of its old branch.
+    #[test]
+    fn a_peer_off_the_recorded_branch_resyncs_to_its_newest_state() {
+        let (a, b, c, d) = (key(1), key(2), key(3), key(4));
+        let pa = a.verifying_key().to_bytes();
+        let (pb, pc, pd) = (
+            b.verifying_key().to_bytes(),
+            c.verifying_key().to_bytes(),
+            d.verifying_key().to_bytes(),
+        );
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        apply_own_branch(&mut engine, &b, 1..=3, 0);
+        announce_branch(&mut engine, &[pc, pd], 1..=4, 100);
+        assert!(
+            engine.poll(0, &|_| true).is_empty(),
+            "no tip yet: nothing to follow"
+        );
+        let actions = engine.on_recorded(2, [102; 32]);
+        match actions.as_slice() {
+            [
+                Action::Resync {
+                    round: 4,
+                    model_hash,
+                    snapshot_hash,
+                    from,
+                    ..
+                },
+            ] => {
+                assert_eq!(*model_hash, [104; 32]);
+                assert_eq!(*snapshot_hash, [104; 32]);
+                assert_eq!(
+                    from,
+                    &vec![pc, pd]
+                        .into_iter()
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect::<Vec<_>>()
+                );
+            }
+            other => panic!("expected a resync to round 4, got {other:?}"),
+        }
+        assert_eq!(engine.counters().ledger_resyncs, 1);
+        assert!(
+            engine.on_recorded(1, [101; 32]).is_empty(),
+            "older than the tip"
+        );
+        engine.resynced(4, [104; 32]);
+        assert_eq!(engine.current_round(), 5);
+        assert_eq!(engine.parent_hash(4), [103; 32], "the announced parent");
+        // The proposer of its old branch announces round 4 built on that branch: not followed.
+        let mut old = model_state(4, [4; 32], [4; 32], 100, pb);
+        old.parent_hash = [3; 32];
+        assert!(engine.on_state(old, pb).expect("valid").is_empty());
+        assert!(
+            engine.poll(0, &|_| true).is_empty(),
+            "on the tip's branch now"
+        );
+        assert_eq!(engine.counters().ledger_resyncs, 1);
+    }
+
+    /// A recorded round whose branch nobody announces at this peer's round any more is not
+    /// rolled back to; a later recorded round of this peer's branch confirms it.
+    #[test]
+    fn a_recorded_branch_nobody_carries_is_not_rolled_back_to() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let pa = a.verifying_key().to_bytes();
+        let pc = c.verifying_key().to_bytes();
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        apply_own_branch(&mut engine, &b, 1..=3, 0);
+        announce_branch(&mut engine, &[pc], 1..=1, 100);
+        assert!(engine.on_recorded(1, [101; 32]).is_empty());
+        assert!(engine.poll(0, &|_| true).is_empty());
+        assert!(
+            !engine.confirmed(1),
+            "round 1 was recorded with another model"
+        );
+        assert!(engine.on_recorded(3, [3; 32]).is_empty());
+        assert!(engine.confirmed(3), "the ledger recorded this peer's model");
+        assert_eq!(engine.counters().ledger_resyncs, 0);
+        // Once recorded, a proposer's differing state of that round no longer moves it.
+        let close_proposer = b.verifying_key().to_bytes();
+        let state = model_state(3, [33; 32], [33; 32], 100, close_proposer);
+        assert!(
+            engine
+                .on_state(state, close_proposer)
+                .expect("valid")
+                .is_empty()
         );
     }
 
