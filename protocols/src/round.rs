@@ -1066,8 +1066,6 @@ impl RoundEngine {
         self.resync_pending = false;
         self.applying = false;
         self.close = None;
-        // The hashes of the rounds before were of the model this peer left.
-        self.my_hashes.clear();
         self.my_hashes.insert(round, model_hash);
         self.expected.clear();
         self.advance_to(round + 1);
@@ -1285,6 +1283,8 @@ impl RoundEngine {
             self.tip_targets_tried.remove(0);
         }
         self.tip_targets_tried.push((round, model_hash));
+        // The models of this peer's branch from the tip's round on are not the job's.
+        self.my_hashes.retain(|r, _| *r < tip_round);
         self.resync_pending = true;
         self.counters.resyncs += 1;
         self.counters.ledger_resyncs += 1;

@@ -647,8 +647,10 @@ impl SwarmTask {
                 peer_id,
                 connection_id,
                 num_established,
+                cause,
                 ..
             } => {
+                tracing::debug!(peer = %peer_id, num_established, ?cause, "connection closed");
                 self.connections.remove(&connection_id);
                 if num_established == 0
                     && let Some(fleet) = self.fleet.as_mut()
@@ -746,6 +748,16 @@ impl SwarmTask {
                 message_id,
                 message,
             }) => self.on_gossip(propagation_source, message_id, message),
+            BehaviourEvent::Gossipsub(gossipsub::Event::SlowPeer {
+                peer_id,
+                failed_messages,
+            }) => {
+                tracing::warn!(peer = %peer_id, ?failed_messages, "gossip to a slow peer dropped");
+                metrics::counter!("loom_gossip_slow_peer_total").increment(1);
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Unsubscribed { peer_id, topic }) => {
+                tracing::debug!(peer = %peer_id, %topic, "peer left a gossip topic");
+            }
             BehaviourEvent::AutonatClient(autonat::v2::client::Event {
                 tested_addr,
                 result,
@@ -1096,6 +1108,7 @@ impl SwarmTask {
             .allow(&author, now_ms)
         {
             metrics::counter!("loom_gossip_rate_limited_total").increment(1);
+            tracing::debug!(author = %author, topic = topic.as_str(), "gossip over its author's rate; ignored");
             self.swarm
                 .behaviour_mut()
                 .gossipsub
