@@ -14,6 +14,7 @@ pub mod contribution;
 pub mod credits;
 pub mod data;
 pub mod fleet;
+pub mod gossip_watch;
 pub mod ledger;
 pub mod ledger_state;
 pub mod ledger_sync;

@@ -27,6 +27,7 @@ use loom_protocols::{
     ledger_sync::{
         LedgerGossip, MAX_SYNC_BLOCKS, MAX_SYNC_RESPONSE_BYTES, SyncRequest, SyncResponse,
     },
+    gossip_watch::GossipWatchdog,
     round::TrainMessage,
 };
 use ractor::ActorRef;
@@ -61,6 +62,10 @@ const LEDGER_GOSSIP_RATE_PER_AUTHOR: f64 = 60.0;
 const LEDGER_GOSSIP_BURST_PER_AUTHOR: u32 = 120;
 /// Authors the rate limiter tracks at once.
 const MAX_RATE_LIMITED_AUTHORS: usize = 8192;
+/// Shortest silence after which a connected peer's connections are reset.
+const GOSSIP_SILENCE_MIN_MS: u64 = 5_000;
+/// Ticks a reset peer is waited for to disconnect before it is dialled again anyway.
+const REDIAL_WAIT_TICKS: u64 = 20;
 /// Redundant connections younger than this are left alone (an AutoNAT dial-back or a DCUtR
 /// upgrade may still be using them).
 const DEDUP_AFTER: Duration = Duration::from_secs(5);
@@ -119,6 +124,10 @@ pub struct SwarmTask {
     defense: super::defense::Defense,
     speedtests: HashMap<request_response::OutboundRequestId, PendingSpeedtest>,
     speedtest_limiter: super::speedtest::SpeedtestLimiter,
+    /// Connected peers that stopped being heard on gossip, to reset.
+    gossip_watch: GossipWatchdog<PeerId>,
+    /// Peers whose connections were reset, to dial again once they are closed.
+    redial_after_reset: HashMap<PeerId, (u64, Vec<Multiaddr>)>,
 }
 
 /// A speedtest in flight: the serving peer, when it was asked, and where the answer goes.
@@ -212,6 +221,14 @@ impl SwarmTask {
             kad_server: false,
             loopback_only,
             ticks: 0,
+            gossip_watch: {
+                // Membership calls a peer dead after 10 silent heartbeat intervals; a connection
+                // that stays up that long without one is reset.
+                let silence_ms = (10 * config.heartbeat_interval.as_millis() as u64)
+                    .max(GOSSIP_SILENCE_MIN_MS);
+                GossipWatchdog::new(silence_ms, 3 * silence_ms, MAX_RATE_LIMITED_AUTHORS)
+            },
+            redial_after_reset: HashMap::new(),
             gossip_limiter: RateLimiter::new(
                 GOSSIP_RATE_PER_AUTHOR,
                 GOSSIP_BURST_PER_AUTHOR,
@@ -513,6 +530,62 @@ impl SwarmTask {
         if self.ticks.is_multiple_of(8) {
             self.close_redundant_connections();
         }
+        if self.ticks.is_multiple_of(4) {
+            for peer in self.gossip_watch.poll(now_ms) {
+                self.reset_gossip(peer, "connected but not heard on gossip");
+            }
+        }
+        self.redial_reset_peers();
+    }
+
+    /// Closes every connection to `peer` and dials it again once they are closed: both ends
+    /// then start their gossip with `peer` afresh (see `GossipWatchdog`).
+    fn reset_gossip(&mut self, peer: PeerId, why: &str) {
+        tracing::warn!(%peer, why, "resetting the connections to a peer");
+        metrics::counter!("loom_gossip_connection_resets_total").increment(1);
+        // Where it listens: the addresses this peer dialled it on, and any it was told of.
+        let mut addrs: Vec<Multiaddr> = self
+            .connections
+            .values()
+            .filter(|c| c.peer == peer && c.outbound)
+            .map(|c| c.remote_addr.clone())
+            .collect();
+        if let Some(state) = self.dial_state.get(&peer) {
+            addrs.extend(state.addrs.iter().cloned());
+        }
+        addrs.dedup();
+        addrs.truncate(8);
+        let _ = self.swarm.disconnect_peer_id(peer);
+        if self.redial_after_reset.len() < MAX_RATE_LIMITED_AUTHORS {
+            self.redial_after_reset.insert(peer, (self.ticks, addrs));
+        }
+    }
+
+    /// Dials the reset peers whose connections have closed (or that are still up after
+    /// `REDIAL_WAIT_TICKS`: the dial then does nothing).
+    fn redial_reset_peers(&mut self) {
+        let ticks = self.ticks;
+        let due: Vec<PeerId> = self
+            .redial_after_reset
+            .iter()
+            .filter(|(peer, (at, _))| {
+                !self.swarm.is_connected(peer) || ticks >= *at + REDIAL_WAIT_TICKS
+            })
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in due {
+            let Some((_, addrs)) = self.redial_after_reset.remove(&peer) else {
+                continue;
+            };
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .extend_addresses_through_behaviour()
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(error) = self.swarm.dial(opts) {
+                tracing::debug!(%peer, %error, "cannot dial a reset peer again");
+            }
+        }
     }
 
     fn on_slow_tick(&mut self) {
@@ -620,6 +693,8 @@ impl SwarmTask {
                     ConnectionKind::Direct
                 };
                 tracing::info!(peer = %peer_id, kind = kind.as_str(), addr = %remote_addr, "connected");
+                let now_ms = self.now_ms();
+                self.gossip_watch.on_connected(&peer_id, now_ms);
                 self.connections.insert(
                     connection_id,
                     Connection {
@@ -652,6 +727,9 @@ impl SwarmTask {
             } => {
                 tracing::debug!(peer = %peer_id, num_established, ?cause, "connection closed");
                 self.connections.remove(&connection_id);
+                if num_established == 0 {
+                    self.gossip_watch.on_disconnected(&peer_id);
+                }
                 if num_established == 0
                     && let Some(fleet) = self.fleet.as_mut()
                 {
@@ -754,6 +832,9 @@ impl SwarmTask {
             }) => {
                 tracing::warn!(peer = %peer_id, ?failed_messages, "gossip to a slow peer dropped");
                 metrics::counter!("loom_gossip_slow_peer_total").increment(1);
+                if self.gossip_watch.on_overflow(&peer_id, self.now_ms()) {
+                    self.reset_gossip(peer_id, "its gossip queue overflowed");
+                }
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Unsubscribed { peer_id, topic }) => {
                 tracing::debug!(peer = %peer_id, %topic, "peer left a gossip topic");
@@ -1121,6 +1202,9 @@ impl SwarmTask {
         }
         let verdict = match validate_gossip(topic, &message.data, message.source) {
             Ok(payload) => {
+                if let Some(author) = message.source {
+                    self.gossip_watch.on_heard(&author, now_ms);
+                }
                 match payload {
                     GossipPayload::Heartbeat(hb) => {
                         self.defense.on_heartbeat(&hb.peer_key, &hb.addrs);
