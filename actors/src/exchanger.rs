@@ -1376,6 +1376,11 @@ impl ExchangerState {
             Err(why) => tracing::warn!(%why, round, "validation failed"),
         }
         if self.finished {
+            // A resync after the last round (onto the model the ledger recorded): the last
+            // round is reported again, with that model.
+            if report.finished {
+                let _ = self.args.reports.try_send(report);
+            }
             return;
         }
         if let Some(loss) = report.val_loss {

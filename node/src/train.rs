@@ -50,6 +50,8 @@ use crate::{
 
 /// How long a peer keeps serving after its last round, so slower peers can fetch from it.
 const LINGER_AFTER_LAST_ROUND: Duration = Duration::from_secs(3);
+/// Longest a peer waits after its last round for the ledger to record it with this peer's model.
+const FINAL_SETTLE_MAX: Duration = Duration::from_secs(30);
 
 /// What `loom-peer train` was asked to do besides the node configuration.
 #[derive(Debug, Clone)]
@@ -538,6 +540,19 @@ impl RoundPayer {
     }
 }
 
+/// Whether `model_hash` (hex) is the model the ledger recorded for the last round `rounds` of
+/// `job`, or the job is not on the ledger.
+fn final_model_settled(jobs: &SharedJobBook, job: &JobId, rounds: u64, model_hash: &str) -> bool {
+    let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
+    match book.get(job) {
+        None => true,
+        Some(record) => record
+            .rounds
+            .get(&rounds)
+            .is_some_and(|recorded| recorded.model_hash == model_hash),
+    }
+}
+
 /// The newest round of `job` recorded on the ledger, with its model hash, when newer than
 /// `after`: what the exchanger follows when its peers split onto two models.
 fn newest_recorded(
@@ -622,6 +637,7 @@ pub async fn run_job(
     let mut payer = RoundPayer::new(&prepared.job).with_stagger(&me);
     let mut payer_tick = tokio::time::interval(Duration::from_millis(500));
     let mut recorded_fed: Option<u64> = None;
+    let mut finished_at: Option<Instant> = None;
     let rounds = prepared.job.plan.rounds;
     let started = Instant::now();
     let mut last = RoundReport::default();
@@ -650,6 +666,20 @@ pub async fn run_job(
                             model_hash,
                         });
                     }
+                    // After the last round: stay to serve slower peers, to record the round if
+                    // its coordinator does not, and until this peer's model is the one the
+                    // ledger recorded (a peer on another model resyncs and reports again).
+                    if let Some(at) = finished_at {
+                        let lingered = at.elapsed();
+                        let settled = !payer.last_round_missing(&context.jobs)
+                            && final_model_settled(&context.jobs, &prepared.job.id, rounds, &last.model_hash);
+                        if lingered >= LINGER_AFTER_LAST_ROUND && (settled || lingered >= FINAL_SETTLE_MAX) {
+                            if !settled {
+                                tracing::warn!("the ledger has not recorded this peer's last model; finishing with it");
+                            }
+                            break Ok(());
+                        }
+                    }
                 }
                 report = reports.recv() => {
                     let Some(report) = report else { break Err(anyhow::anyhow!("the exchanger stopped reporting")) };
@@ -675,18 +705,10 @@ pub async fn run_job(
                             last: report.clone(),
                         });
                     payer.on_report(&context.jobs, &report).await;
-                    let finished = report.finished;
-                    last = report;
-                    if finished {
-                        tokio::time::sleep(LINGER_AFTER_LAST_ROUND).await;
-                        // Stay to record the last round if its coordinator does not.
-                        let deadline = Instant::now() + BACKUP_RECORD_DELAY + BACKUP_STAGGER;
-                        while payer.last_round_missing(&context.jobs) && Instant::now() < deadline {
-                            payer_tick.tick().await;
-                            payer.on_tick(&context.jobs, Instant::now()).await;
-                        }
-                        break Ok(());
+                    if report.finished && finished_at.is_none() {
+                        finished_at = Some(Instant::now());
                     }
+                    last = report;
                 }
             }
         };

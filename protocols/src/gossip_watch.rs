@@ -91,13 +91,12 @@ impl<K: Eq + Hash + Clone> GossipWatchdog<K> {
     pub fn poll(&mut self, now_ms: u64) -> Vec<K> {
         let mut reset = Vec::new();
         for (peer, watched) in &mut self.peers {
-            let (Some(heard), Some(connected)) = (watched.last_heard_ms, watched.connected_since_ms)
+            let (Some(heard), Some(connected)) =
+                (watched.last_heard_ms, watched.connected_since_ms)
             else {
                 continue;
             };
-            let quiet_since = heard
-                .max(connected)
-                .max(watched.last_reset_ms.unwrap_or(0));
+            let quiet_since = heard.max(connected).max(watched.last_reset_ms.unwrap_or(0));
             let recently_reset = watched
                 .last_reset_ms
                 .is_some_and(|r| now_ms.saturating_sub(r) < self.reset_every_ms);
@@ -152,13 +151,19 @@ mod tests {
     fn peers_never_heard_or_not_connected_are_left_alone() {
         let mut watch = GossipWatchdog::new(5_000, 30_000, 16);
         watch.on_connected(&"quiet", 0);
-        assert!(watch.poll(60_000).is_empty(), "never heard: not a gossiping peer");
+        assert!(
+            watch.poll(60_000).is_empty(),
+            "never heard: not a gossiping peer"
+        );
         watch.on_connected(&"gone", 0);
         watch.on_heard(&"gone", 0);
         watch.on_disconnected(&"gone");
         assert!(watch.poll(60_000).is_empty(), "not connected");
         watch.on_connected(&"gone", 70_000);
-        assert!(watch.poll(74_999).is_empty(), "a new connection gets its own grace");
+        assert!(
+            watch.poll(74_999).is_empty(),
+            "a new connection gets its own grace"
+        );
         assert_eq!(watch.poll(75_000), vec!["gone"]);
     }
 

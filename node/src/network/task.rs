@@ -23,11 +23,11 @@ use loom_protocols::{
     SignedHeartbeat,
     connection::RelayAction,
     contribution::BlobHash,
+    gossip_watch::GossipWatchdog,
     ledger::{Block, QuorumCertificate},
     ledger_sync::{
         LedgerGossip, MAX_SYNC_BLOCKS, MAX_SYNC_RESPONSE_BYTES, SyncRequest, SyncResponse,
     },
-    gossip_watch::GossipWatchdog,
     round::TrainMessage,
 };
 use ractor::ActorRef;
@@ -224,8 +224,8 @@ impl SwarmTask {
             gossip_watch: {
                 // Membership calls a peer dead after 10 silent heartbeat intervals; a connection
                 // that stays up that long without one is reset.
-                let silence_ms = (10 * config.heartbeat_interval.as_millis() as u64)
-                    .max(GOSSIP_SILENCE_MIN_MS);
+                let silence_ms =
+                    (10 * config.heartbeat_interval.as_millis() as u64).max(GOSSIP_SILENCE_MIN_MS);
                 GossipWatchdog::new(silence_ms, 3 * silence_ms, MAX_RATE_LIMITED_AUTHORS)
             },
             redial_after_reset: HashMap::new(),
