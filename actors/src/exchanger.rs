@@ -987,6 +987,11 @@ impl ExchangerState {
                 self.params = Arc::new(snapshot.params);
                 self.outer = snapshot.outer;
                 self.engine.resynced(round, hash);
+                // The round's report is of the model loaded, which this peer did not close: its
+                // accepted set is not known here (the refusals it saw itself still stand).
+                self.report.closed_by_me = false;
+                self.report.accepted.clear();
+                self.report.loss_checks.clear();
                 self.report.resyncs = self.engine.counters().resyncs;
                 tracing::info!(round, "model loaded from a peer's snapshot");
                 true
@@ -1315,6 +1320,20 @@ impl ExchangerState {
         self.report.dense_fp32_bytes +=
             u64::from(step_report.steps) * compress::dense_fp32_bytes(update.len()) as u64;
         self.last_train = Some(step_report);
+        // After a resync onto the model of the round this peer had already committed for: the
+        // committed update stands (its blob is what the others will fetch), this one is dropped.
+        if self.unrevealed.as_ref().is_some_and(|(r, _)| *r == round)
+            || self
+                .own_commit
+                .as_ref()
+                .is_some_and(|(_, r, _)| *r == round)
+        {
+            tracing::info!(
+                round,
+                "this round's update was committed before a resync; the committed one stands"
+            );
+            return;
+        }
         if round != self.engine.current_round()
             || self.engine.is_closed()
             || !self.engine.is_synced()

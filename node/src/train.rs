@@ -424,7 +424,9 @@ impl RoundPayer {
             *self.pending.entry(report.round).or_default() += spent;
         }
         if !report.closed_by_me {
-            if self.backlog.len() < BACKUP_ROUNDS_MAX {
+            // A round this peer resynced past (its accepted set unknown here) is not one it can
+            // record for a missing coordinator.
+            if self.backlog.len() < BACKUP_ROUNDS_MAX && !report.accepted.is_empty() {
                 let due = Instant::now() + self.backup_delay;
                 self.backlog.insert(report.round, (report.clone(), due));
             }

@@ -1219,14 +1219,29 @@ impl RoundEngine {
         })
     }
 
+    /// How many contributors announced `model_hash` after `round`, never counting this peer.
+    /// Contributors are the last round's and those with a signed commitment for the open round
+    /// or the next: an announcement costs nothing to make up, a commitment is signed work.
+    fn support(&self, round: u64, model_hash: &ModelHash) -> usize {
+        let contributor = |k: &PeerKey| {
+            self.expected.contains(k) || self.commits.values().any(|slot| slot.contains_key(k))
+        };
+        self.lineage
+            .get(&round)
+            .and_then(|models| models.get(model_hash))
+            .map_or(0, |announced| {
+                announced
+                    .authors
+                    .iter()
+                    .filter(|k| **k != self.me && contributor(k))
+                    .count()
+            })
+    }
+
     /// The newest announced model built on `model_hash` after `round`, following the parents
-    /// forward: (round, model hash, where to fetch it). Among several at the newest round, the
+    /// forward: (round, model hash). Among several at the newest round, the
     /// one most peers announced.
-    fn branch_head(
-        &self,
-        round: u64,
-        model_hash: ModelHash,
-    ) -> Option<(u64, ModelHash, &Announced)> {
+    fn branch_head(&self, round: u64, model_hash: ModelHash) -> Option<(u64, ModelHash)> {
         let mut frontier = BTreeSet::from([model_hash]);
         let mut at = round;
         loop {
@@ -1252,7 +1267,7 @@ impl RoundEngine {
             .iter()
             .filter_map(|hash| models.get(hash).map(|a| (*hash, a)))
             .max_by(|(ha, a), (hb, b)| a.authors.len().cmp(&b.authors.len()).then(hb.cmp(ha)))
-            .map(|(hash, announced)| (at, hash, announced))
+            .map(|(hash, _)| (at, hash))
     }
 
     /// A resync onto the ledger tip's branch, when this peer's model is off it and the branch is
@@ -1268,10 +1283,20 @@ impl RoundEngine {
             return None;
         }
         let last_applied = self.current - 1;
-        let (round, model_hash, head) = self.branch_head(tip_round, tip_hash)?;
+        let (round, model_hash) = self.branch_head(tip_round, tip_hash)?;
         if round < last_applied || self.tip_targets_tried.contains(&(round, model_hash)) {
             return None;
         }
+        // A coordinator's result is on the ledger because it was recorded first, not because
+        // the mesh holds it: a byzantine coordinator can record the close the others refused.
+        // The recorded branch is followed only when at least as many contributors announce
+        // its head as hold this peer's own model (this peer included).
+        let own_hash = self.my_hashes.get(&last_applied).copied();
+        let own_support = 1 + own_hash.map_or(0, |hash| self.support(last_applied, &hash));
+        if self.support(round, &model_hash) < own_support {
+            return None;
+        }
+        let head = self.lineage.get(&round)?.get(&model_hash)?;
         let resync = Action::Resync {
             round,
             model_hash,
@@ -2028,6 +2053,13 @@ mod tests {
         let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
         apply_own_branch(&mut engine, &b, 1..=3, 0);
         announce_branch(&mut engine, &[pc, pd], 1..=4, 100);
+        // The other group contributes to the next round: the mend brought their commitments.
+        for signer in [&c, &d] {
+            let blob = [5, signer.verifying_key().to_bytes()[0]];
+            engine
+                .on_commit(commit(JOB, 5, signer, &blob), 0)
+                .expect("valid");
+        }
         assert!(
             engine.poll(0, &|_| true).is_empty(),
             "no tip yet: nothing to follow"
@@ -2073,6 +2105,32 @@ mod tests {
             "on the tip's branch now"
         );
         assert_eq!(engine.counters().ledger_resyncs, 1);
+    }
+
+    /// A byzantine coordinator recorded the round first with a model only it announces (its
+    /// own close, which the others refused): the peers holding the other model do not follow.
+    #[test]
+    fn a_recorded_branch_only_its_recorder_announces_is_not_followed() {
+        let (a, b, c, z) = (key(1), key(2), key(3), key(9));
+        let pa = a.verifying_key().to_bytes();
+        let (pc, pz) = (c.verifying_key().to_bytes(), z.verifying_key().to_bytes());
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        apply_own_branch(&mut engine, &b, 1..=3, 0);
+        // b and c announce this peer's model of round 3; z its own.
+        for author in [b.verifying_key().to_bytes(), pc] {
+            let mut state = model_state(3, [3; 32], [3; 32], 100, author);
+            state.parent_hash = [2; 32];
+            engine.on_state(state, author).expect("valid");
+        }
+        let mut forged = model_state(3, [77; 32], [77; 32], 100, pz);
+        forged.parent_hash = [2; 32];
+        engine.on_state(forged, pz).expect("valid");
+        engine
+            .on_commit(commit(JOB, 4, &z, b"z4"), 0)
+            .expect("z is a contributor");
+        assert!(engine.on_recorded(3, [77; 32]).is_empty());
+        assert!(engine.poll(0, &|_| true).is_empty());
+        assert_eq!(engine.counters().ledger_resyncs, 0);
     }
 
     /// A recorded round whose branch nobody announces at this peer's round any more is not
