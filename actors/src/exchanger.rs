@@ -581,14 +581,7 @@ impl Actor for ExchangerActor {
             }
             ExchangerMsg::Evaluated { round, val_loss } => state.on_evaluated(round, val_loss),
             ExchangerMsg::Recorded { round, model_hash } => {
-                let actions = state.engine.on_recorded(round, model_hash);
-                if !actions.is_empty() {
-                    tracing::warn!(
-                        round,
-                        "this peer's model is off the branch the ledger recorded; resyncing"
-                    );
-                }
-                state.run(&myself, actions, now);
+                state.engine.on_recorded(round, model_hash, now);
             }
         }
         Ok(())

@@ -52,6 +52,8 @@ const HOLDER_ROUNDS: usize = 4;
 const LINEAGE_ROUNDS: usize = 2 * HASH_HISTORY_ROUNDS as usize;
 /// Ledger-tip resync targets remembered (each is tried once).
 const TIP_TARGETS_TRIED: usize = 8;
+/// How long after the ledger tip arrives its branch is weighed against this peer's.
+pub const TIP_SETTLE_MS: u64 = 1_000;
 
 /// The proposer closes round `round`: these commitments are the accepted set.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -393,6 +395,8 @@ pub struct RoundEngine {
     lineage: BTreeMap<u64, BTreeMap<ModelHash, Announced>>,
     /// The newest round recorded on the ledger, and its model hash.
     ledger_tip: Option<(u64, ModelHash)>,
+    /// When the ledger tip arrived (the states of that round are waited for a while).
+    tip_since_ms: u64,
     /// Ledger-tip resync targets already tried (round, model hash).
     tip_targets_tried: Vec<(u64, ModelHash)>,
 }
@@ -448,6 +452,7 @@ impl RoundEngine {
             excluded: BTreeMap::new(),
             lineage: BTreeMap::new(),
             ledger_tip: None,
+            tip_since_ms: 0,
             tip_targets_tried: Vec::new(),
         }
     }
@@ -860,7 +865,7 @@ impl RoundEngine {
         if !self.synced || self.applying {
             return Vec::new();
         }
-        if let Some(resync) = self.follow_tip() {
+        if let Some(resync) = self.follow_tip(now_ms) {
             return vec![resync];
         }
         // Commitments that arrived before the round opened start its clock now.
@@ -1119,19 +1124,18 @@ impl RoundEngine {
             .map_or(0, |keys| self.rank_among(round, peer, keys.iter()))
     }
 
-    /// The ledger recorded `round` of this job with `model_hash` (from a finalized block). The
-    /// newest recorded round is the ledger tip: if this peer's model at that round differs, it
-    /// resyncs to the newest state built on the tip's model, when one is announced at or
-    /// after its own round. Recorded rounds older than the tip change nothing.
-    pub fn on_recorded(&mut self, round: u64, model_hash: ModelHash) -> Vec<Action> {
+    /// The ledger recorded `round` of this job with `model_hash` (from a finalized block),
+    /// known here at `now_ms`. The newest recorded round is the ledger tip: if this peer's model
+    /// at that round differs, [`RoundEngine::poll`] resyncs it, once the round's states have had
+    /// [`TIP_SETTLE_MS`] (or the proposer grace, if longer) to arrive, to the newest state built
+    /// on the recorded model that is announced at or after its own round and backed by at least
+    /// as many contributors as its own model. Recorded rounds older than the tip change nothing.
+    pub fn on_recorded(&mut self, round: u64, model_hash: ModelHash, now_ms: u64) {
         if self.ledger_tip.is_some_and(|(tip, _)| tip >= round) {
-            return Vec::new();
+            return;
         }
         self.ledger_tip = Some((round, model_hash));
-        if !self.synced || self.applying {
-            return Vec::new();
-        }
-        self.follow_tip().into_iter().collect()
+        self.tip_since_ms = now_ms;
     }
 
     /// The newest round recorded on the ledger, and its model hash.
@@ -1273,9 +1277,14 @@ impl RoundEngine {
     /// A resync onto the ledger tip's branch, when this peer's model is off it and the branch is
     /// announced at or after this peer's last applied round (a branch nobody carries any more
     /// is not rolled back to: the ledger will record a later round). Each target is tried once.
-    fn follow_tip(&mut self) -> Option<Action> {
+    fn follow_tip(&mut self, now_ms: u64) -> Option<Action> {
         let (tip_round, tip_hash) = self.ledger_tip?;
         if !self.synced || self.applying || self.resync_pending {
+            return None;
+        }
+        // The round's states (this peer's own branch's included) are given time to arrive
+        // before the branches are weighed.
+        if now_ms < self.tip_since_ms + TIP_SETTLE_MS.max(self.config.proposer_grace_ms) {
             return None;
         }
         let mine = self.my_hashes.get(&tip_round)?;
@@ -2064,7 +2073,12 @@ mod tests {
             engine.poll(0, &|_| true).is_empty(),
             "no tip yet: nothing to follow"
         );
-        let actions = engine.on_recorded(2, [102; 32]);
+        engine.on_recorded(2, [102; 32], 0);
+        assert!(
+            engine.poll(999, &|_| true).is_empty(),
+            "the round's states are waited for"
+        );
+        let actions = engine.poll(1_000, &|_| true);
         match actions.as_slice() {
             [
                 Action::Resync {
@@ -2089,8 +2103,10 @@ mod tests {
             other => panic!("expected a resync to round 4, got {other:?}"),
         }
         assert_eq!(engine.counters().ledger_resyncs, 1);
-        assert!(
-            engine.on_recorded(1, [101; 32]).is_empty(),
+        engine.on_recorded(1, [101; 32], 0);
+        assert_eq!(
+            engine.ledger_tip(),
+            Some((2, [102; 32])),
             "older than the tip"
         );
         engine.resynced(4, [104; 32]);
@@ -2128,8 +2144,8 @@ mod tests {
         engine
             .on_commit(commit(JOB, 4, &z, b"z4"), 0)
             .expect("z is a contributor");
-        assert!(engine.on_recorded(3, [77; 32]).is_empty());
-        assert!(engine.poll(0, &|_| true).is_empty());
+        engine.on_recorded(3, [77; 32], 0);
+        assert!(engine.poll(5_000, &|_| true).is_empty());
         assert_eq!(engine.counters().ledger_resyncs, 0);
     }
 
@@ -2143,13 +2159,14 @@ mod tests {
         let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
         apply_own_branch(&mut engine, &b, 1..=3, 0);
         announce_branch(&mut engine, &[pc], 1..=1, 100);
-        assert!(engine.on_recorded(1, [101; 32]).is_empty());
-        assert!(engine.poll(0, &|_| true).is_empty());
+        engine.on_recorded(1, [101; 32], 0);
+        assert!(engine.poll(5_000, &|_| true).is_empty());
         assert!(
             !engine.confirmed(1),
             "round 1 was recorded with another model"
         );
-        assert!(engine.on_recorded(3, [3; 32]).is_empty());
+        engine.on_recorded(3, [3; 32], 0);
+        assert!(engine.poll(5_000, &|_| true).is_empty());
         assert!(engine.confirmed(3), "the ledger recorded this peer's model");
         assert_eq!(engine.counters().ledger_resyncs, 0);
         // Once recorded, a proposer's differing state of that round no longer moves it.
