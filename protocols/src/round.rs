@@ -20,8 +20,9 @@
 //! recorded round is the job's **ledger tip**: a peer whose model at that round differs has
 //! trained on another branch (a split the gossip rank did not mend: a partition longer than a
 //! round, a proposer that sent two closes) and resyncs to the newest state descending from the
-//! tip. Descent is known because every [`ModelState`] names the model it was built on. States
-//! that contradict the tip are never followed, and a tip whose branch nobody holds at this
+//! tip, when at least as many contributors hold that state as hold its own model (a byzantine
+//! coordinator can record first a close the others refused). Descent is known because every
+//! [`ModelState`] names the model it was built on. A tip whose branch nobody holds at this
 //! peer's round any more is waited out (the ledger will record a later round) rather than
 //! rolled back to.
 //!
@@ -481,11 +482,9 @@ impl RoundEngine {
         let Some(mine) = self.my_hashes.get(&round) else {
             return false;
         };
-        // The ledger recorded this round: its hash is the job's.
-        if let Some((tip_round, tip_hash)) = self.ledger_tip
-            && tip_round == round
-        {
-            return *mine == tip_hash;
+        // The ledger recorded this round with this peer's model.
+        if self.ledger_tip == Some((round, *mine)) {
+            return true;
         }
         let holders = self.holders.get(&round).and_then(|h| h.get(mine));
         match self.proposers.get(&round) {
@@ -788,10 +787,6 @@ impl RoundEngine {
             self.latest_state = Some(state.clone());
         }
         self.remember_state(&state);
-        if self.contradicts_tip(state.round, &state.model_hash) {
-            // Another branch than the one the ledger recorded: never followed.
-            return Ok(Vec::new());
-        }
         let holders = self
             .holders
             .entry(state.round)
@@ -847,7 +842,6 @@ impl RoundEngine {
             self.proposers.get(&state.round),
         ) && *proposer == sender
             && *mine != state.model_hash
-            && !self.on_tip_branch(state.round)
         {
             self.counters.hash_mismatches += 1;
             if !self.applying {
@@ -1191,36 +1185,6 @@ impl RoundEngine {
         while self.lineage.len() > LINEAGE_ROUNDS {
             self.lineage.pop_first();
         }
-    }
-
-    /// Whether the model `model_hash` after `round` is off the ledger tip's branch, as far as
-    /// the announced parents tell.
-    fn contradicts_tip(&self, round: u64, model_hash: &ModelHash) -> bool {
-        let Some((tip_round, tip_hash)) = self.ledger_tip else {
-            return false;
-        };
-        if round < tip_round {
-            return false;
-        }
-        let (mut at, mut hash) = (round, *model_hash);
-        while at > tip_round {
-            match self.lineage.get(&at).and_then(|m| m.get(&hash)) {
-                Some(announced) => {
-                    hash = announced.parent_hash;
-                    at -= 1;
-                }
-                None => return false,
-            }
-        }
-        hash != tip_hash
-    }
-
-    /// Whether this peer's model is on the ledger tip's branch (its hash at the tip's round is
-    /// the recorded one).
-    fn on_tip_branch(&self, round: u64) -> bool {
-        self.ledger_tip.is_some_and(|(tip_round, tip_hash)| {
-            round <= tip_round && self.my_hashes.get(&tip_round) == Some(&tip_hash)
-        })
     }
 
     /// How many contributors announced `model_hash` after `round`, never counting this peer.
@@ -2112,7 +2076,8 @@ mod tests {
         engine.resynced(4, [104; 32]);
         assert_eq!(engine.current_round(), 5);
         assert_eq!(engine.parent_hash(4), [103; 32], "the announced parent");
-        // The proposer of its old branch announces round 4 built on that branch: not followed.
+        // One peer of its old branch announcing round 4 built on that branch does not pull it
+        // back.
         let mut old = model_state(4, [4; 32], [4; 32], 100, pb);
         old.parent_hash = [3; 32];
         assert!(engine.on_state(old, pb).expect("valid").is_empty());
@@ -2169,15 +2134,6 @@ mod tests {
         assert!(engine.poll(5_000, &|_| true).is_empty());
         assert!(engine.confirmed(3), "the ledger recorded this peer's model");
         assert_eq!(engine.counters().ledger_resyncs, 0);
-        // Once recorded, a proposer's differing state of that round no longer moves it.
-        let close_proposer = b.verifying_key().to_bytes();
-        let state = model_state(3, [33; 32], [33; 32], 100, close_proposer);
-        assert!(
-            engine
-                .on_state(state, close_proposer)
-                .expect("valid")
-                .is_empty()
-        );
     }
 
     /// A close that lists a contribution this peer refused (a replay) is not applied.

@@ -10,10 +10,7 @@
 //!   round, a forged signature): the peer's network port rewrites or adds commitments.
 //!
 //! The bus stands in for gossip and the blob protocol only; everything that decides what counts
-//! (commit-then-reveal, the verifier's screening, aggregation) is the production code. The run
-//! also plays the ledger's part in training, as a node's replica does: the first reported close
-//! of each round is recorded (one result per round) and every peer is told of it 300 ms later,
-//! so a peer that ended up on another model follows the recorded one.
+//! (commit-then-reveal, the verifier's screening, aggregation) is the production code.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -219,71 +216,6 @@ struct Bus {
     peers: Mutex<HashMap<PeerKey, BusEntry>>,
     /// Every signed commitment published, in order (what a copier watches).
     commitments: Mutex<Vec<SignedCommitment>>,
-    /// The rounds recorded so far, as the ledger keeps them: one model hash per round.
-    recorded: Mutex<BTreeMap<u64, String>>,
-}
-
-/// How long after its coordinator reports a round the run's ledger delivers the round as
-/// recorded (a finalized block).
-const LEDGER_LATENCY: Duration = Duration::from_millis(300);
-/// Longest the run waits after the last round for every honest peer to hold the recorded model.
-const LEDGER_SETTLE_MAX: Duration = Duration::from_secs(30);
-
-/// Stands between a peer's exchanger and its report channel and plays the ledger for the run,
-/// as a node does with its replica: a round its proposer reports closing is recorded if no
-/// result of that round is yet (the ledger keeps one per round), and every peer learns of it
-/// [`LEDGER_LATENCY`] later (`ExchangerMsg::Recorded`), so a peer on another branch follows
-/// the recorded one.
-fn relay_reports(
-    bus: Arc<Bus>,
-    mut from_exchanger: mpsc::Receiver<RoundReport>,
-    to_peer: mpsc::Sender<RoundReport>,
-) {
-    tokio::spawn(async move {
-        while let Some(report) = from_exchanger.recv().await {
-            let first = report.closed_by_me && {
-                let mut recorded = bus.recorded.lock().unwrap_or_else(|e| e.into_inner());
-                match recorded.entry(report.round) {
-                    std::collections::btree_map::Entry::Occupied(_) => false,
-                    std::collections::btree_map::Entry::Vacant(slot) => {
-                        slot.insert(report.model_hash.clone());
-                        true
-                    }
-                }
-            };
-            if first && let Some(model_hash) = unhex32(&report.model_hash) {
-                let bus = bus.clone();
-                let round = report.round;
-                tokio::spawn(async move {
-                    tokio::time::sleep(LEDGER_LATENCY).await;
-                    let exchangers: Vec<ActorRef<ExchangerMsg>> = bus
-                        .peers
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .values()
-                        .map(|p| p.exchanger.clone())
-                        .collect();
-                    for exchanger in exchangers {
-                        let _ = exchanger.cast(ExchangerMsg::Recorded { round, model_hash });
-                    }
-                });
-            }
-            if to_peer.send(report).await.is_err() {
-                break;
-            }
-        }
-    });
-}
-
-fn unhex32(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 #[derive(Clone)]
@@ -716,9 +648,7 @@ async fn spawn_peer(
         None
     };
     let blobs: SharedBlobs = Arc::new(Mutex::new(BlobStore::new(256 << 20)));
-    let (tx, from_exchanger) = mpsc::channel(4_096);
-    let (to_peer, reports) = mpsc::channel(4_096);
-    relay_reports(bus.clone(), from_exchanger, to_peer);
+    let (tx, reports) = mpsc::channel(4_096);
     let port = BusPort {
         me: key,
         key: signing.clone(),
@@ -798,33 +728,6 @@ impl Peer {
         Ok(())
     }
 
-    /// Collects reports until this peer's last reported model is the one recorded for the last
-    /// round `rounds` (a peer on another model resyncs to it and reports the round again), or
-    /// until `deadline`.
-    async fn wait_settled(&mut self, bus: &Bus, rounds: u64, deadline: tokio::time::Instant) {
-        loop {
-            let recorded = bus
-                .recorded
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&rounds)
-                .cloned();
-            let last = self
-                .seen
-                .iter()
-                .rev()
-                .find(|r| r.finished)
-                .map(|r| &r.model_hash);
-            if recorded.is_some() && last == recorded.as_ref() {
-                return;
-            }
-            match tokio::time::timeout_at(deadline, self.reports.recv()).await {
-                Ok(Some(report)) => self.seen.push(report),
-                _ => return,
-            }
-        }
-    }
-
     /// The last report of each round.
     fn by_round(&self) -> BTreeMap<u64, &RoundReport> {
         self.seen.iter().map(|r| (r.round, r)).collect()
@@ -849,11 +752,6 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
     let timeout = Duration::from_secs(60 + 10 * config.rounds);
     for (index, peer) in peers.iter_mut().enumerate().take(honest_count) {
         peer.wait_finished(index, timeout).await?;
-    }
-    let settle_deadline = tokio::time::Instant::now() + LEDGER_SETTLE_MAX;
-    for peer in peers.iter_mut().take(honest_count) {
-        peer.wait_settled(&bus, config.rounds, settle_deadline)
-            .await;
     }
     let honest: Vec<PeerKey> = peers[..honest_count].iter().map(|p| p.key).collect();
     let byzantine: Vec<PeerKey> = peers[honest_count..].iter().map(|p| p.key).collect();
