@@ -1313,20 +1313,6 @@ impl ExchangerState {
         self.report.dense_fp32_bytes +=
             u64::from(step_report.steps) * compress::dense_fp32_bytes(update.len()) as u64;
         self.last_train = Some(step_report);
-        // After a resync onto the model of the round this peer had already committed for: the
-        // committed update stands (its blob is what the others will fetch), this one is dropped.
-        if self.unrevealed.as_ref().is_some_and(|(r, _)| *r == round)
-            || self
-                .own_commit
-                .as_ref()
-                .is_some_and(|(_, r, _)| *r == round)
-        {
-            tracing::info!(
-                round,
-                "this round's update was committed before a resync; the committed one stands"
-            );
-            return;
-        }
         if round != self.engine.current_round()
             || self.engine.is_closed()
             || !self.engine.is_synced()
