@@ -466,14 +466,6 @@ impl RoundPayer {
         }
     }
 
-    /// Whether the job is on the ledger and its last round is not recorded yet (this peer then
-    /// stays a while to record it if its coordinator does not).
-    fn last_round_missing(&self, jobs: &SharedJobBook) -> bool {
-        let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
-        book.get(&self.job)
-            .is_some_and(|record| !record.rounds.contains_key(&self.rounds))
-    }
-
     /// The job's terms at the ledger's tip, less what this peer's entries not yet on the
     /// ledger will take; None when the job is not on the ledger.
     fn terms(&mut self, jobs: &SharedJobBook) -> Option<RoundTerms> {
@@ -673,8 +665,7 @@ pub async fn run_job(
                     // ledger recorded (a peer on another model resyncs and reports again).
                     if let Some(at) = finished_at {
                         let lingered = at.elapsed();
-                        let settled = !payer.last_round_missing(&context.jobs)
-                            && final_model_settled(&context.jobs, &prepared.job.id, rounds, &last.model_hash);
+                        let settled = final_model_settled(&context.jobs, &prepared.job.id, rounds, &last.model_hash);
                         if lingered >= LINGER_AFTER_LAST_ROUND && (settled || lingered >= FINAL_SETTLE_MAX) {
                             if !settled {
                                 tracing::warn!("the ledger has not recorded this peer's last model; finishing with it");

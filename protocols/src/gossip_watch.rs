@@ -25,6 +25,14 @@ struct Watched {
     last_reset_ms: Option<u64>,
 }
 
+impl Watched {
+    /// Whether its connections were reset less than `period_ms` before `now_ms`.
+    fn reset_within(&self, period_ms: u64, now_ms: u64) -> bool {
+        self.last_reset_ms
+            .is_some_and(|r| now_ms.saturating_sub(r) < period_ms)
+    }
+}
+
 /// The watchdog.
 #[derive(Debug, Clone)]
 pub struct GossipWatchdog<K: Eq + Hash + Clone> {
@@ -74,9 +82,7 @@ impl<K: Eq + Hash + Clone> GossipWatchdog<K> {
         match self.peers.get_mut(peer) {
             Some(watched)
                 if watched.connected_since_ms.is_some()
-                    && watched
-                        .last_reset_ms
-                        .is_none_or(|r| now_ms.saturating_sub(r) >= reset_every_ms) =>
+                    && !watched.reset_within(reset_every_ms, now_ms) =>
             {
                 watched.last_reset_ms = Some(now_ms);
                 true
@@ -97,10 +103,9 @@ impl<K: Eq + Hash + Clone> GossipWatchdog<K> {
                 continue;
             };
             let quiet_since = heard.max(connected).max(watched.last_reset_ms.unwrap_or(0));
-            let recently_reset = watched
-                .last_reset_ms
-                .is_some_and(|r| now_ms.saturating_sub(r) < self.reset_every_ms);
-            if now_ms.saturating_sub(quiet_since) >= self.silence_ms && !recently_reset {
+            if now_ms.saturating_sub(quiet_since) >= self.silence_ms
+                && !watched.reset_within(self.reset_every_ms, now_ms)
+            {
                 watched.last_reset_ms = Some(now_ms);
                 reset.push(peer.clone());
             }
