@@ -24,7 +24,7 @@ use loom_protocols::{
     PeerKey,
     blobstore::BlobStore,
     compress::{self, Codec},
-    contribution::{self, BlobHash, Commitment},
+    contribution::{self, BlobHash, Commitment, SignedCommitment},
     outer::{self, AdamWConfig, OuterConfig},
     robust,
     round::{
@@ -296,6 +296,11 @@ pub struct RoundReport {
     /// Resyncs so far onto the branch the ledger recorded (this peer had trained on another).
     #[serde(default)]
     pub ledger_resyncs: u64,
+    /// The signed commitments behind the round's close, by author (its contributions', and
+    /// those of refused contributors this peer holds): the evidence the round's ledger result
+    /// carries. Not part of the JSON progress.
+    #[serde(skip)]
+    pub evidence: Vec<(PeerKey, SignedCommitment)>,
 }
 
 /// The cheap check of one contribution: loss on its assigned batch before and after it.
@@ -707,8 +712,10 @@ impl ExchangerState {
                     contributions,
                     proposer,
                     refused,
+                    evidence,
                 } => {
                     self.report.closed_by_me = proposer == self.me;
+                    self.report.evidence = evidence;
                     self.report.loss_checks.clear();
                     // The close's refusals, and those this peer made itself.
                     let mut refused = refused;
@@ -984,6 +991,7 @@ impl ExchangerState {
                 // accepted set is not known here (the refusals it saw itself still stand).
                 self.report.closed_by_me = false;
                 self.report.accepted.clear();
+                self.report.evidence.clear();
                 self.report.loss_checks.clear();
                 self.report.resyncs = self.engine.counters().resyncs;
                 tracing::info!(round, "model loaded from a peer's snapshot");

@@ -608,6 +608,7 @@ async fn submit_job(
         job: submission.id,
         escrow: submission.escrow,
         manifest,
+        terms: submission.manifest.ledger_terms(),
     };
     match ractor::call_t!(ledger, LedgerMsg::SubmitOwn, ACTOR_CALL_MS, entry) {
         Ok(Ok(())) => (

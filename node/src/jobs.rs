@@ -14,6 +14,10 @@
 //! verdict per refused contribution with fee `pay.per_verdict`. Everything is clipped to the
 //! escrow that remains, and verdict fees never touch the part of the escrow reserved for the
 //! remaining rounds' contributions, so a round's result is never refused for a short escrow.
+//! The result carries each paid or slashed contributor's signed commitment to the round (the
+//! report's evidence), which every replica checks against the job's terms on the ledger; a
+//! contributor whose commitment this peer does not hold is left out of the result (its verdict
+//! still records why it was refused).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -147,7 +151,7 @@ pub struct JobRecord {
     pub id: JobId,
     /// The manifest as submitted (emptied once the job is finished).
     pub manifest: String,
-    /// The manifest parsed, when it parses.
+    /// The manifest parsed, when it parses and yields the terms the job has on the ledger.
     pub parsed: Option<Manifest>,
     /// The submitter.
     pub submitter: PeerKey,
@@ -177,9 +181,10 @@ impl JobRecord {
         total > 0 && self.rounds.contains_key(&total)
     }
 
-    /// Whether peers should still train it: not finished and not closed.
+    /// Whether peers should still train it: its manifest parses with the terms on the ledger,
+    /// and it is neither finished nor closed.
     pub fn open(&self) -> bool {
-        !self.finished() && self.closed_height.is_none()
+        self.parsed.is_some() && !self.finished() && self.closed_height.is_none()
     }
 }
 
@@ -313,13 +318,18 @@ impl JobBook {
                 job,
                 escrow,
                 manifest,
+                terms,
             } => {
                 self.jobs.insert(
                     *job,
                     JobRecord {
                         id: *job,
                         manifest: manifest.clone(),
-                        parsed: Manifest::parse(manifest).ok(),
+                        // A manifest whose terms are not the ones on the ledger is not trained:
+                        // its rounds could not be paid as it promises.
+                        parsed: Manifest::parse(manifest)
+                            .ok()
+                            .filter(|m| m.ledger_terms() == *terms),
                         submitter: *author,
                         escrow: *escrow,
                         height,
@@ -342,6 +352,7 @@ impl JobBook {
                 model_hash,
                 accepted,
                 rejected,
+                ..
             } => {
                 if let Some(record) = self.jobs.get_mut(job) {
                     record.rounds.insert(
@@ -568,14 +579,34 @@ fn clip_reason(reason: &str) -> String {
 /// The entries the coordinator of `report`'s round submits: the round's result, then a verdict
 /// per refused contribution; and the credits they take from the escrow in total.
 pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, Credits) {
-    let accepted = keys(report.accepted.iter().cloned(), terms.max_contributors);
-    let rejected: Vec<PeerKey> = keys(
+    let evidence_of = |peer: &PeerKey| {
+        report
+            .evidence
+            .iter()
+            .find(|(author, _)| author == peer)
+            .map(|(_, signed)| signed.clone())
+    };
+    let accepted: Vec<PeerKey> = keys(report.accepted.iter().cloned(), terms.max_contributors)
+        .into_iter()
+        .filter(|k| evidence_of(k).is_some())
+        .collect();
+    let refused: Vec<PeerKey> = keys(
         report.refused.iter().map(|r| r.author.clone()),
         terms.max_contributors,
     )
     .into_iter()
     .filter(|k| !accepted.contains(k))
     .collect();
+    let rejected: Vec<PeerKey> = refused
+        .iter()
+        .filter(|k| evidence_of(k).is_some())
+        .copied()
+        .collect();
+    let evidence = accepted
+        .iter()
+        .chain(&rejected)
+        .filter_map(evidence_of)
+        .collect();
     let each = if accepted.is_empty() {
         0
     } else {
@@ -592,13 +623,14 @@ pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, C
             .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
             .unwrap_or([0; 32]),
         accepted: accepted.iter().map(|k| (*k, each)).collect(),
-        rejected: rejected.clone(),
+        rejected,
+        evidence,
     }];
     // Verdict fees come from what the remaining rounds' contributions do not need.
     let reserve = terms.reserve_after(report.round);
     let mut budget = terms.available.saturating_sub(paid).saturating_sub(reserve);
     let mut spent = paid;
-    for subject in &rejected {
+    for subject in &refused {
         let reason = report
             .refused
             .iter()
@@ -661,7 +693,8 @@ pub fn audit_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, C
 pub(crate) mod testing {
     use loom_protocols::{
         PeerKey,
-        ledger::{Block, Credits, Entry, SignedEntry},
+        contribution::{Commitment, SignedCommitment},
+        ledger::{Block, Credits, Entry, JobId, SignedEntry},
     };
 
     /// The member and its key.
@@ -702,6 +735,21 @@ pub(crate) mod testing {
             .0
         }
 
+        /// The signed commitment of the peer of key seed `seed` to `job`'s round `round`.
+        pub(crate) fn commitment(seed: u8, job: JobId, round: u64) -> (PeerKey, SignedCommitment) {
+            let key = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+            let author = key.verifying_key().to_bytes();
+            let signed = Commitment {
+                job_id: job,
+                round,
+                blob_hash: [seed; 32],
+                blob_len: 1,
+                author,
+            }
+            .seal(|m| ed25519_dalek::Signer::sign(&key, m).to_bytes().to_vec());
+            (author, signed)
+        }
+
         /// A block at `height` (the job book does not check the chain).
         pub(crate) fn block(&self, height: u64, entries: Vec<SignedEntry>) -> Block {
             Block {
@@ -736,9 +784,18 @@ pay: {per_contribution: 5, per_verdict: 2}
             .to_bytes()
     }
 
+    /// A report of `round` of job `[3; 32]` with the accepted and refused peers of the given
+    /// key seeds, each with its signed commitment as evidence.
     fn report(round: u64, accepted: &[u8], refused: &[u8]) -> RoundReport {
+        let mut seeds: Vec<u8> = accepted.iter().chain(refused).copied().collect();
+        seeds.sort_unstable();
+        seeds.dedup();
         RoundReport {
             round,
+            evidence: seeds
+                .iter()
+                .map(|&seed| testing::TestLedger::commitment(seed, [3; 32], round))
+                .collect(),
             model_hash: hex(&[round as u8; 32]),
             closed_by_me: true,
             accepted: accepted.iter().map(|s| hex(&key(*s))).collect(),
@@ -791,6 +848,85 @@ pay: {per_contribution: 5, per_verdict: 2}
                 if *subject == key(3) && reason == "norm too large"
         ));
         assert_eq!(spent, 12);
+    }
+
+    /// The result backs every peer it pays or slashes with the peer's commitment: one this
+    /// peer holds no commitment of is neither paid nor slashed (a refused one still gets its
+    /// verdict), and the replicas' credit fold takes the result.
+    #[test]
+    fn a_round_result_carries_the_contributors_commitments() {
+        let mut partial = report(1, &[1, 2], &[3, 4]);
+        partial
+            .evidence
+            .retain(|(author, _)| *author != key(2) && *author != key(4));
+        let (entries, _) = round_entries(&terms(1_000), &partial);
+        let Entry::RoundResult {
+            accepted,
+            rejected,
+            evidence,
+            ..
+        } = &entries[0]
+        else {
+            panic!("{entries:?}");
+        };
+        assert_eq!(accepted, &vec![(key(1), 5)]);
+        assert_eq!(rejected, &vec![key(3)]);
+        let authors: Vec<PeerKey> = evidence
+            .iter()
+            .map(|signed| signed.verify().expect("verifies").author)
+            .collect();
+        assert_eq!(authors, vec![key(1), key(3)]);
+        let subjects: Vec<PeerKey> = entries[1..]
+            .iter()
+            .filter_map(|e| match e {
+                Entry::Verdict { subject, .. } => Some(*subject),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(subjects, vec![key(3), key(4)]);
+        let ledger = testing::TestLedger::new(1);
+        let mut book = JobBook::default();
+        book.apply(&ledger.genesis(1_000)).expect("genesis");
+        book.apply(&ledger.block(
+            1,
+            vec![ledger.sign(Entry::JobSubmitted {
+                job: [3; 32],
+                escrow: 100,
+                manifest: MANIFEST.into(),
+                terms: Manifest::parse(MANIFEST).expect("manifest").ledger_terms(),
+            })],
+        ))
+        .expect("job");
+        book.apply(&ledger.block(2, entries.into_iter().map(|e| ledger.sign(e)).collect()))
+            .expect("the replicas take the result");
+        // Peer 1 is also the submitter and the verifier: 1 000 minted, 100 escrowed, 5 paid
+        // for its contribution and two verdict fees of 2.
+        assert_eq!(book.credits().balance(&key(1)), 1_000 - 100 + 5 + 2 * 2);
+        assert_eq!(book.credits().escrow(&[3; 32]), 100 - 5 - 2 * 2);
+    }
+
+    /// A job whose manifest does not yield the terms it was put on the ledger with is listed
+    /// but not trained.
+    #[test]
+    fn a_job_whose_terms_differ_from_its_manifest_is_not_trained() {
+        let ledger = testing::TestLedger::new(1);
+        let mut book = JobBook::default();
+        book.apply(&ledger.genesis(1_000)).expect("genesis");
+        let mut terms = Manifest::parse(MANIFEST).expect("manifest").ledger_terms();
+        terms.per_contribution = 1;
+        book.apply(&ledger.block(
+            1,
+            vec![ledger.sign(Entry::JobSubmitted {
+                job: [5; 32],
+                escrow: 100,
+                manifest: MANIFEST.into(),
+                terms,
+            })],
+        ))
+        .expect("job");
+        let record = book.get(&[5; 32]).expect("listed");
+        assert!(record.parsed.is_none());
+        assert!(!record.open());
     }
 
     #[test]
@@ -872,6 +1008,7 @@ pay: {per_contribution: 5, per_verdict: 2}
                 job,
                 escrow: 100,
                 manifest: MANIFEST.into(),
+                terms: Manifest::parse(MANIFEST).expect("manifest").ledger_terms(),
             })],
         ))
         .expect("job");
@@ -915,6 +1052,7 @@ pay: {per_contribution: 5, per_verdict: 2}
                 job,
                 escrow: 100,
                 manifest: MANIFEST.into(),
+                terms: Manifest::parse(MANIFEST).expect("manifest").ledger_terms(),
             })],
         ))
         .expect("job");

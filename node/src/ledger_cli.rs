@@ -154,9 +154,20 @@ fn entry_view(author: &PeerKey, entry: &Entry) -> EntryView {
             job,
             escrow,
             manifest,
+            terms,
         } => (
             "job-submitted",
-            json!({"job": hex(job), "escrow": escrow, "manifest_bytes": manifest.len()}),
+            json!({
+                "job": hex(job),
+                "escrow": escrow,
+                "manifest_bytes": manifest.len(),
+                "terms": {
+                    "rounds": terms.rounds,
+                    "max_contributors": terms.max_contributors,
+                    "per_contribution": terms.per_contribution,
+                    "per_verdict": terms.per_verdict,
+                },
+            }),
         ),
         Entry::JobClosed { job } => ("job-closed", json!({"job": hex(job)})),
         Entry::RoundResult {
@@ -165,6 +176,7 @@ fn entry_view(author: &PeerKey, entry: &Entry) -> EntryView {
             model_hash,
             accepted,
             rejected,
+            evidence,
         } => (
             "round-result",
             json!({
@@ -173,6 +185,10 @@ fn entry_view(author: &PeerKey, entry: &Entry) -> EntryView {
                 "model_hash": hex(model_hash),
                 "accepted": accepted.iter().map(|(p, c)| json!({"peer": peer_name(p), "credits": c})).collect::<Vec<_>>(),
                 "rejected": rejected.iter().map(peer_name).collect::<Vec<_>>(),
+                "evidence": evidence.iter().map(|signed| match signed.verify() {
+                    Ok(c) => json!({"author": peer_name(&c.author), "round": c.round, "blob_hash": hex(&c.blob_hash), "blob_len": c.blob_len}),
+                    Err(e) => json!({"invalid": e.to_string()}),
+                }).collect::<Vec<_>>(),
             }),
         ),
         Entry::Verdict {

@@ -12,6 +12,7 @@ use std::{path::Path, time::Duration};
 use loom_actors::{Aggregation, JobPlan, Strategy, exchanger::AuditConfig};
 use loom_protocols::{
     compress::{Codec, Sparsity, ValueFormat},
+    ledger::JobTerms,
     outer::{AdamWConfig, OuterConfig},
     round::{JobId, RoundConfig},
     verify::ScreeningConfig,
@@ -22,10 +23,10 @@ use serde::{Deserialize, Serialize};
 /// The manifest of `loom-peer demo`: a small transformer on the built-in Markov text.
 pub const DEMO_MANIFEST: &str = include_str!("../../examples/demo.yaml");
 
-/// Most peers a job may name.
-pub const MAX_REPLICAS: usize = 256;
-/// Most rounds a job may name.
-pub const MAX_ROUNDS: u64 = 1_000_000;
+/// Most peers a job may name (the ledger's bound on a job's contributors).
+pub const MAX_REPLICAS: usize = loom_protocols::ledger::MAX_JOB_CONTRIBUTORS as usize;
+/// Most rounds a job may name (the ledger's bound).
+pub const MAX_ROUNDS: u64 = loom_protocols::ledger::MAX_JOB_ROUNDS;
 
 /// Why a manifest was refused.
 #[derive(Debug, thiserror::Error)]
@@ -181,8 +182,8 @@ impl Default for VerificationSpec {
     }
 }
 
-/// Most credits a job may pay per accepted contribution or per verdict.
-pub const MAX_PAY_CREDITS: u64 = 1_000_000_000;
+/// Most credits a job may pay per accepted contribution or per verdict (the ledger's bound).
+pub const MAX_PAY_CREDITS: u64 = loom_protocols::ledger::MAX_JOB_PAY;
 
 /// A job's payment terms, in credits paid from its escrow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -582,6 +583,17 @@ impl Manifest {
             other => field("model", other.to_string()),
         })?;
         Ok(())
+    }
+
+    /// The terms the job is submitted to the ledger with: its rounds, its most contributors per
+    /// round and its pay. Replicas check every result and verdict of the job against them.
+    pub fn ledger_terms(&self) -> JobTerms {
+        JobTerms {
+            rounds: self.rounds,
+            max_contributors: u32::try_from(self.replicas.max).unwrap_or(u32::MAX),
+            per_contribution: self.pay.per_contribution,
+            per_verdict: self.pay.per_verdict,
+        }
     }
 
     /// The least escrow the job needs: every round paying `replicas.max` contributions.

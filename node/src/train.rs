@@ -995,6 +995,7 @@ mod tests {
                     job: job.id,
                     escrow: 100_000,
                     manifest: crate::manifest::DEMO_MANIFEST.into(),
+                    terms: job.manifest.ledger_terms(),
                 })],
             ))
             .expect("job");
@@ -1010,6 +1011,9 @@ mod tests {
             model_hash: hex(&[round as u8; 32]),
             closed_by_me: false,
             accepted: vec![hex(&me)],
+            evidence: vec![crate::jobs::testing::TestLedger::commitment(
+                1, job.id, round,
+            )],
             ..RoundReport::default()
         };
         payer.on_report(&jobs, &report(1)).await;
@@ -1027,6 +1031,7 @@ mod tests {
                     model_hash: [2; 32],
                     accepted: vec![(me, 10)],
                     rejected: Vec::new(),
+                    evidence: vec![crate::jobs::testing::TestLedger::commitment(1, job.id, 2).1],
                 })],
             ))
             .expect("round 2");

@@ -2,7 +2,8 @@
 //!
 //! Every replica folds the same finalized blocks through [`CreditState::apply_block`] and gets the
 //! same numbers. A block whose entries cannot all be applied (spending more than a balance, paying
-//! more than a job's escrow, a duplicate job, a second result for a round) is refused whole and leaves the state unchanged.
+//! more than a job's escrow, a duplicate job, a second result for a round, a result or verdict
+//! outside its job's terms) is refused whole and leaves the state unchanged.
 //! Credits are conserved: everything minted is either in a balance or in a job's escrow, which
 //! [`CreditState::check_conservation`] verifies.
 //!
@@ -10,6 +11,14 @@
 //! from that escrow and gain reputation; a rejected contributor is slashed (up to
 //! [`SLASH_CREDITS`], moved into the job's escrow) and loses reputation; a verifier is paid its fee
 //! from the escrow and gains reputation.
+//!
+//! A job's terms ([`JobTerms`], on the ledger with the job) bound what its escrow pays: a round
+//! result names a round of the job, at most `max_contributors` accepted and rejected peers, each
+//! backed by its own signed commitment to the job and round, and pays each at most
+//! `per_contribution`; a verdict pays at most `per_verdict`, once per verifier and subject of a
+//! round, [`MAX_VERDICTS_PER_SUBJECT`] times per subject. So whoever records a round (the ledger
+//! lets any committee member) can pay or slash only the round's own contributors, and no more
+//! than the job would pay them.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -17,7 +26,8 @@ use serde::Serialize;
 
 use crate::{
     PeerKey,
-    ledger::{Block, Credits, Entry, JobId},
+    contribution::SignedCommitment,
+    ledger::{Block, Credits, Entry, JobId, JobTerms, MAX_VERDICTS_PER_SUBJECT},
 };
 
 /// Credits taken from a contributor whose contribution was rejected.
@@ -88,6 +98,14 @@ pub enum CreditError {
         /// Entry position.
         index: usize,
     },
+    /// The entry breaks its job's terms, or its evidence does not back it.
+    #[error("entry {index}: {what}")]
+    OutsideTerms {
+        /// Entry position.
+        index: usize,
+        /// What is wrong.
+        what: &'static str,
+    },
 }
 
 /// The accounting state.
@@ -103,7 +121,58 @@ pub struct CreditState {
     banned_until_unix_ms: BTreeMap<PeerKey, u64>,
     /// (job, round) pairs whose result is recorded.
     rounds: BTreeSet<(JobId, u64)>,
+    /// Each job's terms.
+    terms: BTreeMap<JobId, JobTerms>,
+    /// The (subject, verifier) pairs of the verdicts recorded per (job, round).
+    verdicts: BTreeMap<(JobId, u64), BTreeSet<(PeerKey, PeerKey)>>,
     minted: u128,
+}
+
+/// Checks a round result against its job's terms and evidence: the round is one of the job's,
+/// accepted and rejected peers are distinct, at most `max_contributors` each, paid at most
+/// `per_contribution`, and each is backed by its own valid signed commitment to this job and
+/// round.
+fn check_round_result(
+    terms: &JobTerms,
+    job: &JobId,
+    round: u64,
+    accepted: &[(PeerKey, Credits)],
+    rejected: &[PeerKey],
+    evidence: &[SignedCommitment],
+) -> Result<(), &'static str> {
+    if round == 0 || round > terms.rounds {
+        return Err("round result for a round outside the job's terms");
+    }
+    let limit = terms.max_contributors as usize;
+    if accepted.len() > limit || rejected.len() > limit {
+        return Err("round result with more contributors than the job's terms allow");
+    }
+    if accepted
+        .iter()
+        .any(|(_, amount)| *amount > terms.per_contribution)
+    {
+        return Err("round result pays more per contribution than the job's terms");
+    }
+    let peers: Vec<&PeerKey> = accepted
+        .iter()
+        .map(|(peer, _)| peer)
+        .chain(rejected)
+        .collect();
+    if peers.iter().collect::<BTreeSet<_>>().len() != peers.len() {
+        return Err("round result names a contributor twice");
+    }
+    if evidence.len() != peers.len() {
+        return Err("round result without one signed commitment per contributor");
+    }
+    for (peer, signed) in peers.into_iter().zip(evidence) {
+        let Ok(commitment) = signed.verify() else {
+            return Err("round result evidence does not verify");
+        };
+        if commitment.author != *peer || commitment.job_id != *job || commitment.round != round {
+            return Err("round result evidence is not the contributor's commitment to the round");
+        }
+    }
+    Ok(())
 }
 
 impl CreditState {
@@ -130,6 +199,11 @@ impl CreditState {
     /// Whether `job` was closed by its submitter.
     pub fn job_closed(&self, job: &JobId) -> bool {
         self.closed.contains(job)
+    }
+
+    /// `job`'s terms, once it is on the ledger.
+    pub fn terms(&self, job: &JobId) -> Option<&JobTerms> {
+        self.terms.get(job)
     }
 
     /// Whether round `round` of `job` has its result on the ledger.
@@ -240,13 +314,22 @@ impl CreditState {
             Entry::Enroll { peer } => {
                 self.reputation.entry(*peer).or_insert(0);
             }
-            Entry::JobSubmitted { job, escrow, .. } => {
+            Entry::JobSubmitted {
+                job, escrow, terms, ..
+            } => {
                 if self.escrow.contains_key(job) {
                     return Err(CreditError::DuplicateJob { index });
+                }
+                if !terms.is_valid() {
+                    return Err(CreditError::OutsideTerms {
+                        index,
+                        what: "job terms outside the ledger's bounds",
+                    });
                 }
                 self.debit(index, author, *escrow)?;
                 self.escrow.insert(*job, *escrow);
                 self.submitters.insert(*job, *author);
+                self.terms.insert(*job, *terms);
             }
             Entry::JobClosed { job } => {
                 let submitter = self
@@ -269,11 +352,18 @@ impl CreditState {
                 round,
                 accepted,
                 rejected,
+                evidence,
                 ..
             } => {
                 if self.closed.contains(job) {
                     return Err(CreditError::JobClosed { index });
                 }
+                let terms = self
+                    .terms
+                    .get(job)
+                    .ok_or(CreditError::UnknownJob { index })?;
+                check_round_result(terms, job, *round, accepted, rejected, evidence)
+                    .map_err(|what| CreditError::OutsideTerms { index, what })?;
                 if self.round_recorded(job, *round) {
                     return Err(CreditError::DuplicateRound {
                         index,
@@ -298,10 +388,42 @@ impl CreditState {
                 }
                 self.rounds.insert((*job, *round));
             }
-            Entry::Verdict { job, fee, .. } => {
+            Entry::Verdict {
+                job,
+                round,
+                subject,
+                fee,
+                ..
+            } => {
                 if self.closed.contains(job) {
                     return Err(CreditError::JobClosed { index });
                 }
+                let terms = self
+                    .terms
+                    .get(job)
+                    .ok_or(CreditError::UnknownJob { index })?;
+                let outside = |what| CreditError::OutsideTerms { index, what };
+                if *round == 0 || *round > terms.rounds {
+                    return Err(outside("verdict on a round outside the job's terms"));
+                }
+                if *fee > terms.per_verdict {
+                    return Err(outside("verdict fee above the job's terms"));
+                }
+                let max_verdicts = 2 * terms.max_contributors as usize;
+                let verdicts = self.verdicts.entry((*job, *round)).or_default();
+                if verdicts.contains(&(*subject, *author)) {
+                    return Err(outside(
+                        "a second verdict by one verifier on one contribution",
+                    ));
+                }
+                if verdicts.iter().filter(|(s, _)| s == subject).count() >= MAX_VERDICTS_PER_SUBJECT
+                    || verdicts.len() >= max_verdicts
+                {
+                    return Err(outside(
+                        "more verdicts on the round than the job's terms allow",
+                    ));
+                }
+                verdicts.insert((*subject, *author));
                 self.take_escrow(index, job, *fee)?;
                 self.credit(index, author, *fee)?;
                 self.add_reputation(author, REPUTATION_ACCEPTED);
@@ -326,7 +448,7 @@ impl CreditState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::tests::{block, pk, signed};
+    use crate::ledger::tests::{block, evidence, pk, signed, terms};
     use proptest::prelude::*;
 
     const JOB: JobId = [9; 32];
@@ -373,6 +495,7 @@ mod tests {
                     job: JOB,
                     escrow: 300,
                     manifest: String::new(),
+                    terms: terms(),
                 },
             )],
         );
@@ -399,6 +522,7 @@ mod tests {
                         model_hash: [0; 32],
                         accepted: vec![(pk(2), 100)],
                         rejected: vec![pk(3)],
+                        evidence: evidence(JOB, 1, &[2, 3]),
                     },
                 ),
             ],
@@ -433,6 +557,7 @@ mod tests {
                         job: JOB,
                         escrow: 300,
                         manifest: String::new(),
+                        terms: terms(),
                     },
                 ),
                 signed(
@@ -443,6 +568,7 @@ mod tests {
                         model_hash: [0; 32],
                         accepted: vec![(pk(2), 100)],
                         rejected: Vec::new(),
+                        evidence: evidence(JOB, 1, &[2]),
                     },
                 ),
             ],
@@ -489,6 +615,7 @@ mod tests {
                 model_hash: [0; 32],
                 accepted: Vec::new(),
                 rejected: Vec::new(),
+                evidence: Vec::new(),
             })),
             Err(CreditError::JobClosed { index: 0 })
         );
@@ -558,16 +685,18 @@ mod tests {
                         job: JOB,
                         escrow: 10,
                         manifest: String::new(),
+                        terms: terms(),
                     },
                 ),
                 signed(
                     1,
                     Entry::RoundResult {
                         job: JOB,
-                        round: 0,
+                        round: 1,
                         model_hash: [0; 32],
                         accepted: vec![(pk(2), 11)],
                         rejected: vec![],
+                        evidence: evidence(JOB, 1, &[2]),
                     },
                 ),
             ],
@@ -586,6 +715,7 @@ mod tests {
             model_hash: [round as u8; 32],
             accepted: vec![(pk(2), paid)],
             rejected: vec![],
+            evidence: evidence(JOB, round, &[2]),
         }
     }
 
@@ -601,6 +731,7 @@ mod tests {
                     job: JOB,
                     escrow: 100,
                     manifest: String::new(),
+                    terms: terms(),
                 },
             )],
         );
@@ -637,6 +768,195 @@ mod tests {
         assert!(state.check_conservation());
     }
 
+    /// A state with the genesis and `JOB` submitted by peer 1 with 300 in escrow under
+    /// `terms`, and the job's block.
+    fn with_job(terms: JobTerms) -> (CreditState, Block) {
+        let g = genesis();
+        let b1 = block(
+            1,
+            Some(&g),
+            vec![signed(
+                1,
+                Entry::JobSubmitted {
+                    job: JOB,
+                    escrow: 300,
+                    manifest: String::new(),
+                    terms,
+                },
+            )],
+        );
+        let mut state = CreditState::default();
+        state.apply_block(&g).expect("genesis");
+        state.apply_block(&b1).expect("job");
+        (state, b1)
+    }
+
+    fn outside(state: &mut CreditState, previous: &Block, author: u8, entry: Entry) -> String {
+        let before = state.clone();
+        let result = state.apply_block(&block(2, Some(previous), vec![signed(author, entry)]));
+        assert_eq!(*state, before, "a refused entry changes nothing");
+        match result {
+            Err(CreditError::OutsideTerms { what, .. }) => what.to_owned(),
+            other => panic!("expected a refusal for the job's terms, got {other:?}"),
+        }
+    }
+
+    /// Whoever records a round can pay only the round's own contributors, each backed by its
+    /// signed commitment to the job and round, and no more than the job's terms: a member
+    /// recording a result that pays itself without having contributed is refused.
+    #[test]
+    fn a_round_result_pays_only_committed_contributors_within_the_job_terms() {
+        let (mut state, b1) = with_job(JobTerms {
+            rounds: 4,
+            max_contributors: 2,
+            per_contribution: 50,
+            per_verdict: 5,
+        });
+        let result = |round: u64, accepted: Vec<(u8, Credits)>, evidence| Entry::RoundResult {
+            job: JOB,
+            round,
+            model_hash: [0; 32],
+            accepted: accepted.into_iter().map(|(p, c)| (pk(p), c)).collect(),
+            rejected: Vec::new(),
+            evidence,
+        };
+        let cases = [
+            (result(1, vec![(4, 50)], Vec::new()), "signed commitment"),
+            (
+                result(1, vec![(4, 50)], evidence(JOB, 2, &[4])),
+                "contributor's commitment",
+            ),
+            (
+                result(1, vec![(4, 50)], evidence([8; 32], 1, &[4])),
+                "contributor's commitment",
+            ),
+            (
+                result(1, vec![(4, 50)], evidence(JOB, 1, &[2])),
+                "contributor's commitment",
+            ),
+            (
+                result(1, vec![(4, 51)], evidence(JOB, 1, &[4])),
+                "per contribution",
+            ),
+            (result(5, vec![(4, 50)], evidence(JOB, 5, &[4])), "outside"),
+            (result(0, vec![(4, 50)], evidence(JOB, 0, &[4])), "outside"),
+            (
+                result(
+                    1,
+                    vec![(2, 1), (3, 1), (4, 1)],
+                    evidence(JOB, 1, &[2, 3, 4]),
+                ),
+                "more contributors",
+            ),
+            (
+                result(1, vec![(4, 1), (4, 1)], evidence(JOB, 1, &[4, 4])),
+                "twice",
+            ),
+        ];
+        for (entry, why) in cases {
+            let what = outside(&mut state, &b1, 4, entry);
+            assert!(what.contains(why), "{what} (expected {why})");
+        }
+        let mut tampered = evidence(JOB, 1, &[4]);
+        tampered[0].signature[0] ^= 1;
+        let what = outside(&mut state, &b1, 4, result(1, vec![(4, 50)], tampered));
+        assert!(what.contains("does not verify"), "{what}");
+        // Slashing needs the same evidence: nobody outside the round is slashed.
+        let slash = Entry::RoundResult {
+            job: JOB,
+            round: 1,
+            model_hash: [0; 32],
+            accepted: vec![(pk(4), 50)],
+            rejected: vec![pk(2)],
+            evidence: evidence(JOB, 1, &[4]),
+        };
+        assert!(outside(&mut state, &b1, 4, slash).contains("signed commitment"));
+        let honest = block(
+            2,
+            Some(&b1),
+            vec![signed(5, result(1, vec![(4, 50)], evidence(JOB, 1, &[4])))],
+        );
+        state
+            .apply_block(&honest)
+            .expect("a result within the terms");
+        assert_eq!(state.balance(&pk(4)), 50);
+        assert_eq!(state.terms(&JOB).map(|t| t.rounds), Some(4));
+    }
+
+    /// Verdicts pay at most the job's fee, once per verifier and contribution, and at most
+    /// twice per contribution; terms outside the ledger's bounds are refused with the job.
+    #[test]
+    fn verdicts_are_bounded_by_the_job_terms() {
+        let (mut state, b1) = with_job(JobTerms {
+            rounds: 4,
+            max_contributors: 2,
+            per_contribution: 50,
+            per_verdict: 5,
+        });
+        let verdict = |round: u64, subject: u8, fee: Credits| Entry::Verdict {
+            job: JOB,
+            round,
+            subject: pk(subject),
+            accepted: false,
+            reason: "noise".into(),
+            fee,
+        };
+        assert!(outside(&mut state, &b1, 4, verdict(1, 2, 6)).contains("fee"));
+        assert!(outside(&mut state, &b1, 4, verdict(9, 2, 5)).contains("outside"));
+        let twice = block(
+            2,
+            Some(&b1),
+            vec![signed(4, verdict(1, 2, 5)), signed(4, verdict(1, 2, 5))],
+        );
+        assert!(matches!(
+            state.apply_block(&twice),
+            Err(CreditError::OutsideTerms { index: 1, .. })
+        ));
+        let third = block(
+            2,
+            Some(&b1),
+            vec![
+                signed(4, verdict(1, 2, 5)),
+                signed(5, verdict(1, 2, 5)),
+                signed(3, verdict(1, 2, 5)),
+            ],
+        );
+        assert!(matches!(
+            state.apply_block(&third),
+            Err(CreditError::OutsideTerms { index: 2, .. })
+        ));
+        let many = block(
+            2,
+            Some(&b1),
+            (2..7)
+                .map(|subject| signed(4, verdict(1, subject, 5)))
+                .collect(),
+        );
+        assert!(matches!(
+            state.apply_block(&many),
+            Err(CreditError::OutsideTerms { index: 4, .. })
+        ));
+        let two = block(
+            2,
+            Some(&b1),
+            vec![signed(4, verdict(1, 2, 5)), signed(5, verdict(1, 2, 5))],
+        );
+        state
+            .apply_block(&two)
+            .expect("two verifiers on one contribution");
+        assert_eq!(state.balance(&pk(4)), 5);
+        let zero_rounds = Entry::JobSubmitted {
+            job: [8; 32],
+            escrow: 1,
+            manifest: String::new(),
+            terms: JobTerms {
+                rounds: 0,
+                ..terms()
+            },
+        };
+        assert!(outside(&mut state, &two, 1, zero_rounds).contains("bounds"));
+    }
+
     fn arbitrary_entry() -> impl Strategy<Value = (u8, Entry)> {
         let peer = 1u8..6;
         let job = (0u8..3).prop_map(|j| [j; 32]);
@@ -649,7 +969,8 @@ mod tests {
                 Entry::JobSubmitted {
                     job,
                     escrow,
-                    manifest: String::new()
+                    manifest: String::new(),
+                    terms: terms(),
                 }
             )),
             (
@@ -658,21 +979,29 @@ mod tests {
                 prop::collection::vec((peer.clone(), amount.clone()), 0..3),
                 prop::collection::vec(peer.clone(), 0..2)
             )
-                .prop_map(|(a, job, acc, rej)| (
-                    a,
-                    Entry::RoundResult {
-                        job,
-                        round: 0,
-                        model_hash: [0; 32],
-                        accepted: acc.into_iter().map(|(p, x)| (pk(p), x)).collect(),
-                        rejected: rej.into_iter().map(pk).collect(),
-                    }
-                )),
+                .prop_map(|(a, job, acc, rej)| {
+                    let seeds: Vec<u8> = acc
+                        .iter()
+                        .map(|(p, _)| *p)
+                        .chain(rej.iter().copied())
+                        .collect();
+                    (
+                        a,
+                        Entry::RoundResult {
+                            job,
+                            round: 1,
+                            model_hash: [0; 32],
+                            accepted: acc.into_iter().map(|(p, x)| (pk(p), x)).collect(),
+                            rejected: rej.into_iter().map(pk).collect(),
+                            evidence: evidence(job, 1, &seeds),
+                        },
+                    )
+                }),
             (peer.clone(), job, amount, peer).prop_map(|(a, job, fee, s)| (
                 a,
                 Entry::Verdict {
                     job,
-                    round: 0,
+                    round: 1,
                     subject: pk(s),
                     accepted: true,
                     reason: String::new(),

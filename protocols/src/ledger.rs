@@ -13,7 +13,11 @@ use std::collections::BTreeSet;
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
-use crate::{PeerKey, WireError, contribution::BlobHash, decode_bounded, encode};
+use crate::{
+    PeerKey, WireError,
+    contribution::{BlobHash, SignedCommitment},
+    decode_bounded, encode,
+};
 
 /// Largest encoded block accepted from the wire, in bytes.
 pub const MAX_BLOCK_BYTES: usize = 4 * 1024 * 1024;
@@ -23,6 +27,14 @@ pub const MAX_ENTRIES_PER_BLOCK: usize = 10_000;
 pub const MAX_REASON_BYTES: usize = 256;
 /// Longest job manifest carried by [`Entry::JobSubmitted`], in bytes.
 pub const MAX_MANIFEST_BYTES: usize = 32 * 1024;
+/// Most rounds a job's terms may name.
+pub const MAX_JOB_ROUNDS: u64 = 1_000_000;
+/// Most contributors per round a job's terms may name.
+pub const MAX_JOB_CONTRIBUTORS: u32 = 256;
+/// Most credits a job's terms may pay per accepted contribution or per verdict.
+pub const MAX_JOB_PAY: Credits = 1_000_000_000;
+/// Most verdicts on one contributor of one round (the coordinator's refusal and an audit).
+pub const MAX_VERDICTS_PER_SUBJECT: usize = 2;
 const ENTRY_DOMAIN: &[u8] = b"loom/ledger-entry/v1\0";
 const VOTE_DOMAIN: &[u8] = b"loom/consensus-vote/v1\0";
 
@@ -30,6 +42,31 @@ const VOTE_DOMAIN: &[u8] = b"loom/consensus-vote/v1\0";
 pub type Credits = u64;
 /// A job's id (hash of its manifest).
 pub type JobId = [u8; 32];
+
+/// What a job pays and for how long, as its submitter put it on the ledger. Every replica checks
+/// the job's round results and verdicts against them, so nobody (a byzantine coordinator
+/// included) can take more out of the escrow than the terms allow for a round.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobTerms {
+    /// Rounds of the job: results are recorded for rounds `1..=rounds`.
+    pub rounds: u64,
+    /// Most accepted (and most rejected) contributors in one round.
+    pub max_contributors: u32,
+    /// Most credits paid per accepted contribution.
+    pub per_contribution: Credits,
+    /// Most credits paid per verdict.
+    pub per_verdict: Credits,
+}
+
+impl JobTerms {
+    /// Whether the terms are within the ledger's bounds (at least one round and contributor).
+    pub fn is_valid(&self) -> bool {
+        (1..=MAX_JOB_ROUNDS).contains(&self.rounds)
+            && (1..=MAX_JOB_CONTRIBUTORS).contains(&self.max_contributors)
+            && self.per_contribution <= MAX_JOB_PAY
+            && self.per_verdict <= MAX_JOB_PAY
+    }
+}
 
 /// What an entry records. The author of the signed entry is the actor of the record (the
 /// submitter of a job, the sender of a transfer, the coordinator of a round, the verifier).
@@ -54,12 +91,16 @@ pub enum Entry {
         /// Credits put in escrow.
         escrow: Credits,
         /// The job's manifest (YAML), at most [`MAX_MANIFEST_BYTES`]; peers that pick the job
-        /// up parse it and check that it yields `job`.
+        /// up parse it and check that it yields `job` and `terms`.
         manifest: String,
+        /// What the job pays and for how long; its results and verdicts are checked against them.
+        terms: JobTerms,
     },
     /// A round's outcome, proposed by its coordinator: payouts from the job's escrow to accepted
     /// contributors, and rejected contributors (slashed). At most one per (job, round) is ever
-    /// on the ledger.
+    /// on the ledger. Every accepted or rejected contributor is backed by its own signed
+    /// commitment of a contribution to this job and round (`evidence`), so a result can pay or
+    /// slash only peers that took part in the round, within the job's terms.
     RoundResult {
         /// The job.
         job: JobId,
@@ -71,6 +112,9 @@ pub enum Entry {
         accepted: Vec<(PeerKey, Credits)>,
         /// Contributors whose contribution was rejected.
         rejected: Vec<PeerKey>,
+        /// The signed commitments of the accepted contributors, in the order of `accepted`,
+        /// then of the rejected ones, in the order of `rejected`.
+        evidence: Vec<SignedCommitment>,
     },
     /// A verifier's verdict on a contribution; the verifier is paid `fee` from the job's escrow.
     Verdict {
@@ -433,6 +477,35 @@ pub(crate) mod tests {
     pub(crate) fn signed(seed: u8, entry: Entry) -> SignedEntry {
         let sk = key(seed);
         SignedEntry::sign(entry, pk(seed), |m| sk.sign(m).to_bytes().to_vec())
+    }
+
+    /// Generous terms for tests: 100 rounds, 8 contributors, 1 000 per contribution, 100 per
+    /// verdict.
+    pub(crate) fn terms() -> JobTerms {
+        JobTerms {
+            rounds: 100,
+            max_contributors: 8,
+            per_contribution: 1_000,
+            per_verdict: 100,
+        }
+    }
+
+    /// The signed commitments of the peers of seeds `seeds` to `job`'s round `round`.
+    pub(crate) fn evidence(job: JobId, round: u64, seeds: &[u8]) -> Vec<SignedCommitment> {
+        seeds
+            .iter()
+            .map(|&seed| {
+                let sk = key(seed);
+                crate::contribution::Commitment {
+                    job_id: job,
+                    round,
+                    blob_hash: [seed; 32],
+                    blob_len: 1,
+                    author: pk(seed),
+                }
+                .seal(|m| sk.sign(m).to_bytes().to_vec())
+            })
+            .collect()
     }
 
     pub(crate) fn block(height: u64, prev: Option<&Block>, entries: Vec<SignedEntry>) -> Block {

@@ -6,9 +6,10 @@
 //! tip ([`crate::ledger::verify_block`]), its timestamp does not go back, every entry is authorised
 //! (only the genesis author may enroll peers in a closed ledger or ban peers, round results and
 //! verdicts come from committee members, a submitted job's manifest is at most
-//! [`MAX_MANIFEST_BYTES`]), its credit effects apply (a round's result at most once)
-//! ([`crate::credits::CreditState::apply_block`]), and its certificate is a quorum of the committee
-//! that the previous block left ([`crate::ledger::verify_certificate`]). The genesis block is
+//! [`MAX_MANIFEST_BYTES`]), its credit effects apply (a round's result at most once, within its
+//! job's terms and backed by its contributors' signed commitments)
+//! ([`crate::credits::CreditState::apply_block`]), and its certificate is a quorum of the
+//! committee that the previous block left ([`crate::ledger::verify_certificate`]). The genesis block is
 //! certified by its own author alone; its first entry is [`Entry::Genesis`].
 
 use std::collections::BTreeSet;
@@ -545,6 +546,7 @@ mod tests {
             job: [7; 32],
             escrow: 10,
             manifest: "x".repeat(manifest_bytes),
+            terms: crate::ledger::tests::terms(),
         }
     }
 
@@ -583,6 +585,7 @@ mod tests {
                     model_hash: [coordinator; 32],
                     accepted: vec![(pk(3), paid)],
                     rejected: vec![],
+                    evidence: crate::ledger::tests::evidence([7; 32], 1, &[3]),
                 },
             )
         };

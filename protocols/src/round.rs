@@ -238,6 +238,9 @@ pub enum Action {
         proposer: PeerKey,
         /// Contributions the close refused, with the reason.
         refused: Vec<(PeerKey, String)>,
+        /// The signed commitments behind the close, by author: every contribution's, and those
+        /// of the refused contributors this peer holds (what the round's ledger result carries).
+        evidence: Vec<(PeerKey, SignedCommitment)>,
     },
     /// Commit-then-reveal: every expected contributor has committed (or the deadline passed),
     /// so this peer now serves its own contribution's blob for `round`. Commitments that arrive
@@ -322,6 +325,8 @@ struct AcceptedClose {
     proposer: PeerKey,
     rank: usize,
     contributions: Vec<Commitment>,
+    /// The signed commitments of `contributions`, in the same order.
+    signed: Vec<SignedCommitment>,
     refused: Vec<(PeerKey, String)>,
 }
 
@@ -387,6 +392,9 @@ pub struct RoundEngine {
     /// Refusals of the open round and the next (stale or copied commitments), carried in this
     /// peer's close.
     refused: BTreeMap<u64, BTreeMap<PeerKey, String>>,
+    /// The signed commitments behind `refused`, where this peer received one: the evidence a
+    /// round's ledger result carries to slash their authors.
+    refused_evidence: BTreeMap<u64, BTreeMap<PeerKey, SignedCommitment>>,
     /// Blob hashes committed in recent rounds: who first committed each, in which round, and the
     /// last round it was seen in (a replay keeps it remembered).
     recent_blobs: BTreeMap<BlobHash, SeenBlob>,
@@ -449,6 +457,7 @@ impl RoundEngine {
             revealed_ms: None,
             after_reveal: BTreeSet::new(),
             refused: BTreeMap::new(),
+            refused_evidence: BTreeMap::new(),
             recent_blobs: BTreeMap::new(),
             excluded: BTreeMap::new(),
             lineage: BTreeMap::new(),
@@ -581,7 +590,7 @@ impl RoundEngine {
             && round <= *through
         {
             let (through, reason) = (*through, reason.clone());
-            self.refuse(round, commitment.author, reason);
+            self.refuse(round, commitment.author, reason, Some(signed.clone()));
             return Err(RoundRejected::Excluded(through));
         }
         // A replay of a blob committed in an earlier round, or a copy of the blob another author
@@ -597,6 +606,7 @@ impl RoundEngine {
                     round,
                     commitment.author,
                     format!("stale: replays a blob committed in round {earlier}"),
+                    Some(signed.clone()),
                 );
                 return Err(RoundRejected::Stale(earlier));
             }
@@ -609,6 +619,7 @@ impl RoundEngine {
                         "copy of the update of {}",
                         crate::verify::short_hex(&original)
                     ),
+                    Some(signed.clone()),
                 );
                 return Err(RoundRejected::Copy);
             }
@@ -712,13 +723,15 @@ impl RoundEngine {
             if refused_here {
                 return Err(RoundRejected::BadClose("lists a refused contribution"));
             }
-            contributions.push(c);
+            contributions.push((c, signed.clone()));
         }
         // A contribution this peer first hears of in a close is remembered like a commitment.
-        for c in &contributions {
+        for (c, _) in &contributions {
             self.remember_blob(c.blob_hash, c.round, c.author);
         }
-        contributions.sort_by_key(|c| c.author);
+        contributions.sort_by_key(|(c, _)| c.author);
+        let (contributions, signed): (Vec<Commitment>, Vec<SignedCommitment>) =
+            contributions.into_iter().unzip();
         if close.refused.len() > self.config.max_contributors
             || close
                 .refused
@@ -738,6 +751,7 @@ impl RoundEngine {
             proposer: close.proposer,
             rank,
             contributions,
+            signed,
             refused: close.refused,
         };
         // The lowest-ranked close wins; the others are kept in case its blobs cannot be had.
@@ -935,11 +949,13 @@ impl RoundEngine {
                 return missing;
             }
             self.applying = true;
+            let evidence = self.evidence(close);
             return vec![Action::Apply {
                 round: self.current,
                 contributions: close.contributions.clone(),
                 proposer: close.proposer,
                 refused: close.refused.clone(),
+                evidence,
             }];
         }
         let Some(round_commits) = self.commits.get(&self.current) else {
@@ -999,12 +1015,15 @@ impl RoundEngine {
         };
         let contributions: Vec<Commitment> =
             accepted.iter().map(|p| p.commitment.clone()).collect();
-        self.close = Some(AcceptedClose {
+        let accepted_close = AcceptedClose {
             proposer: self.me,
             rank,
             contributions: contributions.clone(),
+            signed: close.commitments.clone(),
             refused: refused.clone(),
-        });
+        };
+        let evidence = self.evidence(&accepted_close);
+        self.close = Some(accepted_close);
         self.applying = true;
         vec![
             Action::Publish(TrainMessage::Close(close)),
@@ -1013,8 +1032,48 @@ impl RoundEngine {
                 contributions,
                 proposer: self.me,
                 refused,
+                evidence,
             },
         ]
+    }
+
+    /// The signed commitments behind a close: its contributions', then those of its refused
+    /// contributors this peer holds (it took or refused their commitment itself), then those of
+    /// the other commitments of the round this peer refused.
+    fn evidence(&self, close: &AcceptedClose) -> Vec<(PeerKey, SignedCommitment)> {
+        let mut evidence: Vec<(PeerKey, SignedCommitment)> = close
+            .contributions
+            .iter()
+            .map(|c| c.author)
+            .zip(close.signed.iter().cloned())
+            .collect();
+        for (author, _) in &close.refused {
+            let held = self
+                .refused_evidence
+                .get(&self.current)
+                .and_then(|r| r.get(author))
+                .or_else(|| {
+                    self.commits
+                        .get(&self.current)
+                        .and_then(|c| c.get(author))
+                        .map(|p| &p.signed)
+                });
+            if let Some(signed) = held {
+                evidence.push((*author, signed.clone()));
+            }
+        }
+        // And those of the refusals this peer made itself (see `refused_here`).
+        for (author, signed) in self
+            .refused_evidence
+            .get(&self.current)
+            .into_iter()
+            .flatten()
+        {
+            if !evidence.iter().any(|(k, _)| k == author) {
+                evidence.push((*author, signed.clone()));
+            }
+        }
+        evidence
     }
 
     /// The driver applied round `round` (the one returned by `Apply`) with model hash
@@ -1089,6 +1148,7 @@ impl RoundEngine {
         self.revealed_ms = None;
         self.after_reveal.clear();
         self.refused = self.refused.split_off(&next);
+        self.refused_evidence = self.refused_evidence.split_off(&next);
         self.excluded.retain(|_, (through, _)| *through >= next);
         let stale_floor = next.saturating_sub(STALE_ROUNDS);
         self.recent_blobs
@@ -1321,10 +1381,10 @@ impl RoundEngine {
         // A commitment of it already taken for the open round is refused too.
         if let Some(slot) = self.commits.get_mut(&self.current)
             && self.close.is_none()
-            && slot.remove(&subject).is_some()
+            && let Some(pending) = slot.remove(&subject)
         {
             let current = self.current;
-            self.refuse(current, subject, reason);
+            self.refuse(current, subject, reason, Some(pending.signed));
         }
     }
 
@@ -1375,13 +1435,26 @@ impl RoundEngine {
     }
 
     /// Records a refusal of `author`'s commitment in `round` (the open round or the next).
-    fn refuse(&mut self, round: u64, author: PeerKey, reason: String) {
+    /// `signed` is the refused commitment, kept as the evidence of the refusal.
+    fn refuse(
+        &mut self,
+        round: u64,
+        author: PeerKey,
+        reason: String,
+        signed: Option<SignedCommitment>,
+    ) {
         if round < self.current || round > self.current + 1 {
             return;
         }
         let refused = self.refused.entry(round).or_default();
         if refused.len() < self.config.max_contributors {
             refused.insert(author, reason);
+            if let Some(signed) = signed {
+                self.refused_evidence
+                    .entry(round)
+                    .or_default()
+                    .insert(author, signed);
+            }
         }
     }
 
@@ -1501,6 +1574,7 @@ mod tests {
         let Some(Action::Apply {
             contributions,
             refused,
+            evidence,
             ..
         }) = actions.last()
         else {
@@ -1508,6 +1582,19 @@ mod tests {
         };
         assert_eq!(contributions.len(), 1, "only a's own contribution");
         assert_eq!(refused.len(), 2, "{refused:?}");
+        // The round's ledger result can back every contributor it pays or slashes with the
+        // author's own signed commitment to the round.
+        let backed: Vec<PeerKey> = evidence
+            .iter()
+            .map(|(author, signed)| {
+                let commitment = signed.verify().expect("evidence verifies");
+                assert_eq!(commitment.author, *author);
+                assert_eq!(commitment.round, 2);
+                commitment.author
+            })
+            .collect();
+        assert_eq!(backed.len(), 3, "a's own, b's replay and c's copy");
+        assert!(backed.contains(&pb) && backed.contains(&pc));
         assert!(
             refused
                 .iter()

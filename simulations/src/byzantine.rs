@@ -30,7 +30,7 @@ use loom_protocols::{
     compress::{self, Codec, Sparsity, ValueFormat},
     contribution::{BlobHash, Commitment, SignedCommitment},
     credits::CreditState,
-    ledger::{Credits, Entry},
+    ledger::{Credits, Entry, JobTerms},
     outer::OuterConfig,
     round::{RoundConfig, TrainMessage},
     snapshot::{OuterState, Snapshot},
@@ -143,6 +143,9 @@ pub struct ByzantineOutcome {
     pub models_identical: bool,
     /// Credits earned by each honest peer, from a ledger fold of the rounds' results.
     pub honest_credits: Vec<Credits>,
+    /// Round results the ledger's credit rules refused (each should apply: it pays the round's
+    /// own contributors, backed by their commitments, within the job's terms).
+    pub ledger_refusals: Vec<String>,
     /// Reputation of each honest peer.
     pub honest_reputation: Vec<i64>,
     /// Credits of each byzantine peer at the end (they start at 0; slashes come from escrow
@@ -776,6 +779,7 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
             .unwrap_or(f32::NAN),
         models_identical: true,
         honest_credits: Vec::new(),
+        ledger_refusals: Vec::new(),
         honest_reputation: Vec::new(),
         byzantine_reputation: Vec::new(),
         credits_conserved: false,
@@ -815,8 +819,13 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
     let submitter = [0xee; 32];
     let mut credits = CreditState::default();
     let escrow = PAY_PER_CONTRIBUTION * config.peers as u64 * config.rounds * 2;
-    let ledger = |credits: &mut CreditState, author: &PeerKey, entry: Entry| {
-        let _ = credits.apply_finalized_entry(author, &entry);
+    let mut ledger = |credits: &mut CreditState, author: &PeerKey, entry: Entry| {
+        // Folded as a block of one entry: a refused one changes nothing, and is reported.
+        let mut next = credits.clone();
+        match next.apply_finalized_entry(author, &entry) {
+            Ok(()) => *credits = next,
+            Err(e) => outcome.ledger_refusals.push(e.to_string()),
+        }
     };
     ledger(
         &mut credits,
@@ -833,6 +842,12 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
             job: JOB,
             escrow,
             manifest: String::new(),
+            terms: JobTerms {
+                rounds: config.rounds,
+                max_contributors: config.peers as u32,
+                per_contribution: PAY_PER_CONTRIBUTION,
+                per_verdict: 0,
+            },
         },
     );
     let mut reasons = std::collections::BTreeSet::new();
@@ -893,17 +908,32 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
                 reasons.insert(reason_kind(&refusal.reason));
             }
         }
+        // Paid or slashed only with the contributor's commitment as evidence, as a node does.
+        let evidence_of = |peer: &PeerKey| {
+            report
+                .evidence
+                .iter()
+                .find(|(author, _)| author == peer)
+                .map(|(_, signed)| signed.clone())
+        };
         let accepted: Vec<(PeerKey, Credits)> = honest
             .iter()
             .chain(&byzantine)
-            .filter(|k| report.accepted.contains(&hex(k)))
+            .filter(|k| report.accepted.contains(&hex(k)) && evidence_of(k).is_some())
             .map(|k| (*k, PAY_PER_CONTRIBUTION))
             .collect();
         let rejected: Vec<PeerKey> = honest
             .iter()
             .chain(&byzantine)
-            .filter(|k| refused_authors.contains(&hex(k).as_str()))
+            .filter(|k| refused_authors.contains(&hex(k).as_str()) && evidence_of(k).is_some())
+            .filter(|k| !report.accepted.contains(&hex(k)))
             .copied()
+            .collect();
+        let evidence = accepted
+            .iter()
+            .map(|(k, _)| k)
+            .chain(&rejected)
+            .filter_map(evidence_of)
             .collect();
         ledger(
             &mut credits,
@@ -914,6 +944,7 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
                 model_hash: [0; 32],
                 accepted,
                 rejected,
+                evidence,
             },
         );
     }
@@ -1059,6 +1090,12 @@ pub fn verdict(outcome: &ByzantineOutcome, baseline: &ByzantineOutcome) -> Resul
     }
     if !outcome.credits_conserved {
         problems.push("credits not conserved".into());
+    }
+    if let Some(refusal) = outcome.ledger_refusals.first() {
+        problems.push(format!(
+            "{} round results refused by the ledger, first: {refusal}",
+            outcome.ledger_refusals.len()
+        ));
     }
     if outcome.honest_reputation.iter().any(|r| *r < 0) {
         problems.push("an honest peer lost reputation".into());
