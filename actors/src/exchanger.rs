@@ -296,6 +296,10 @@ pub struct RoundReport {
     /// Resyncs so far onto the branch the ledger recorded (this peer had trained on another).
     #[serde(default)]
     pub ledger_resyncs: u64,
+    /// Models announced by the proposer of a close this peer applied that its close does not
+    /// yield here, not followed (more contributors hold this peer's model).
+    #[serde(default)]
+    pub divergences_refused: u64,
     /// The signed commitments behind the round's close, by author (its contributions', and
     /// those of refused contributors this peer holds): the evidence the round's ledger result
     /// carries. Not part of the JSON progress.
@@ -1258,6 +1262,7 @@ impl ExchangerState {
         report.hash_mismatches = counters.hash_mismatches;
         report.resyncs = counters.resyncs;
         report.ledger_resyncs = counters.ledger_resyncs;
+        report.divergences_refused = counters.divergences_refused;
         report.ledger_round = self.engine.ledger_tip().map(|(round, _)| round);
         report.finished = round >= self.args.plan.rounds;
         self.report.audits.clear();

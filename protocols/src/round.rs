@@ -349,6 +349,9 @@ pub struct RoundCounters {
     pub after_reveal_commitments: u64,
     /// Times this peer's model was off the ledger tip's branch and it resynced to that branch.
     pub ledger_resyncs: u64,
+    /// Announcements by a close's own proposer of a model other than the one its close yields
+    /// here, not followed: more contributors hold this peer's model.
+    pub divergences_refused: u64,
 }
 
 /// The round state machine of one job on one peer.
@@ -408,6 +411,13 @@ pub struct RoundEngine {
     tip_since_ms: u64,
     /// Ledger-tip resync targets already tried (round, model hash).
     tip_targets_tried: Vec<(u64, ModelHash)>,
+    /// The proposer whose close this peer applied, by round (not replaced when a better-ranked
+    /// close of the round is heard later, unlike `proposers`).
+    closed_by: BTreeMap<u64, PeerKey>,
+    /// The proposer of a close this peer applied announced another model for that round:
+    /// (round, its model hash, when this peer first polled since). Weighed once the round's
+    /// states had time to arrive.
+    divergence: Option<(u64, ModelHash, Option<u64>)>,
 }
 
 /// The proposer rank key of `peer` in `round` of `job`.
@@ -464,6 +474,8 @@ impl RoundEngine {
             ledger_tip: None,
             tip_since_ms: 0,
             tip_targets_tried: Vec::new(),
+            closed_by: BTreeMap::new(),
+            divergence: None,
         }
     }
 
@@ -858,6 +870,17 @@ impl RoundEngine {
             && *mine != state.model_hash
         {
             self.counters.hash_mismatches += 1;
+            if self.closed_by.get(&state.round) == Some(&sender) {
+                // The close this peer applied is the proposer's own, so aggregation being
+                // deterministic, the models should agree. Either this peer went wrong or the
+                // proposer announces a model its close does not yield (its snapshot is checked
+                // only against its own announcement): weighed by who holds which, once the
+                // round's states are in (`follow_divergence`).
+                if self.divergence.is_none() {
+                    self.divergence = Some((state.round, state.model_hash, None));
+                }
+                return Ok(Vec::new());
+            }
             if !self.applying {
                 self.resync_pending = true;
                 self.counters.resyncs += 1;
@@ -874,6 +897,9 @@ impl RoundEngine {
             return Vec::new();
         }
         if let Some(resync) = self.follow_tip(now_ms) {
+            return vec![resync];
+        }
+        if let Some(resync) = self.follow_divergence(now_ms) {
             return vec![resync];
         }
         // Commitments that arrived before the round opened start its clock now.
@@ -1092,6 +1118,7 @@ impl RoundEngine {
                 self.expected.extend(commits.keys().copied());
             }
             self.proposers.insert(round, close.proposer);
+            self.closed_by.insert(round, close.proposer);
             self.applied_ranks.insert(round, close.rank);
             self.last_ranks = self
                 .commits
@@ -1156,6 +1183,7 @@ impl RoundEngine {
         let floor = next.saturating_sub(HASH_HISTORY_ROUNDS);
         self.my_hashes = self.my_hashes.split_off(&floor);
         self.proposers = self.proposers.split_off(&floor);
+        self.closed_by = self.closed_by.split_off(&floor);
         self.applied_ranks = self.applied_ranks.split_off(&floor);
     }
 
@@ -1347,6 +1375,51 @@ impl RoundEngine {
         self.counters.resyncs += 1;
         self.counters.ledger_resyncs += 1;
         self.counters.hash_mismatches += 1;
+        Some(resync)
+    }
+
+    /// A resync onto the model the proposer of a close this peer applied announced for that
+    /// round, when it differs from this peer's: only once the round's states had time to arrive
+    /// and at least as many contributors announce the proposer's model (or the newest one built
+    /// on it) as hold this peer's own (this peer included). A proposer that announces a model
+    /// its close does not yield, with a snapshot to match, pulls nobody who has company.
+    fn follow_divergence(&mut self, now_ms: u64) -> Option<Action> {
+        let (round, theirs, since) = self.divergence?;
+        if self.resync_pending {
+            return None;
+        }
+        let Some(since) = since else {
+            self.divergence = Some((round, theirs, Some(now_ms)));
+            return None;
+        };
+        if now_ms < since + TIP_SETTLE_MS.max(self.config.proposer_grace_ms) {
+            return None;
+        }
+        self.divergence = None;
+        let mine = *self.my_hashes.get(&round)?;
+        if mine == theirs {
+            return None;
+        }
+        // Both models were announced right after the round was applied: compared there.
+        if self.support(round, &theirs) < 1 + self.support(round, &mine) {
+            self.counters.divergences_refused += 1;
+            return None;
+        }
+        let (head_round, head_hash) = self.branch_head(round, theirs)?;
+        if head_round + 1 < self.current {
+            return None;
+        }
+        let head = self.lineage.get(&head_round)?.get(&head_hash)?;
+        let resync = Action::Resync {
+            round: head_round,
+            model_hash: head_hash,
+            snapshot_hash: head.snapshot_hash,
+            snapshot_len: head.snapshot_len,
+            from: head.authors.iter().copied().collect(),
+        };
+        self.my_hashes.retain(|r, _| *r < round);
+        self.resync_pending = true;
+        self.counters.resyncs += 1;
         Some(resync)
     }
 
@@ -1926,11 +1999,66 @@ mod tests {
         assert!(matches!(actions[0], Action::Apply { .. }));
         engine.applied(1, [1; 32]);
         let state = model_state(1, [2; 32], [3; 32], 100, pb);
-        let actions = engine.on_state(state, pb).expect("valid");
-        assert!(matches!(actions[0], Action::Resync { round: 1, .. }));
+        assert!(engine.on_state(state, pb).expect("valid").is_empty());
         assert_eq!(engine.counters().hash_mismatches, 1);
+        // Weighed once the round's states had time to arrive: nobody else holds this peer's
+        // model, the proposer holds its own.
+        let none = |_: &BlobHash| false;
+        assert!(engine.poll(10, &none).is_empty());
+        assert!(engine.poll(500, &none).is_empty(), "still settling");
+        let actions = engine.poll(10 + TIP_SETTLE_MS, &none);
+        assert!(
+            matches!(actions[..], [Action::Resync { round: 1, model_hash, .. }] if model_hash == [2; 32]),
+            "{actions:?}"
+        );
         engine.resynced(1, [2; 32]);
         assert_eq!(engine.current_round(), 2);
+    }
+
+    /// The proposer of the close everyone applied announces a model the close does not yield
+    /// (with a snapshot to match): the contributors that computed the close's model together
+    /// keep it, and the lie is counted.
+    #[test]
+    fn a_proposer_announcing_a_model_its_close_does_not_yield_pulls_nobody_with_company() {
+        let keys: Vec<SigningKey> = (1..=3).map(key).collect();
+        let pks: Vec<PeerKey> = keys.iter().map(|k| k.verifying_key().to_bytes()).collect();
+        let (me, other, liar) = (pks[0], pks[1], pks[2]);
+        let mut engine = RoundEngine::new(config(), JOB, me, 0, true);
+        let have = |_: &BlobHash| true;
+        let close = RoundClose {
+            job_id: JOB,
+            round: 1,
+            proposer: liar,
+            commitments: keys
+                .iter()
+                .map(|k| commit(JOB, 1, k, &k.to_bytes()))
+                .collect(),
+            refused: Vec::new(),
+        };
+        let actions = engine.on_close(close, liar, &have, 0).expect("valid");
+        assert!(matches!(actions[0], Action::Apply { .. }));
+        engine.applied(1, [1; 32]);
+        assert!(
+            engine
+                .on_state(model_state(1, [1; 32], [4; 32], 100, other), other)
+                .expect("valid")
+                .is_empty()
+        );
+        assert!(
+            engine
+                .on_state(model_state(1, [6; 32], [7; 32], 100, liar), liar)
+                .expect("valid")
+                .is_empty()
+        );
+        let none = |_: &BlobHash| false;
+        assert!(engine.poll(10, &none).is_empty());
+        let actions = engine.poll(10 + TIP_SETTLE_MS, &none);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Resync { .. })),
+            "{actions:?}"
+        );
+        assert_eq!(engine.counters().divergences_refused, 1);
+        assert_eq!(engine.counters().resyncs, 0);
     }
 
     #[test]
