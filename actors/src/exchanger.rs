@@ -300,6 +300,10 @@ pub struct RoundReport {
     /// yield here, not followed (more contributors hold this peer's model).
     #[serde(default)]
     pub divergences_refused: u64,
+    /// Resyncs onto the branch most of a past round's contributors announced (this peer had
+    /// run on another, possibly ahead, and rolled back).
+    #[serde(default)]
+    pub majority_resyncs: u64,
     /// The signed commitments behind the round's close, by author (its contributions', and
     /// those of refused contributors this peer holds): the evidence the round's ledger result
     /// carries. Not part of the JSON progress.
@@ -990,7 +994,15 @@ impl ExchangerState {
             Ok(snapshot) if snapshot.round == round => {
                 self.params = Arc::new(snapshot.params);
                 self.outer = snapshot.outer;
+                let rolled_back = round + 1 < self.engine.current_round();
                 self.engine.resynced(round, hash);
+                if rolled_back {
+                    // Back onto the branch most peers are on: what this peer committed on its
+                    // own branch is not published again.
+                    self.own_commit = None;
+                    self.unrevealed = None;
+                    tracing::info!(round, "rolled back onto the branch most peers are on");
+                }
                 // The round's report is of the model loaded, which this peer did not close: its
                 // accepted set is not known here (the refusals it saw itself still stand).
                 self.report.closed_by_me = false;
@@ -1263,6 +1275,7 @@ impl ExchangerState {
         report.resyncs = counters.resyncs;
         report.ledger_resyncs = counters.ledger_resyncs;
         report.divergences_refused = counters.divergences_refused;
+        report.majority_resyncs = counters.majority_resyncs;
         report.ledger_round = self.engine.ledger_tip().map(|(round, _)| round);
         report.finished = round >= self.args.plan.rounds;
         self.report.audits.clear();

@@ -352,6 +352,9 @@ pub struct RoundCounters {
     /// Announcements by a close's own proposer of a model other than the one its close yields
     /// here, not followed: more contributors hold this peer's model.
     pub divergences_refused: u64,
+    /// Resyncs onto the branch most of a past round's electorate announced (this peer had run
+    /// on another, possibly ahead).
+    pub majority_resyncs: u64,
 }
 
 /// The round state machine of one job on one peer.
@@ -418,6 +421,15 @@ pub struct RoundEngine {
     /// (round, its model hash, when this peer first polled since). Weighed once the round's
     /// states had time to arrive.
     divergence: Option<(u64, ModelHash, Option<u64>)>,
+    /// Who was expected to contribute to each round when it opened (the contributors of the
+    /// close that made its starting model): the peers whose announcements of the round's model
+    /// count when branches are weighed by majority.
+    electorate: BTreeMap<u64, BTreeSet<PeerKey>>,
+    /// A branch that a majority of a past round's electorate announced, other than this
+    /// peer's: (round, model hash, since when it has been seen winning).
+    majority_elsewhere: Option<(u64, ModelHash, u64)>,
+    /// Majority resync targets already tried (round, model hash).
+    majority_targets_tried: Vec<(u64, ModelHash)>,
 }
 
 /// The proposer rank key of `peer` in `round` of `job`.
@@ -476,6 +488,9 @@ impl RoundEngine {
             tip_targets_tried: Vec::new(),
             closed_by: BTreeMap::new(),
             divergence: None,
+            electorate: BTreeMap::new(),
+            majority_elsewhere: None,
+            majority_targets_tried: Vec::new(),
         }
     }
 
@@ -902,6 +917,9 @@ impl RoundEngine {
         if let Some(resync) = self.follow_divergence(now_ms) {
             return vec![resync];
         }
+        if let Some(resync) = self.follow_majority(now_ms) {
+            return vec![resync];
+        }
         // Commitments that arrived before the round opened start its clock now.
         if self.first_commit_ms.is_none()
             && self
@@ -1127,6 +1145,9 @@ impl RoundEngine {
         }
         self.my_hashes.insert(round, model_hash);
         self.advance_to(round + 1);
+        if !self.expected.is_empty() {
+            self.electorate.insert(round + 1, self.expected.clone());
+        }
     }
 
     /// The driver gave up applying (a blob of the close could not be had intact from anyone):
@@ -1147,6 +1168,7 @@ impl RoundEngine {
 
     /// The driver loaded a verified snapshot of the state after `round`.
     pub fn resynced(&mut self, round: u64, model_hash: ModelHash) {
+        let rolled_back = round + 1 < self.current;
         self.synced = true;
         self.resync_pending = false;
         self.applying = false;
@@ -1154,6 +1176,14 @@ impl RoundEngine {
         self.my_hashes.insert(round, model_hash);
         self.expected.clear();
         self.advance_to(round + 1);
+        if rolled_back {
+            // This peer's commitments of the rounds it is now back before were made on the
+            // abandoned branch: its new ones take their place.
+            for slot in self.commits.values_mut() {
+                slot.remove(&self.me);
+            }
+            self.my_hashes.retain(|r, _| *r <= round);
+        }
     }
 
     /// The resync could not be completed (the snapshot was unavailable or bad).
@@ -1184,6 +1214,7 @@ impl RoundEngine {
         self.my_hashes = self.my_hashes.split_off(&floor);
         self.proposers = self.proposers.split_off(&floor);
         self.closed_by = self.closed_by.split_off(&floor);
+        self.electorate = self.electorate.split_off(&floor);
         self.applied_ranks = self.applied_ranks.split_off(&floor);
     }
 
@@ -1269,6 +1300,13 @@ impl RoundEngine {
         });
         if announced.authors.len() < self.config.max_contributors {
             announced.authors.insert(state.author);
+        }
+        // An author holds one model per round: its latest announcement (after a resync, the
+        // model it loaded).
+        for (hash, other) in models.iter_mut() {
+            if *hash != state.model_hash {
+                other.authors.remove(&state.author);
+            }
         }
         while self.lineage.len() > LINEAGE_ROUNDS {
             self.lineage.pop_first();
@@ -1420,6 +1458,100 @@ impl RoundEngine {
         self.my_hashes.retain(|r, _| *r < round);
         self.resync_pending = true;
         self.counters.resyncs += 1;
+        Some(resync)
+    }
+
+    /// A resync onto the branch most of a past round's electorate is on, when this peer is on
+    /// another: a peer that closed a round alone (the others were slower than its deadlines)
+    /// and then ran ahead on its own model, out of reach of the rules that look one round back,
+    /// comes back, rolling back its rounds if it has to. Rounds are weighed from the one before
+    /// the last applied backwards (the last is the business of the close and divergence rules),
+    /// down to the newest where another member of the electorate holds this peer's model. In a
+    /// round, each member of its electorate counts once, for the model it announced last, and
+    /// this peer for its own; a tie goes to the lower model hash, so both sides pick alike. The
+    /// winner must stay the winner for a second (the announcements have time to arrive), and
+    /// each target is tried once.
+    fn follow_majority(&mut self, now_ms: u64) -> Option<Action> {
+        if self.resync_pending {
+            return None;
+        }
+        let newest = self.current.checked_sub(2)?;
+        let oldest = newest.saturating_sub(HASH_HISTORY_ROUNDS);
+        let mut found = None;
+        for round in (oldest..=newest).rev() {
+            let (Some(mine), Some(electorate), Some(models)) = (
+                self.my_hashes.get(&round),
+                self.electorate.get(&round),
+                self.lineage.get(&round),
+            ) else {
+                continue;
+            };
+            let votes = |hash: &ModelHash| {
+                models.get(hash).map_or(0, |announced| {
+                    announced
+                        .authors
+                        .iter()
+                        .filter(|k| **k != self.me && electorate.contains(*k))
+                        .count()
+                })
+            };
+            let own_votes = votes(mine);
+            let best = models
+                .keys()
+                .filter(|hash| *hash != mine)
+                .map(|hash| (votes(hash), std::cmp::Reverse(*hash)))
+                .max();
+            if let Some((best_votes, std::cmp::Reverse(best))) = best
+                && best_votes > 0
+                && (best_votes > own_votes + 1 || (best_votes == own_votes + 1 && best < *mine))
+            {
+                found = Some((round, best));
+                break;
+            }
+            if own_votes > 0 {
+                break;
+            }
+        }
+        let Some((round, best)) = found else {
+            self.majority_elsewhere = None;
+            return None;
+        };
+        let since = match self.majority_elsewhere {
+            Some((r, hash, since)) if r == round && hash == best => since,
+            _ => {
+                self.majority_elsewhere = Some((round, best, now_ms));
+                return None;
+            }
+        };
+        if now_ms < since + TIP_SETTLE_MS.max(self.config.proposer_grace_ms) {
+            return None;
+        }
+        let (head_round, head_hash) = self.branch_head(round, best)?;
+        if self
+            .majority_targets_tried
+            .contains(&(head_round, head_hash))
+        {
+            return None;
+        }
+        let head = self.lineage.get(&head_round)?.get(&head_hash)?;
+        let resync = Action::Resync {
+            round: head_round,
+            model_hash: head_hash,
+            snapshot_hash: head.snapshot_hash,
+            snapshot_len: head.snapshot_len,
+            from: head.authors.iter().copied().collect(),
+        };
+        if self.majority_targets_tried.len() >= TIP_TARGETS_TRIED {
+            self.majority_targets_tried.remove(0);
+        }
+        self.majority_targets_tried.push((head_round, head_hash));
+        self.majority_elsewhere = None;
+        // This peer's branch from that round on is abandoned.
+        self.my_hashes.retain(|r, _| *r < round);
+        self.electorate.retain(|r, _| *r <= round);
+        self.resync_pending = true;
+        self.counters.resyncs += 1;
+        self.counters.majority_resyncs += 1;
         Some(resync)
     }
 
@@ -2013,6 +2145,95 @@ mod tests {
         );
         engine.resynced(1, [2; 32]);
         assert_eq!(engine.current_round(), 2);
+    }
+
+    /// Applies round `round` through a close by `proposer` of the given contributors, with
+    /// resulting model `hash`.
+    fn apply_round(
+        engine: &mut RoundEngine,
+        round: u64,
+        proposer: &SigningKey,
+        contributors: &[&SigningKey],
+        hash: ModelHash,
+    ) {
+        let close = RoundClose {
+            job_id: JOB,
+            round,
+            proposer: proposer.verifying_key().to_bytes(),
+            commitments: contributors
+                .iter()
+                .map(|k| commit(JOB, round, k, &[round as u8, k.to_bytes()[0]]))
+                .collect(),
+            refused: Vec::new(),
+        };
+        let have = |_: &BlobHash| true;
+        let actions = engine
+            .on_close(close, proposer.verifying_key().to_bytes(), &have, 0)
+            .expect("valid close");
+        assert!(
+            actions.iter().any(|a| matches!(a, Action::Apply { .. })),
+            "{actions:?}"
+        );
+        engine.applied(round, hash);
+    }
+
+    /// A peer that closed a round alone (the others were slower than its deadlines) and ran
+    /// ahead on its own model comes back to the branch the rest of that round's contributors
+    /// are on, rolling its rounds back, and its commitments of the abandoned rounds are dropped.
+    #[test]
+    fn a_peer_that_ran_ahead_alone_rolls_back_to_the_majority_branch() {
+        let keys: Vec<SigningKey> = (1..=4).map(key).collect();
+        let pks: Vec<PeerKey> = keys.iter().map(|k| k.verifying_key().to_bytes()).collect();
+        let me = &keys[3];
+        let mut engine = RoundEngine::new(config(), JOB, pks[3], 0, true);
+        let all: Vec<&SigningKey> = keys.iter().collect();
+        apply_round(&mut engine, 1, &keys[0], &all, [1; 32]);
+        // Rounds 2 to 4 alone.
+        for round in 2..=4 {
+            apply_round(&mut engine, round, me, &[me], [10 + round as u8; 32]);
+        }
+        engine
+            .on_commit(commit(JOB, 5, me, b"solo 5"), 0)
+            .expect("own commitment");
+        assert_eq!(engine.current_round(), 5);
+        // The others announce round 2 and 3 of their branch, built on round 1.
+        let announce = |engine: &mut RoundEngine, round: u64, hash, parent, author: PeerKey| {
+            let mut state = model_state(round, hash, [round as u8; 32], 100, author);
+            state.parent_hash = parent;
+            engine.on_state(state, author).expect("valid");
+        };
+        for author in &pks[..3] {
+            announce(&mut engine, 2, [2; 32], [1; 32], *author);
+            announce(&mut engine, 3, [3; 32], [2; 32], *author);
+        }
+        let none = |_: &BlobHash| false;
+        let first = engine.poll_t(100, &none);
+        assert!(first.is_empty(), "the winner must hold: {first:?}");
+        let actions = engine.poll_t(100 + TIP_SETTLE_MS, &none);
+        assert!(
+            matches!(actions[..], [Action::Resync { round: 3, model_hash, .. }] if model_hash == [3; 32]),
+            "{actions:?}"
+        );
+        assert_eq!(engine.counters().majority_resyncs, 1);
+        engine.resynced(3, [3; 32]);
+        assert_eq!(engine.current_round(), 4, "rolled back");
+        // Its commitment of round 5, made on its own branch, is gone: a new one is taken.
+        assert!(engine.on_commit(commit(JOB, 5, me, b"main 5"), 0).is_ok());
+        // The others, on the majority branch, do not move: the lone peer's rounds count for
+        // one contributor against three.
+        let mut other = RoundEngine::new(config(), JOB, pks[0], 0, true);
+        apply_round(&mut other, 1, &keys[0], &all, [1; 32]);
+        apply_round(&mut other, 2, &keys[0], &all[..3], [2; 32]);
+        apply_round(&mut other, 3, &keys[0], &all[..3], [3; 32]);
+        for author in &pks[1..3] {
+            announce(&mut other, 2, [2; 32], [1; 32], *author);
+        }
+        announce(&mut other, 2, [12; 32], [1; 32], pks[3]);
+        announce(&mut other, 3, [13; 32], [12; 32], pks[3]);
+        announce(&mut other, 4, [14; 32], [13; 32], pks[3]);
+        assert!(other.poll(100, &none).is_empty());
+        assert!(other.poll(100 + TIP_SETTLE_MS, &none).is_empty());
+        assert_eq!(other.counters().resyncs, 0);
     }
 
     /// The proposer of the close everyone applied announces a model the close does not yield

@@ -11,6 +11,9 @@
 //!
 //! The bus stands in for gossip and the blob protocol only; everything that decides what counts
 //! (commit-then-reveal, the verifier's screening, aggregation) is the production code.
+//!
+//! With `LOOM_SIM_TRACE` set, each run prints every honest peer's report of every round (model,
+//! accepted, refused, who closed, resyncs) to stderr.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -758,6 +761,31 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
     }
     let honest: Vec<PeerKey> = peers[..honest_count].iter().map(|p| p.key).collect();
     let byzantine: Vec<PeerKey> = peers[honest_count..].iter().map(|p| p.key).collect();
+    if std::env::var_os("LOOM_SIM_TRACE").is_some() {
+        // Each honest peer's view of every round, to tell a split or a late arrival apart.
+        for (i, p) in peers.iter().enumerate().take(honest_count) {
+            for r in &p.seen {
+                eprintln!(
+                    "peer {i} round {} model {} accepted {:?} refused {:?} closed_by_me {} resyncs {} majority_resyncs {} divergences_refused {} finished {}",
+                    r.round,
+                    r.model_hash.get(..8).unwrap_or_default(),
+                    r.accepted
+                        .iter()
+                        .map(|a| a.get(..6).unwrap_or_default())
+                        .collect::<Vec<_>>(),
+                    r.refused
+                        .iter()
+                        .map(|x| x.author.get(..6).unwrap_or_default())
+                        .collect::<Vec<_>>(),
+                    r.closed_by_me,
+                    r.resyncs,
+                    r.majority_resyncs,
+                    r.divergences_refused,
+                    r.finished,
+                );
+            }
+        }
+    }
     let reference = peers[0].by_round();
     let honest_hex_all: Vec<String> = peers[..honest_count].iter().map(|p| hex(&p.key)).collect();
     let mut outcome = ByzantineOutcome {
