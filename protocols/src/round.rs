@@ -588,7 +588,13 @@ impl RoundEngine {
             return Err(RoundRejected::TooLarge(commitment.blob_len));
         }
         let round = commitment.round;
+        let mine = commitment.author == self.me;
         if round < self.current || (round == self.current && self.close.is_some()) {
+            // A late replay or copy is refused all the same (a peer that is only slow is
+            // waited for next round; one that replays is not).
+            if let Some(prior) = self.prior_blob(&commitment).filter(|_| !mine) {
+                return Err(self.refuse_prior(prior, &commitment, &signed));
+            }
             // Too late to count, not too late to remember: a replay of it later is stale.
             self.remember_blob(commitment.blob_hash, round, commitment.author);
             self.counters.late_contributions += 1;
@@ -611,7 +617,6 @@ impl RoundEngine {
         {
             return Err(RoundRejected::Duplicate);
         }
-        let mine = commitment.author == self.me;
         if !mine
             && let Some((through, reason)) = self.excluded.get(&commitment.author)
             && round <= *through
@@ -623,34 +628,8 @@ impl RoundEngine {
         // A replay of a blob committed in an earlier round, or a copy of the blob another author
         // committed in this round (commit-then-reveal means the original was committed first,
         // before any blob of the round was served). A peer does not police its own.
-        match self.prior_blob(&commitment).filter(|_| !mine) {
-            Some(PriorBlob::Replay { round: earlier }) => {
-                if let Some(seen) = self.recent_blobs.get_mut(&commitment.blob_hash) {
-                    seen.last_round = seen.last_round.max(round);
-                }
-                self.counters.stale_commitments += 1;
-                self.refuse(
-                    round,
-                    commitment.author,
-                    format!("stale: replays a blob committed in round {earlier}"),
-                    Some(signed.clone()),
-                );
-                return Err(RoundRejected::Stale(earlier));
-            }
-            Some(PriorBlob::Copy { original }) => {
-                self.counters.copied_commitments += 1;
-                self.refuse(
-                    round,
-                    commitment.author,
-                    format!(
-                        "copy of the update of {}",
-                        crate::verify::short_hex(&original)
-                    ),
-                    Some(signed.clone()),
-                );
-                return Err(RoundRejected::Copy);
-            }
-            None => {}
+        if let Some(prior) = self.prior_blob(&commitment).filter(|_| !mine) {
+            return Err(self.refuse_prior(prior, &commitment, &signed));
         }
         self.remember_blob(commitment.blob_hash, round, commitment.author);
         let expected_author = self.expected_contributors().contains(&commitment.author);
@@ -938,8 +917,12 @@ impl RoundEngine {
             && round_commits.contains_key(&self.me)
         {
             let expected = self.expected_contributors();
-            let all_committed =
-                !expected.is_empty() && expected.iter().all(|k| round_commits.contains_key(k));
+            // A contributor whose commitment was refused (a replay, a copy, an excluded one)
+            // has had its say: the others do not wait for it until the deadline.
+            let all_committed = !expected.is_empty()
+                && expected
+                    .iter()
+                    .all(|k| round_commits.contains_key(k) || self.is_refused(k));
             let deadline_passed = self
                 .first_commit_ms
                 .is_some_and(|t| now_ms >= t + self.config.round_deadline_ms);
@@ -1639,6 +1622,45 @@ impl RoundEngine {
         }
     }
 
+    /// Refuses `commitment`, whose blob was committed before (`prior`): counted, and recorded
+    /// with its reason when its round is the open one or the next.
+    fn refuse_prior(
+        &mut self,
+        prior: PriorBlob,
+        commitment: &Commitment,
+        signed: &SignedCommitment,
+    ) -> RoundRejected {
+        let round = commitment.round;
+        match prior {
+            PriorBlob::Replay { round: earlier } => {
+                if let Some(seen) = self.recent_blobs.get_mut(&commitment.blob_hash) {
+                    seen.last_round = seen.last_round.max(round);
+                }
+                self.counters.stale_commitments += 1;
+                self.refuse(
+                    round,
+                    commitment.author,
+                    format!("stale: replays a blob committed in round {earlier}"),
+                    Some(signed.clone()),
+                );
+                RoundRejected::Stale(earlier)
+            }
+            PriorBlob::Copy { original } => {
+                self.counters.copied_commitments += 1;
+                self.refuse(
+                    round,
+                    commitment.author,
+                    format!(
+                        "copy of the update of {}",
+                        crate::verify::short_hex(&original)
+                    ),
+                    Some(signed.clone()),
+                );
+                RoundRejected::Copy
+            }
+        }
+    }
+
     /// Records a refusal of `author`'s commitment in `round` (the open round or the next).
     /// `signed` is the refused commitment, kept as the evidence of the refusal.
     fn refuse(
@@ -2175,6 +2197,61 @@ mod tests {
             "{actions:?}"
         );
         engine.applied(round, hash);
+    }
+
+    /// A replay that arrives after its round closed is still refused as stale, and its author
+    /// is not waited for in the next round as a slow contributor would be; a refused
+    /// contributor does not hold the reveal back until the deadline either.
+    #[test]
+    fn a_late_replay_is_refused_and_not_waited_for() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let (pa, pb, pc) = (
+            a.verifying_key().to_bytes(),
+            b.verifying_key().to_bytes(),
+            c.verifying_key().to_bytes(),
+        );
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        apply_round(&mut engine, 1, &a, &[&a, &b, &c], [1; 32]);
+        engine
+            .on_commit(commit(JOB, 2, &a, b"a2"), 0)
+            .expect("taken");
+        engine
+            .on_commit(commit(JOB, 2, &c, b"c2"), 0)
+            .expect("taken");
+        let close = RoundClose {
+            job_id: JOB,
+            round: 2,
+            proposer: pc,
+            commitments: vec![commit(JOB, 2, &a, b"a2"), commit(JOB, 2, &c, b"c2")],
+            refused: Vec::new(),
+        };
+        let have = |_: &BlobHash| true;
+        engine.on_close(close, pc, &have, 10).expect("valid");
+        // b replays its round-1 blob after the close.
+        assert_eq!(
+            engine.on_commit(commit(JOB, 2, &b, &[1, b.to_bytes()[0]]), 20),
+            Err(RoundRejected::Stale(1))
+        );
+        assert_eq!(engine.counters().stale_commitments, 1);
+        assert_eq!(engine.counters().late_contributions, 0);
+        engine.applied(2, [2; 32]);
+        assert!(!engine.expected_contributors().contains(&pb));
+        // Round 3: c's commitment is a copy of a's, refused; a reveals at once.
+        engine
+            .on_commit(commit(JOB, 3, &a, b"a3"), 30)
+            .expect("taken");
+        assert_eq!(
+            engine.on_commit(commit(JOB, 3, &c, b"a3"), 30),
+            Err(RoundRejected::Copy)
+        );
+        let none = |_: &BlobHash| false;
+        assert!(
+            engine
+                .poll(40, &none)
+                .iter()
+                .any(|x| matches!(x, Action::Reveal { round: 3 })),
+            "not held back until the deadline by the refused contributor"
+        );
     }
 
     /// A peer that closed a round alone (the others were slower than its deadlines) and ran
