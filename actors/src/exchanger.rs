@@ -690,6 +690,33 @@ impl ExchangerState {
                 tracing::debug!(%why, "training message not taken");
             }
         }
+        self.record_late_refusals();
+    }
+
+    /// A replay or copy refused after its round closed here belongs to that round's report
+    /// (what the round's coordinator records on the ledger), while the report is still held.
+    fn record_late_refusals(&mut self) {
+        for (round, author, reason, signed) in self.engine.take_late_refusals() {
+            let report = if let Some(report) = self.pending_reports.get_mut(&round) {
+                report
+            } else if round == self.engine.current_round() {
+                // Closed and being applied: its report is still being filled.
+                &mut self.report
+            } else {
+                continue;
+            };
+            let author_hex = hex(&author);
+            if report.refused.iter().any(|r| r.author == author_hex) {
+                continue;
+            }
+            report.refused.push(RefusedContribution {
+                author: author_hex,
+                reason,
+            });
+            if !report.evidence.iter().any(|(k, _)| *k == author) {
+                report.evidence.push((author, signed));
+            }
+        }
     }
 
     fn run(&mut self, myself: &ActorRef<ExchangerMsg>, actions: Vec<Action>, now: u64) {

@@ -430,6 +430,9 @@ pub struct RoundEngine {
     majority_elsewhere: Option<(u64, ModelHash, u64)>,
     /// Majority resync targets already tried (round, model hash).
     majority_targets_tried: Vec<(u64, ModelHash)>,
+    /// Replays and copies refused after their round closed, not yet taken by the driver:
+    /// (round, author, reason, the commitment).
+    late_refusals: Vec<(u64, PeerKey, String, SignedCommitment)>,
 }
 
 /// The proposer rank key of `peer` in `round` of `job`.
@@ -491,6 +494,7 @@ impl RoundEngine {
             electorate: BTreeMap::new(),
             majority_elsewhere: None,
             majority_targets_tried: Vec::new(),
+            late_refusals: Vec::new(),
         }
     }
 
@@ -590,10 +594,24 @@ impl RoundEngine {
         let round = commitment.round;
         let mine = commitment.author == self.me;
         if round < self.current || (round == self.current && self.close.is_some()) {
+            // A commitment already taken (republished: it is sent again until its round
+            // closes) is nothing new.
+            if self
+                .commits
+                .get(&round)
+                .is_some_and(|slot| slot.contains_key(&commitment.author))
+            {
+                return Err(RoundRejected::Duplicate);
+            }
             // A late replay or copy is refused all the same (a peer that is only slow is
             // waited for next round; one that replays is not).
             if let Some(prior) = self.prior_blob(&commitment).filter(|_| !mine) {
-                return Err(self.refuse_prior(prior, &commitment, &signed));
+                let (rejected, reason) = self.refuse_prior(prior, &commitment, &signed);
+                if self.late_refusals.len() < self.config.max_contributors {
+                    self.late_refusals
+                        .push((round, commitment.author, reason, signed.clone()));
+                }
+                return Err(rejected);
             }
             // Too late to count, not too late to remember: a replay of it later is stale.
             self.remember_blob(commitment.blob_hash, round, commitment.author);
@@ -629,7 +647,7 @@ impl RoundEngine {
         // committed in this round (commit-then-reveal means the original was committed first,
         // before any blob of the round was served). A peer does not police its own.
         if let Some(prior) = self.prior_blob(&commitment).filter(|_| !mine) {
-            return Err(self.refuse_prior(prior, &commitment, &signed));
+            return Err(self.refuse_prior(prior, &commitment, &signed).0);
         }
         self.remember_blob(commitment.blob_hash, round, commitment.author);
         let expected_author = self.expected_contributors().contains(&commitment.author);
@@ -1538,6 +1556,12 @@ impl RoundEngine {
         Some(resync)
     }
 
+    /// Replays and copies refused after their round had closed here, since the last call:
+    /// (round, author, reason, the commitment), for the round's report.
+    pub fn take_late_refusals(&mut self) -> Vec<(u64, PeerKey, String, SignedCommitment)> {
+        std::mem::take(&mut self.late_refusals)
+    }
+
     /// The commitments of the open round this peer refused itself (replays, copies, excluded
     /// contributors), with the reason.
     pub fn refused_here(&self) -> Vec<(PeerKey, String)> {
@@ -1623,42 +1647,43 @@ impl RoundEngine {
     }
 
     /// Refuses `commitment`, whose blob was committed before (`prior`): counted, and recorded
-    /// with its reason when its round is the open one or the next.
+    /// with its reason when its round is the open one or the next. Returns the rejection and
+    /// the reason.
     fn refuse_prior(
         &mut self,
         prior: PriorBlob,
         commitment: &Commitment,
         signed: &SignedCommitment,
-    ) -> RoundRejected {
-        let round = commitment.round;
-        match prior {
+    ) -> (RoundRejected, String) {
+        let (rejected, reason) = match prior {
             PriorBlob::Replay { round: earlier } => {
                 if let Some(seen) = self.recent_blobs.get_mut(&commitment.blob_hash) {
-                    seen.last_round = seen.last_round.max(round);
+                    seen.last_round = seen.last_round.max(commitment.round);
                 }
                 self.counters.stale_commitments += 1;
-                self.refuse(
-                    round,
-                    commitment.author,
+                (
+                    RoundRejected::Stale(earlier),
                     format!("stale: replays a blob committed in round {earlier}"),
-                    Some(signed.clone()),
-                );
-                RoundRejected::Stale(earlier)
+                )
             }
             PriorBlob::Copy { original } => {
                 self.counters.copied_commitments += 1;
-                self.refuse(
-                    round,
-                    commitment.author,
+                (
+                    RoundRejected::Copy,
                     format!(
                         "copy of the update of {}",
                         crate::verify::short_hex(&original)
                     ),
-                    Some(signed.clone()),
-                );
-                RoundRejected::Copy
+                )
             }
-        }
+        };
+        self.refuse(
+            commitment.round,
+            commitment.author,
+            reason.clone(),
+            Some(signed.clone()),
+        );
+        (rejected, reason)
     }
 
     /// Records a refusal of `author`'s commitment in `round` (the open round or the next).
@@ -2234,6 +2259,13 @@ mod tests {
         );
         assert_eq!(engine.counters().stale_commitments, 1);
         assert_eq!(engine.counters().late_contributions, 0);
+        // Handed to the driver for the round's report.
+        let late = engine.take_late_refusals();
+        assert!(
+            matches!(&late[..], [(2, author, reason, _)] if *author == pb && reason.starts_with("stale")),
+            "{late:?}"
+        );
+        assert!(engine.take_late_refusals().is_empty());
         engine.applied(2, [2; 32]);
         assert!(!engine.expected_contributors().contains(&pb));
         // Round 3: c's commitment is a copy of a's, refused; a reveals at once.
