@@ -7,17 +7,20 @@
 //! within 5 % of the all-honest run's. Real libtorch learners and the real exchanger; the table is
 //! printed (`loom-sim byzantine` writes it to `docs/byzantine.md`).
 //!
-//! Not in the default suite (`scripts/test-long.sh` runs them) until more runs back them. Before
-//! the last fixes the stale replay with 1 of 4 failed 3 runs in 4, and the honest peers could
-//! split onto two models for a whole run (2 of 7, copy). After them (replays and copies of late
-//! commitments and of blobs seen only in closes refused, better-ranked closes judged by rank key)
-//! the three tests passed 12 runs in 12, 4 of them beside a full build and test run. Round closes
-//! decided by consensus would end the splits for good. The audits test below runs in the default
-//! suite.
+//! The three tests run one at a time (each trains several peers' real learners at once). The
+//! first two are not in the default suite (`scripts/test-long.sh` runs them): they pass on an
+//! idle machine, but under heavy load the reference peer can lag, resync past rounds and miss
+//! the refusals of those rounds (counts in `docs/benchmarks.md`). Before the majority-branch rule
+//! and the refusal of late replays and copies, a peer that had closed a round alone could also
+//! run on alone to the end, and a replay arriving after its round's close went unrecorded. The
+//! audits test below runs in the default suite.
 
 use loom_simulations::byzantine::{
     ByzantineConfig, ByzantineOutcome, Misbehaviour, run, table, verdict,
 };
+
+/// Held by each test for its whole run: the runs compete for the same cores otherwise.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 const ROUNDS: u64 = 10;
 
@@ -67,8 +70,9 @@ fn check(shapes: &[Vec<ByzantineOutcome>]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not yet reliable (honest peers can split onto two models); run by scripts/test-long.sh"]
+#[ignore = "sensitive to machine load (a lagging reference peer skips rounds); run by scripts/test-long.sh"]
 async fn every_misbehaviour_is_refused_in_its_round_and_training_still_converges() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let misbehaviours: Vec<Misbehaviour> = Misbehaviour::ALL
         .into_iter()
         .filter(|m| *m != Misbehaviour::Stale)
@@ -81,8 +85,9 @@ async fn every_misbehaviour_is_refused_in_its_round_and_training_still_converges
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not yet reliable (honest peers can split onto two models); run by scripts/test-long.sh"]
+#[ignore = "sensitive to machine load (a lagging reference peer skips rounds); run by scripts/test-long.sh"]
 async fn a_stale_replay_is_refused_in_its_round() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let shapes = vec![
         shape(4, 1, &[Misbehaviour::Stale]).await,
         shape(7, 2, &[Misbehaviour::Stale]).await,
@@ -95,6 +100,7 @@ async fn a_stale_replay_is_refused_in_its_round() {
 /// threshold, and the models stay identical.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audits_by_recomputation_pass_every_honest_contribution() {
+    let _one = ONE_AT_A_TIME.lock().await;
     use loom_simulations::byzantine::AUDIT_MIN_COSINE;
     let outcome = run(ByzantineConfig {
         peers: 4,
