@@ -311,6 +311,16 @@ pub struct RoundReport {
     pub evidence: Vec<(PeerKey, SignedCommitment)>,
 }
 
+impl RoundReport {
+    /// `peer`'s signed commitment behind the round's close, when this peer holds it.
+    pub fn evidence_of(&self, peer: &PeerKey) -> Option<&SignedCommitment> {
+        self.evidence
+            .iter()
+            .find(|(author, _)| author == peer)
+            .map(|(_, signed)| signed)
+    }
+}
+
 /// The cheap check of one contribution: loss on its assigned batch before and after it.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct LossCheckRecord {

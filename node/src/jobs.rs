@@ -579,16 +579,9 @@ fn clip_reason(reason: &str) -> String {
 /// The entries the coordinator of `report`'s round submits: the round's result, then a verdict
 /// per refused contribution; and the credits they take from the escrow in total.
 pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, Credits) {
-    let evidence_of = |peer: &PeerKey| {
-        report
-            .evidence
-            .iter()
-            .find(|(author, _)| author == peer)
-            .map(|(_, signed)| signed.clone())
-    };
     let accepted: Vec<PeerKey> = keys(report.accepted.iter().cloned(), terms.max_contributors)
         .into_iter()
-        .filter(|k| evidence_of(k).is_some())
+        .filter(|k| report.evidence_of(k).is_some())
         .collect();
     let refused: Vec<PeerKey> = keys(
         report.refused.iter().map(|r| r.author.clone()),
@@ -599,13 +592,13 @@ pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, C
     .collect();
     let rejected: Vec<PeerKey> = refused
         .iter()
-        .filter(|k| evidence_of(k).is_some())
+        .filter(|k| report.evidence_of(k).is_some())
         .copied()
         .collect();
     let evidence = accepted
         .iter()
         .chain(&rejected)
-        .filter_map(evidence_of)
+        .filter_map(|k| report.evidence_of(k).cloned())
         .collect();
     let each = if accepted.is_empty() {
         0

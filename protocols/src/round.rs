@@ -72,6 +72,14 @@ pub struct RoundClose {
     pub refused: Vec<(PeerKey, String)>,
 }
 
+/// Remembers a resync target as tried, forgetting the oldest beyond [`TIP_TARGETS_TRIED`].
+fn remember_tried(tried: &mut Vec<(u64, ModelHash)>, target: (u64, ModelHash)) {
+    if tried.len() >= TIP_TARGETS_TRIED {
+        tried.remove(0);
+    }
+    tried.push(target);
+}
+
 /// A blob hash this peer heard committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct SeenBlob {
@@ -1314,6 +1322,19 @@ impl RoundEngine {
         }
     }
 
+    /// A resync onto the announced model `model_hash` after `round`, from the peers that
+    /// announced it; None when it was not heard.
+    fn resync_to(&self, round: u64, model_hash: ModelHash) -> Option<Action> {
+        let announced = self.lineage.get(&round)?.get(&model_hash)?;
+        Some(Action::Resync {
+            round,
+            model_hash,
+            snapshot_hash: announced.snapshot_hash,
+            snapshot_len: announced.snapshot_len,
+            from: announced.authors.iter().copied().collect(),
+        })
+    }
+
     /// How many contributors announced `model_hash` after `round`, never counting this peer.
     /// Contributors are the last round's and those with a signed commitment for the open round
     /// or the next: an announcement costs nothing to make up, a commitment is signed work.
@@ -1396,18 +1417,8 @@ impl RoundEngine {
         if self.support(round, &model_hash) < own_support {
             return None;
         }
-        let head = self.lineage.get(&round)?.get(&model_hash)?;
-        let resync = Action::Resync {
-            round,
-            model_hash,
-            snapshot_hash: head.snapshot_hash,
-            snapshot_len: head.snapshot_len,
-            from: head.authors.iter().copied().collect(),
-        };
-        if self.tip_targets_tried.len() >= TIP_TARGETS_TRIED {
-            self.tip_targets_tried.remove(0);
-        }
-        self.tip_targets_tried.push((round, model_hash));
+        let resync = self.resync_to(round, model_hash)?;
+        remember_tried(&mut self.tip_targets_tried, (round, model_hash));
         // The models of this peer's branch from the tip's round on are not the job's.
         self.my_hashes.retain(|r, _| *r < tip_round);
         self.resync_pending = true;
@@ -1448,14 +1459,7 @@ impl RoundEngine {
         if head_round + 1 < self.current {
             return None;
         }
-        let head = self.lineage.get(&head_round)?.get(&head_hash)?;
-        let resync = Action::Resync {
-            round: head_round,
-            model_hash: head_hash,
-            snapshot_hash: head.snapshot_hash,
-            snapshot_len: head.snapshot_len,
-            from: head.authors.iter().copied().collect(),
-        };
+        let resync = self.resync_to(head_round, head_hash)?;
         self.my_hashes.retain(|r, _| *r < round);
         self.resync_pending = true;
         self.counters.resyncs += 1;
@@ -1534,18 +1538,8 @@ impl RoundEngine {
         {
             return None;
         }
-        let head = self.lineage.get(&head_round)?.get(&head_hash)?;
-        let resync = Action::Resync {
-            round: head_round,
-            model_hash: head_hash,
-            snapshot_hash: head.snapshot_hash,
-            snapshot_len: head.snapshot_len,
-            from: head.authors.iter().copied().collect(),
-        };
-        if self.majority_targets_tried.len() >= TIP_TARGETS_TRIED {
-            self.majority_targets_tried.remove(0);
-        }
-        self.majority_targets_tried.push((head_round, head_hash));
+        let resync = self.resync_to(head_round, head_hash)?;
+        remember_tried(&mut self.majority_targets_tried, (head_round, head_hash));
         self.majority_elsewhere = None;
         // This peer's branch from that round on is abandoned.
         self.my_hashes.retain(|r, _| *r < round);

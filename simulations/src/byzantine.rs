@@ -937,23 +937,18 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
             }
         }
         // Paid or slashed only with the contributor's commitment as evidence, as a node does.
-        let evidence_of = |peer: &PeerKey| {
-            report
-                .evidence
-                .iter()
-                .find(|(author, _)| author == peer)
-                .map(|(_, signed)| signed.clone())
-        };
         let accepted: Vec<(PeerKey, Credits)> = honest
             .iter()
             .chain(&byzantine)
-            .filter(|k| report.accepted.contains(&hex(k)) && evidence_of(k).is_some())
+            .filter(|k| report.accepted.contains(&hex(k)) && report.evidence_of(k).is_some())
             .map(|k| (*k, PAY_PER_CONTRIBUTION))
             .collect();
         let rejected: Vec<PeerKey> = honest
             .iter()
             .chain(&byzantine)
-            .filter(|k| refused_authors.contains(&hex(k).as_str()) && evidence_of(k).is_some())
+            .filter(|k| {
+                refused_authors.contains(&hex(k).as_str()) && report.evidence_of(k).is_some()
+            })
             .filter(|k| !report.accepted.contains(&hex(k)))
             .copied()
             .collect();
@@ -961,7 +956,7 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
             .iter()
             .map(|(k, _)| k)
             .chain(&rejected)
-            .filter_map(evidence_of)
+            .filter_map(|k| report.evidence_of(k).cloned())
             .collect();
         ledger(
             &mut credits,
