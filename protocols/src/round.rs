@@ -433,9 +433,10 @@ pub struct RoundEngine {
     /// close that made its starting model): the peers whose announcements of the round's model
     /// count when branches are weighed by majority.
     electorate: BTreeMap<u64, BTreeSet<PeerKey>>,
-    /// A branch that a majority of a past round's electorate announced, other than this
-    /// peer's: (round, model hash, since when it has been seen winning).
-    majority_elsewhere: Option<(u64, ModelHash, u64)>,
+    /// Since when this peer has seen a majority of a past round's electorate on another
+    /// branch than its own (whichever round that is: a peer running alone moves on a round at
+    /// a time, and so does the round weighed).
+    majority_elsewhere_since: Option<u64>,
     /// Majority resync targets already tried (round, model hash).
     majority_targets_tried: Vec<(u64, ModelHash)>,
     /// Replays and copies refused after their round closed, not yet taken by the driver:
@@ -500,7 +501,7 @@ impl RoundEngine {
             closed_by: BTreeMap::new(),
             divergence: None,
             electorate: BTreeMap::new(),
-            majority_elsewhere: None,
+            majority_elsewhere_since: None,
             majority_targets_tried: Vec::new(),
             late_refusals: Vec::new(),
         }
@@ -1473,9 +1474,9 @@ impl RoundEngine {
     /// the last applied backwards (the last is the business of the close and divergence rules),
     /// down to the newest where another member of the electorate holds this peer's model. In a
     /// round, each member of its electorate counts once, for the model it announced last, and
-    /// this peer for its own; a tie goes to the lower model hash, so both sides pick alike. The
-    /// winner must stay the winner for a second (the announcements have time to arrive), and
-    /// each target is tried once.
+    /// this peer for its own; a tie goes to the lower model hash, so both sides pick alike. A
+    /// majority elsewhere must have been seen for a second (the announcements have time to
+    /// arrive), and each target is tried once.
     fn follow_majority(&mut self, now_ms: u64) -> Option<Action> {
         if self.resync_pending {
             return None;
@@ -1518,16 +1519,10 @@ impl RoundEngine {
             }
         }
         let Some((round, best)) = found else {
-            self.majority_elsewhere = None;
+            self.majority_elsewhere_since = None;
             return None;
         };
-        let since = match self.majority_elsewhere {
-            Some((r, hash, since)) if r == round && hash == best => since,
-            _ => {
-                self.majority_elsewhere = Some((round, best, now_ms));
-                return None;
-            }
-        };
+        let since = *self.majority_elsewhere_since.get_or_insert(now_ms);
         if now_ms < since + TIP_SETTLE_MS.max(self.config.proposer_grace_ms) {
             return None;
         }
@@ -1540,7 +1535,7 @@ impl RoundEngine {
         }
         let resync = self.resync_to(head_round, head_hash)?;
         remember_tried(&mut self.majority_targets_tried, (head_round, head_hash));
-        self.majority_elsewhere = None;
+        self.majority_elsewhere_since = None;
         // This peer's branch from that round on is abandoned.
         self.my_hashes.retain(|r, _| *r < round);
         self.electorate.retain(|r, _| *r <= round);
