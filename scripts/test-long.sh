@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The longer checks, beyond the README's test command: tests kept out of the default suite, the
-# consensus chaos simulation over 5,000 seeds, and 50 kill -9 cycles of the ledger on 5 peers.
+# The longer checks, beyond the README's test command: the consensus chaos simulation over 5,000
+# seeds and 50 kill -9 cycles of the ledger on 5 peers, and any test marked #[ignore].
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
