@@ -30,7 +30,7 @@ use loom_actors::{RoundReport, exchanger::hex, ledger::SharedLedgerStore};
 use loom_protocols::{
     PeerKey,
     credits::CreditState,
-    ledger::{Block, Credits, Entry, JobId, MAX_MANIFEST_BYTES, MAX_REASON_BYTES},
+    ledger::{Block, Credits, Entry, JobId, JobTerms, MAX_MANIFEST_BYTES, MAX_REASON_BYTES},
 };
 use serde::{Deserialize, Serialize};
 
@@ -538,24 +538,26 @@ pub fn check_submission(
 pub struct RoundTerms {
     /// The job.
     pub job: JobId,
-    /// Payment terms.
-    pub pay: Pay,
-    /// Most contributions a round counts.
-    pub max_contributors: usize,
-    /// Rounds of the job.
-    pub rounds: u64,
+    /// The job's terms, as on the ledger (rounds, most contributors, pay).
+    pub terms: JobTerms,
     /// Escrow left for this coordinator to spend (the ledger's, less its own pending entries).
     pub available: Credits,
 }
 
 impl RoundTerms {
+    /// Most contributions a round counts.
+    fn max_contributors(&self) -> usize {
+        self.terms.max_contributors as usize
+    }
+
     /// What the contributions of the rounds after `round` may need from the escrow: verdict
     /// fees never touch it.
     fn reserve_after(&self, round: u64) -> Credits {
-        self.rounds
+        self.terms
+            .rounds
             .saturating_sub(round)
-            .saturating_mul(self.max_contributors as Credits)
-            .saturating_mul(self.pay.per_contribution)
+            .saturating_mul(Credits::from(self.terms.max_contributors))
+            .saturating_mul(self.terms.per_contribution)
     }
 }
 
@@ -579,13 +581,13 @@ fn clip_reason(reason: &str) -> String {
 /// The entries the coordinator of `report`'s round submits: the round's result, then a verdict
 /// per refused contribution; and the credits they take from the escrow in total.
 pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, Credits) {
-    let accepted: Vec<PeerKey> = keys(report.accepted.iter().cloned(), terms.max_contributors)
+    let accepted: Vec<PeerKey> = keys(report.accepted.iter().cloned(), terms.max_contributors())
         .into_iter()
         .filter(|k| report.evidence_of(k).is_some())
         .collect();
     let refused: Vec<PeerKey> = keys(
         report.refused.iter().map(|r| r.author.clone()),
-        terms.max_contributors,
+        terms.max_contributors(),
     )
     .into_iter()
     .filter(|k| !accepted.contains(k))
@@ -604,7 +606,7 @@ pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, C
         0
     } else {
         terms
-            .pay
+            .terms
             .per_contribution
             .min(terms.available / accepted.len() as Credits)
     };
@@ -630,7 +632,7 @@ pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, C
             .find(|r| unhex(&r.author).is_some_and(|b| b.as_slice() == subject.as_slice()))
             .map(|r| clip_reason(&r.reason))
             .unwrap_or_default();
-        let fee = terms.pay.per_verdict.min(budget);
+        let fee = terms.terms.per_verdict.min(budget);
         budget -= fee;
         spent += fee;
         entries.push(Entry::Verdict {
@@ -653,13 +655,13 @@ pub fn audit_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, C
     let mut budget = terms.available.saturating_sub(reserve);
     let mut spent = 0;
     let mut entries = Vec::new();
-    for audit in report.audits.iter().take(terms.max_contributors) {
+    for audit in report.audits.iter().take(terms.max_contributors()) {
         let Some(subject) =
             unhex(&audit.subject).and_then(|b| PeerKey::try_from(b.as_slice()).ok())
         else {
             continue;
         };
-        let fee = terms.pay.per_verdict.min(budget);
+        let fee = terms.terms.per_verdict.min(budget);
         budget -= fee;
         spent += fee;
         entries.push(Entry::Verdict {
@@ -806,12 +808,12 @@ pay: {per_contribution: 5, per_verdict: 2}
     fn terms(available: Credits) -> RoundTerms {
         RoundTerms {
             job: [3; 32],
-            pay: Pay {
+            terms: JobTerms {
+                rounds: 3,
+                max_contributors: 4,
                 per_contribution: 5,
                 per_verdict: 2,
             },
-            max_contributors: 4,
-            rounds: 3,
             available,
         }
     }

@@ -381,8 +381,6 @@ const BACKUP_ROUNDS_MAX: usize = 64;
 /// so a late duplicate is refused.
 struct RoundPayer {
     job: JobId,
-    max_contributors: usize,
-    rounds: u64,
     /// Credits of entries this peer submitted whose round is not recorded yet, by round.
     pending: BTreeMap<u64, Credits>,
     /// The job was not on the ledger at the last report (said once).
@@ -397,8 +395,6 @@ impl RoundPayer {
     fn new(job: &Job) -> Self {
         Self {
             job: job.id,
-            max_contributors: job.manifest.replicas.max,
-            rounds: job.plan.rounds,
             pending: BTreeMap::new(),
             unlisted_said: false,
             backlog: BTreeMap::new(),
@@ -466,8 +462,8 @@ impl RoundPayer {
         }
     }
 
-    /// The job's terms at the ledger's tip, less what this peer's entries not yet on the
-    /// ledger will take; None when the job is not on the ledger.
+    /// The job's terms on the ledger, with the escrow at the ledger's tip less what this peer's
+    /// entries not yet on the ledger will take; None when the job is not on the ledger.
     fn terms(&mut self, jobs: &SharedJobBook) -> Option<RoundTerms> {
         let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
         let Some(record) = book.get(&self.job) else {
@@ -482,9 +478,7 @@ impl RoundPayer {
         let pending: Credits = self.pending.values().sum();
         Some(RoundTerms {
             job: self.job,
-            pay: record.parsed.as_ref().map(|m| m.pay).unwrap_or_default(),
-            max_contributors: self.max_contributors,
-            rounds: self.rounds,
+            terms: *book.credits().terms(&self.job)?,
             available: book.credits().escrow(&self.job).saturating_sub(pending),
         })
     }

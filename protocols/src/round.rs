@@ -1323,6 +1323,11 @@ impl RoundEngine {
         }
     }
 
+    /// How long the states of a round are given to arrive before branches are weighed.
+    fn settle_ms(&self) -> u64 {
+        TIP_SETTLE_MS.max(self.config.proposer_grace_ms)
+    }
+
     /// A resync onto the announced model `model_hash` after `round`, from the peers that
     /// announced it; None when it was not heard.
     fn resync_to(&self, round: u64, model_hash: ModelHash) -> Option<Action> {
@@ -1397,7 +1402,7 @@ impl RoundEngine {
         }
         // The round's states (this peer's own branch's included) are given time to arrive
         // before the branches are weighed.
-        if now_ms < self.tip_since_ms + TIP_SETTLE_MS.max(self.config.proposer_grace_ms) {
+        if now_ms < self.tip_since_ms + self.settle_ms() {
             return None;
         }
         let mine = self.my_hashes.get(&tip_round)?;
@@ -1443,7 +1448,7 @@ impl RoundEngine {
             self.divergence = Some((round, theirs, Some(now_ms)));
             return None;
         };
-        if now_ms < since + TIP_SETTLE_MS.max(self.config.proposer_grace_ms) {
+        if now_ms < since + self.settle_ms() {
             return None;
         }
         self.divergence = None;
@@ -1523,7 +1528,7 @@ impl RoundEngine {
             return None;
         };
         let since = *self.majority_elsewhere_since.get_or_insert(now_ms);
-        if now_ms < since + TIP_SETTLE_MS.max(self.config.proposer_grace_ms) {
+        if now_ms < since + self.settle_ms() {
             return None;
         }
         let (head_round, head_hash) = self.branch_head(round, best)?;
