@@ -19,6 +19,16 @@
 //! round, [`MAX_VERDICTS_PER_SUBJECT`] times per subject. So whoever records a round (the ledger
 //! lets any committee member) can pay or slash only the round's own contributors, and no more
 //! than the job would pay them.
+//!
+//! Which of them it pays and slashes is the job committee's to say. Peers join a job's committee
+//! ([`Entry::JobJoined`], at most `max_contributors` members) and vote on each round they
+//! applied ([`Entry::RoundVote`]: the model, the digest of the accepted set, the refused
+//! contributors), once per member and round. A result is taken only when [`vote_quorum`] of
+//! the committee (more than a third, so at least one honest member while fewer than a third
+//! are byzantine) voted for its model hash and exact accepted set, and each peer it slashes was
+//! refused in that many of those votes: a recorder can neither leave an aggregated contributor
+//! unpaid nor slash one that no honest member refused. A round's votes are dropped once its
+//! result is recorded; later votes on it are refused.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -26,8 +36,12 @@ use serde::Serialize;
 
 use crate::{
     PeerKey,
+    contribution::BlobHash,
     contribution::SignedCommitment,
-    ledger::{Block, Credits, Entry, JobId, JobTerms, MAX_VERDICTS_PER_SUBJECT},
+    ledger::{
+        Block, Credits, Entry, JobId, JobTerms, MAX_VERDICTS_PER_SUBJECT, accepted_digest,
+        vote_quorum,
+    },
 };
 
 /// Credits taken from a contributor whose contribution was rejected.
@@ -125,7 +139,55 @@ pub struct CreditState {
     terms: BTreeMap<JobId, JobTerms>,
     /// The (subject, verifier) pairs of the verdicts recorded per (job, round).
     verdicts: BTreeMap<(JobId, u64), BTreeSet<(PeerKey, PeerKey)>>,
+    /// Each job's committee: the members whose round votes count.
+    committees: BTreeMap<JobId, BTreeSet<PeerKey>>,
+    /// The committee's votes on each (job, round) whose result is not recorded yet, by voter.
+    votes: BTreeMap<(JobId, u64), BTreeMap<PeerKey, RoundVote>>,
     minted: u128,
+}
+
+/// A committee member's vote on a round, as the ledger holds it until the round's result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RoundVote {
+    /// The model the voter reached.
+    pub model_hash: BlobHash,
+    /// [`accepted_digest`] of the contributors it aggregated.
+    pub accepted_digest: BlobHash,
+    /// The contributors it refused.
+    pub rejected: Vec<PeerKey>,
+}
+
+/// Checks a round result against its committee's votes: at least [`vote_quorum`] of the
+/// `members` voted for its model and exact accepted set, and each rejected peer is refused in at
+/// least that many of those votes.
+fn check_round_votes(
+    votes: Option<&BTreeMap<PeerKey, RoundVote>>,
+    members: usize,
+    model_hash: &BlobHash,
+    accepted: &[(PeerKey, Credits)],
+    rejected: &[PeerKey],
+) -> Result<(), &'static str> {
+    let digest = accepted_digest(accepted.iter().map(|(peer, _)| peer));
+    let matching: Vec<&RoundVote> = votes
+        .into_iter()
+        .flat_map(|votes| votes.values())
+        .filter(|vote| vote.model_hash == *model_hash && vote.accepted_digest == digest)
+        .collect();
+    let quorum = vote_quorum(members);
+    if matching.len() < quorum {
+        return Err("round result without a quorum of its job committee's votes");
+    }
+    for peer in rejected {
+        if matching
+            .iter()
+            .filter(|v| v.rejected.contains(peer))
+            .count()
+            < quorum
+        {
+            return Err("round result slashes a contributor too few committee votes refused");
+        }
+    }
+    Ok(())
 }
 
 /// Checks a round result against its job's terms and evidence: the round is one of the job's,
@@ -204,6 +266,20 @@ impl CreditState {
     /// `job`'s terms, once it is on the ledger.
     pub fn terms(&self, job: &JobId) -> Option<&JobTerms> {
         self.terms.get(job)
+    }
+
+    /// The members of `job`'s committee.
+    pub fn committee(&self, job: &JobId) -> impl Iterator<Item = &PeerKey> {
+        self.committees.get(job).into_iter().flatten()
+    }
+
+    /// The votes on round `round` of `job` while its result is not recorded, by voter.
+    pub fn round_votes(
+        &self,
+        job: &JobId,
+        round: u64,
+    ) -> impl Iterator<Item = (&PeerKey, &RoundVote)> {
+        self.votes.get(&(*job, round)).into_iter().flatten()
     }
 
     /// Whether round `round` of `job` has its result on the ledger.
@@ -295,6 +371,14 @@ impl CreditState {
         Ok(())
     }
 
+    /// The terms of `job` while it is open (submitted, not closed).
+    fn open_terms(&self, index: usize, job: &JobId) -> Result<&JobTerms, CreditError> {
+        if self.closed.contains(job) {
+            return Err(CreditError::JobClosed { index });
+        }
+        self.terms.get(job).ok_or(CreditError::UnknownJob { index })
+    }
+
     fn add_reputation(&mut self, peer: &PeerKey, delta: i64) {
         let r = self.reputation.entry(*peer).or_insert(0);
         *r = r.saturating_add(delta);
@@ -350,18 +434,12 @@ impl CreditState {
             Entry::RoundResult {
                 job,
                 round,
+                model_hash,
                 accepted,
                 rejected,
                 evidence,
-                ..
             } => {
-                if self.closed.contains(job) {
-                    return Err(CreditError::JobClosed { index });
-                }
-                let terms = self
-                    .terms
-                    .get(job)
-                    .ok_or(CreditError::UnknownJob { index })?;
+                let terms = self.open_terms(index, job)?;
                 check_round_result(terms, job, *round, accepted, rejected, evidence)
                     .map_err(|what| CreditError::OutsideTerms { index, what })?;
                 if self.round_recorded(job, *round) {
@@ -370,6 +448,15 @@ impl CreditState {
                         round: *round,
                     });
                 }
+                check_round_votes(
+                    self.votes.get(&(*job, *round)),
+                    self.committees.get(job).map_or(0, BTreeSet::len),
+                    model_hash,
+                    accepted,
+                    rejected,
+                )
+                .map_err(|what| CreditError::OutsideTerms { index, what })?;
+                self.votes.remove(&(*job, *round));
                 let total = accepted
                     .iter()
                     .try_fold(0u64, |sum, (_, amount)| sum.checked_add(*amount))
@@ -395,13 +482,7 @@ impl CreditState {
                 fee,
                 ..
             } => {
-                if self.closed.contains(job) {
-                    return Err(CreditError::JobClosed { index });
-                }
-                let terms = self
-                    .terms
-                    .get(job)
-                    .ok_or(CreditError::UnknownJob { index })?;
+                let terms = self.open_terms(index, job)?;
                 let outside = |what| CreditError::OutsideTerms { index, what };
                 if *round == 0 || *round > terms.rounds {
                     return Err(outside("verdict on a round outside the job's terms"));
@@ -428,6 +509,65 @@ impl CreditState {
                 self.credit(index, author, *fee)?;
                 self.add_reputation(author, REPUTATION_ACCEPTED);
             }
+            Entry::JobJoined { job } => {
+                let terms = self.open_terms(index, job)?;
+                let limit = terms.max_contributors as usize;
+                let members = self.committees.entry(*job).or_default();
+                if members.contains(author) {
+                    return Err(CreditError::OutsideTerms {
+                        index,
+                        what: "already a member of the job's committee",
+                    });
+                }
+                if members.len() >= limit {
+                    return Err(CreditError::OutsideTerms {
+                        index,
+                        what: "the job's committee is full",
+                    });
+                }
+                members.insert(*author);
+            }
+            Entry::RoundVote {
+                job,
+                round,
+                model_hash,
+                accepted_digest,
+                rejected,
+            } => {
+                let terms = *self.open_terms(index, job)?;
+                let outside = |what| CreditError::OutsideTerms { index, what };
+                if !self.committees.get(job).is_some_and(|m| m.contains(author)) {
+                    return Err(outside("round vote by a peer outside the job's committee"));
+                }
+                if *round == 0 || *round > terms.rounds {
+                    return Err(outside("round vote on a round outside the job's terms"));
+                }
+                if self.round_recorded(job, *round) {
+                    return Err(CreditError::DuplicateRound {
+                        index,
+                        round: *round,
+                    });
+                }
+                if rejected.len() > terms.max_contributors as usize
+                    || rejected.iter().collect::<BTreeSet<_>>().len() != rejected.len()
+                {
+                    return Err(outside(
+                        "round vote refusing more or other peers than a round has",
+                    ));
+                }
+                let votes = self.votes.entry((*job, *round)).or_default();
+                if votes.contains_key(author) {
+                    return Err(outside("a second vote by one member on one round"));
+                }
+                votes.insert(
+                    *author,
+                    RoundVote {
+                        model_hash: *model_hash,
+                        accepted_digest: *accepted_digest,
+                        rejected: rejected.clone(),
+                    },
+                );
+            }
             Entry::Transfer { to, amount } => {
                 self.debit(index, author, *amount)?;
                 self.credit(index, to, *amount)?;
@@ -448,7 +588,7 @@ impl CreditState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::tests::{block, evidence, pk, signed, terms};
+    use crate::ledger::tests::{block, evidence, joins, pk, signed, terms, votes_for};
     use proptest::prelude::*;
 
     const JOB: JobId = [9; 32];
@@ -487,34 +627,29 @@ mod tests {
     fn a_job_pays_contributors_and_verifiers_from_escrow_and_slashes_the_rejected() {
         let (mut state, b1) = with_job(terms());
         assert!(state.check_conservation());
-        let b2 = block(
-            2,
-            Some(&b1),
-            vec![
-                signed(
-                    4,
-                    Entry::Verdict {
-                        job: JOB,
-                        round: 1,
-                        subject: pk(3),
-                        accepted: false,
-                        reason: "sign flipped".into(),
-                        fee: 2,
-                    },
-                ),
-                signed(
-                    4,
-                    Entry::RoundResult {
-                        job: JOB,
-                        round: 1,
-                        model_hash: [0; 32],
-                        accepted: vec![(pk(2), 100)],
-                        rejected: vec![pk(3)],
-                        evidence: evidence(JOB, 1, &[2, 3]),
-                    },
-                ),
-            ],
-        );
+        let result = Entry::RoundResult {
+            job: JOB,
+            round: 1,
+            model_hash: [0; 32],
+            accepted: vec![(pk(2), 100)],
+            rejected: vec![pk(3)],
+            evidence: evidence(JOB, 1, &[2, 3]),
+        };
+        let mut entries = joins(JOB, &[4]);
+        entries.extend(votes_for(&result, &[4]));
+        entries.push(signed(
+            4,
+            Entry::Verdict {
+                job: JOB,
+                round: 1,
+                subject: pk(3),
+                accepted: false,
+                reason: "sign flipped".into(),
+                fee: 2,
+            },
+        ));
+        entries.push(signed(4, result));
+        let b2 = block(2, Some(&b1), entries);
         state.apply_block(&b2).expect("applies");
         assert!(state.check_conservation());
         assert_eq!(state.balance(&pk(1)), 700);
@@ -532,32 +667,27 @@ mod tests {
     #[test]
     fn closing_a_job_returns_its_escrow_to_the_submitter_and_ends_its_payments() {
         let g = genesis();
-        let b1 = block(
+        let result = Entry::RoundResult {
+            job: JOB,
+            round: 1,
+            model_hash: [0; 32],
+            accepted: vec![(pk(2), 100)],
+            rejected: Vec::new(),
+            evidence: evidence(JOB, 1, &[2]),
+        };
+        let mut entries = vec![signed(
             1,
-            Some(&g),
-            vec![
-                signed(
-                    1,
-                    Entry::JobSubmitted {
-                        job: JOB,
-                        escrow: 300,
-                        manifest: String::new(),
-                        terms: terms(),
-                    },
-                ),
-                signed(
-                    4,
-                    Entry::RoundResult {
-                        job: JOB,
-                        round: 1,
-                        model_hash: [0; 32],
-                        accepted: vec![(pk(2), 100)],
-                        rejected: Vec::new(),
-                        evidence: evidence(JOB, 1, &[2]),
-                    },
-                ),
-            ],
-        );
+            Entry::JobSubmitted {
+                job: JOB,
+                escrow: 300,
+                manifest: String::new(),
+                terms: terms(),
+            },
+        )];
+        entries.extend(joins(JOB, &[4]));
+        entries.extend(votes_for(&result, &[4]));
+        entries.push(signed(4, result));
+        let b1 = block(1, Some(&g), entries);
         let mut state = CreditState::default();
         for b in [&g, &b1] {
             state.apply_block(b).expect("applies");
@@ -615,6 +745,21 @@ mod tests {
             })),
             Err(CreditError::JobClosed { index: 0 })
         );
+        for entry in [
+            Entry::JobJoined { job: JOB },
+            Entry::RoundVote {
+                job: JOB,
+                round: 2,
+                model_hash: [0; 32],
+                accepted_digest: [0; 32],
+                rejected: Vec::new(),
+            },
+        ] {
+            assert_eq!(
+                state.apply_block(&after(entry)),
+                Err(CreditError::JobClosed { index: 0 })
+            );
+        }
         assert_eq!(
             state.apply_block(&block(
                 3,
@@ -660,32 +805,27 @@ mod tests {
             })
         );
         assert_eq!(state, before, "nothing of the refused block was applied");
-        let overpay = block(
+        let result = Entry::RoundResult {
+            job: JOB,
+            round: 1,
+            model_hash: [0; 32],
+            accepted: vec![(pk(2), 11)],
+            rejected: vec![],
+            evidence: evidence(JOB, 1, &[2]),
+        };
+        let mut entries = vec![signed(
             1,
-            Some(&g),
-            vec![
-                signed(
-                    1,
-                    Entry::JobSubmitted {
-                        job: JOB,
-                        escrow: 10,
-                        manifest: String::new(),
-                        terms: terms(),
-                    },
-                ),
-                signed(
-                    1,
-                    Entry::RoundResult {
-                        job: JOB,
-                        round: 1,
-                        model_hash: [0; 32],
-                        accepted: vec![(pk(2), 11)],
-                        rejected: vec![],
-                        evidence: evidence(JOB, 1, &[2]),
-                    },
-                ),
-            ],
-        );
+            Entry::JobSubmitted {
+                job: JOB,
+                escrow: 10,
+                manifest: String::new(),
+                terms: terms(),
+            },
+        )];
+        entries.extend(joins(JOB, &[1]));
+        entries.extend(votes_for(&result, &[1]));
+        entries.push(signed(1, result));
+        let overpay = block(1, Some(&g), entries);
         assert!(matches!(
             state.apply_block(&overpay),
             Err(CreditError::EscrowShort { .. })
@@ -707,37 +847,42 @@ mod tests {
     #[test]
     fn a_round_has_at_most_one_result_even_within_one_block() {
         let g = genesis();
-        let b1 = block(
+        let mut entries = vec![signed(
             1,
-            Some(&g),
-            vec![signed(
-                1,
-                Entry::JobSubmitted {
-                    job: JOB,
-                    escrow: 100,
-                    manifest: String::new(),
-                    terms: terms(),
-                },
-            )],
-        );
+            Entry::JobSubmitted {
+                job: JOB,
+                escrow: 100,
+                manifest: String::new(),
+                terms: terms(),
+            },
+        )];
+        entries.extend(joins(JOB, &[4, 5]));
+        let b1 = block(1, Some(&g), entries);
         let mut state = CreditState::default();
         state.apply_block(&g).expect("genesis");
         state.apply_block(&b1).expect("job");
         assert!(!state.round_recorded(&JOB, 1));
-        // Two coordinators' results for round 1 in one block: the block is refused whole.
+        // Two coordinators' results for round 1 in one block (both with the votes for their
+        // model and accepted set): the block is refused whole.
+        let vote = votes_for(&round_result(1, 10), &[4]);
         let both = block(
             2,
             Some(&b1),
             vec![
+                vote[0].clone(),
                 signed(4, round_result(1, 10)),
                 signed(5, round_result(1, 20)),
             ],
         );
         assert_eq!(
             state.apply_block(&both),
-            Err(CreditError::DuplicateRound { index: 1, round: 1 })
+            Err(CreditError::DuplicateRound { index: 2, round: 1 })
         );
-        let first = block(2, Some(&b1), vec![signed(4, round_result(1, 10))]);
+        let first = block(
+            2,
+            Some(&b1),
+            vec![vote[0].clone(), signed(4, round_result(1, 10))],
+        );
         state.apply_block(&first).expect("first result");
         assert!(state.round_recorded(&JOB, 1));
         // A later result for the same round is refused; another round is not.
@@ -746,7 +891,9 @@ mod tests {
             state.apply_block(&again),
             Err(CreditError::DuplicateRound { index: 0, round: 1 })
         );
-        let next = block(3, Some(&first), vec![signed(5, round_result(2, 20))]);
+        let mut entries = votes_for(&round_result(2, 20), &[5]);
+        entries.push(signed(5, round_result(2, 20)));
+        let next = block(3, Some(&first), entries);
         state.apply_block(&next).expect("round 2");
         assert_eq!(state.escrow(&JOB), 70);
         assert_eq!(state.balance(&pk(2)), 80);
@@ -856,16 +1003,89 @@ mod tests {
             evidence: evidence(JOB, 1, &[4]),
         };
         assert!(outside(&mut state, &b1, 4, slash).contains("signed commitment"));
-        let honest = block(
-            2,
-            Some(&b1),
-            vec![signed(5, result(1, vec![(4, 50)], evidence(JOB, 1, &[4])))],
-        );
+        let paid = result(1, vec![(4, 50)], evidence(JOB, 1, &[4]));
+        let mut entries = joins(JOB, &[5]);
+        entries.extend(votes_for(&paid, &[5]));
+        entries.push(signed(5, paid));
+        let honest = block(2, Some(&b1), entries);
         state
             .apply_block(&honest)
             .expect("a result within the terms");
         assert_eq!(state.balance(&pk(4)), 50);
         assert_eq!(state.terms(&JOB).map(|t| t.rounds), Some(4));
+    }
+
+    /// A round result is taken only as the job's committee voted: a byzantine member cannot
+    /// record a result leaving an aggregated contributor unpaid (or paying itself) on its own
+    /// vote, nor slash a contributor fewer than a quorum of the voters refused; membership and
+    /// votes are bounded, and a round's votes end with its result.
+    #[test]
+    fn a_round_result_is_taken_only_as_its_committee_voted() {
+        let (mut state, b1) = with_job(JobTerms {
+            rounds: 4,
+            max_contributors: 4,
+            per_contribution: 50,
+            per_verdict: 5,
+        });
+        let committee = block(2, Some(&b1), joins(JOB, &[2, 3, 4, 5]));
+        state.apply_block(&committee).expect("four members join");
+        assert_eq!(state.committee(&JOB).count(), 4);
+        let join = Entry::JobJoined { job: JOB };
+        assert!(outside(&mut state, &committee, 6, join.clone()).contains("full"));
+        assert!(outside(&mut state, &committee, 2, join).contains("already"));
+        let result = |accepted: &[u8], rejected: &[u8]| {
+            let seeds: Vec<u8> = accepted.iter().chain(rejected).copied().collect();
+            Entry::RoundResult {
+                job: JOB,
+                round: 1,
+                model_hash: [1; 32],
+                accepted: accepted.iter().map(|&p| (pk(p), 50)).collect(),
+                rejected: rejected.iter().copied().map(pk).collect(),
+                evidence: evidence(JOB, 1, &seeds),
+            }
+        };
+        // Members 2, 3 and 4 aggregated 2, 3 and 4; only 2 refused 5. Member 5 votes for a
+        // result that pays itself and 2, leaves 4 out and slashes 3.
+        let mut votes = votes_for(&result(&[2, 3, 4], &[5]), &[2]);
+        votes.extend(votes_for(&result(&[2, 3, 4], &[]), &[3, 4]));
+        votes.extend(votes_for(&result(&[2, 5], &[3]), &[5]));
+        let voted = block(3, Some(&committee), votes);
+        state.apply_block(&voted).expect("votes");
+        assert_eq!(state.round_votes(&JOB, 1).count(), 4);
+        assert!(outside(&mut state, &voted, 5, result(&[2, 5], &[3])).contains("quorum"));
+        assert!(outside(&mut state, &voted, 5, result(&[2, 3], &[])).contains("quorum"));
+        assert!(outside(&mut state, &voted, 2, result(&[2, 3, 4], &[5])).contains("too few"));
+        let vote = |round: u64, rejected: Vec<PeerKey>| Entry::RoundVote {
+            job: JOB,
+            round,
+            model_hash: [1; 32],
+            accepted_digest: [0; 32],
+            rejected,
+        };
+        assert!(outside(&mut state, &voted, 6, vote(2, vec![])).contains("outside the job's"));
+        assert!(outside(&mut state, &voted, 2, vote(1, vec![])).contains("second vote"));
+        assert!(outside(&mut state, &voted, 2, vote(5, vec![])).contains("outside the job's"));
+        assert!(outside(&mut state, &voted, 2, vote(2, vec![pk(3), pk(3)])).contains("refusing"));
+        let paid = block(4, Some(&voted), vec![signed(5, result(&[2, 3, 4], &[]))]);
+        state
+            .apply_block(&paid)
+            .expect("the result two members voted for");
+        // Minted at genesis: 50 to peer 2, 5 to peer 3.
+        assert_eq!(state.balance(&pk(2)), 100);
+        assert_eq!(state.balance(&pk(3)), 55);
+        assert_eq!(state.balance(&pk(4)), 50);
+        assert_eq!(state.balance(&pk(5)), 0);
+        assert_eq!(
+            state.round_votes(&JOB, 1).count(),
+            0,
+            "a recorded round's votes end"
+        );
+        let late = block(5, Some(&paid), vec![signed(2, vote(1, vec![]))]);
+        assert_eq!(
+            state.apply_block(&late),
+            Err(CreditError::DuplicateRound { index: 0, round: 1 })
+        );
+        assert!(state.check_conservation());
     }
 
     /// Verdicts pay at most the job's fee, once per verifier and contribution, and at most
@@ -949,6 +1169,24 @@ mod tests {
         prop_oneof![
             (peer.clone(), peer.clone(), amount.clone())
                 .prop_map(|(a, to, amount)| (a, Entry::Transfer { to: pk(to), amount })),
+            (peer.clone(), job.clone()).prop_map(|(a, job)| (a, Entry::JobJoined { job })),
+            (
+                peer.clone(),
+                job.clone(),
+                prop::collection::vec(peer.clone(), 0..3)
+            )
+                .prop_map(|(a, job, accepted)| (
+                    a,
+                    Entry::RoundVote {
+                        job,
+                        round: 1,
+                        model_hash: [0; 32],
+                        accepted_digest: accepted_digest(
+                            &accepted.iter().map(|p| pk(*p)).collect::<Vec<_>>()
+                        ),
+                        rejected: Vec::new(),
+                    }
+                )),
             (peer.clone(), job.clone(), amount.clone()).prop_map(|(a, job, escrow)| (
                 a,
                 Entry::JobSubmitted {

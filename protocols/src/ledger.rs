@@ -36,6 +36,7 @@ pub const MAX_JOB_PAY: Credits = 1_000_000_000;
 /// Most verdicts on one contributor of one round (the coordinator's refusal and an audit).
 pub const MAX_VERDICTS_PER_SUBJECT: usize = 2;
 const ENTRY_DOMAIN: &[u8] = b"loom/ledger-entry/v1\0";
+const ACCEPTED_DOMAIN: &[u8] = b"loom/round-accepted/v1\0";
 const VOTE_DOMAIN: &[u8] = b"loom/consensus-vote/v1\0";
 
 /// Credits, in the smallest unit.
@@ -66,6 +67,25 @@ impl JobTerms {
             && self.per_contribution <= MAX_JOB_PAY
             && self.per_verdict <= MAX_JOB_PAY
     }
+}
+
+/// The digest a [`Entry::RoundVote`] names the accepted set by: blake3 over a domain tag and the
+/// distinct keys in ascending order, so every peer that applied one close gets one digest.
+pub fn accepted_digest<'a>(accepted: impl IntoIterator<Item = &'a PeerKey>) -> BlobHash {
+    let keys: BTreeSet<&PeerKey> = accepted.into_iter().collect();
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(ACCEPTED_DOMAIN);
+    for key in keys {
+        hasher.update(key);
+    }
+    *hasher.finalize().as_bytes()
+}
+
+/// Matching votes a round result needs from a job committee of `members`: more than a third, so
+/// that at least one is an honest member's while fewer than a third of the committee is
+/// byzantine (`f + 1` of `3f + 1`). Zero members need one vote, which nobody can cast.
+pub fn vote_quorum(members: usize) -> usize {
+    members / 3 + 1
 }
 
 /// What an entry records. The author of the signed entry is the actor of the record (the
@@ -100,7 +120,9 @@ pub enum Entry {
     /// contributors, and rejected contributors (slashed). At most one per (job, round) is ever
     /// on the ledger. Every accepted or rejected contributor is backed by its own signed
     /// commitment of a contribution to this job and round (`evidence`), so a result can pay or
-    /// slash only peers that took part in the round, within the job's terms.
+    /// slash only peers that took part in the round, within the job's terms. It is taken only
+    /// with [`vote_quorum`] of the job committee's [`Entry::RoundVote`]s for its model and
+    /// exact accepted set already on the ledger, each rejected peer refused in that many of them.
     RoundResult {
         /// The job.
         job: JobId,
@@ -172,6 +194,28 @@ pub enum Entry {
         /// The job.
         job: JobId,
     },
+    /// The author joins the job's committee: the peers whose [`Entry::RoundVote`]s decide which
+    /// round results the ledger takes. At most the terms' `max_contributors` members.
+    JobJoined {
+        /// The job.
+        job: JobId,
+    },
+    /// A committee member's vote on a round of a job: the model it reached, the accepted set of
+    /// the close it applied ([`accepted_digest`]) and the contributors it refused. A round
+    /// result is taken only when [`vote_quorum`] members voted for its model and accepted set,
+    /// and slashes only contributors that many of them refused.
+    RoundVote {
+        /// The job.
+        job: JobId,
+        /// The round.
+        round: u64,
+        /// Hash of the model after the round, as the voter has it.
+        model_hash: BlobHash,
+        /// [`accepted_digest`] of the contributors the voter aggregated.
+        accepted_digest: BlobHash,
+        /// Contributors the voter refused in the round (at most the terms' `max_contributors`).
+        rejected: Vec<PeerKey>,
+    },
 }
 
 /// An entry with its author's signature.
@@ -220,6 +264,7 @@ impl SignedEntry {
                 reason.len() <= MAX_REASON_BYTES
             }
             Entry::Genesis { network, .. } => network.len() <= MAX_REASON_BYTES,
+            Entry::RoundVote { rejected, .. } => rejected.len() <= MAX_JOB_CONTRIBUTORS as usize,
             _ => true,
         };
         reason_ok
@@ -505,6 +550,40 @@ pub(crate) mod tests {
                 }
                 .seal(|m| sk.sign(m).to_bytes().to_vec())
             })
+            .collect()
+    }
+
+    /// Peers `seeds` joining `job`'s committee.
+    pub(crate) fn joins(job: JobId, seeds: &[u8]) -> Vec<SignedEntry> {
+        seeds
+            .iter()
+            .map(|&seed| signed(seed, Entry::JobJoined { job }))
+            .collect()
+    }
+
+    /// Committee members `seeds` voting for what `result` (a round result) records.
+    pub(crate) fn votes_for(result: &Entry, seeds: &[u8]) -> Vec<SignedEntry> {
+        let Entry::RoundResult {
+            job,
+            round,
+            model_hash,
+            accepted,
+            rejected,
+            ..
+        } = result
+        else {
+            panic!("votes are for round results");
+        };
+        let vote = Entry::RoundVote {
+            job: *job,
+            round: *round,
+            model_hash: *model_hash,
+            accepted_digest: accepted_digest(accepted.iter().map(|(peer, _)| peer)),
+            rejected: rejected.clone(),
+        };
+        seeds
+            .iter()
+            .map(|&seed| signed(seed, vote.clone()))
             .collect()
     }
 

@@ -303,6 +303,8 @@ impl LedgerState {
             Entry::Ban { .. } => (governs, "ban"),
             Entry::RoundResult { .. } => (self.committee.contains(author), "round result"),
             Entry::Verdict { .. } => (self.committee.contains(author), "verdict"),
+            Entry::JobJoined { .. } => (self.committee.contains(author), "job committee join"),
+            Entry::RoundVote { .. } => (self.committee.contains(author), "round vote"),
             // The credit fold checks that a job is closed by its submitter.
             Entry::JobSubmitted { .. }
             | Entry::JobClosed { .. }
@@ -589,7 +591,10 @@ mod tests {
                 },
             )
         };
-        let first = next(&state, vec![result(2, 1)]);
+        let mut entries = crate::ledger::tests::joins([7; 32], &[2]);
+        entries.extend(crate::ledger::tests::votes_for(&result(2, 1).entry, &[2]));
+        entries.push(result(2, 1));
+        let first = next(&state, entries);
         state
             .apply(&first, &certify_for_tests(&first, &[1, 2, 3]))
             .expect("first result");
