@@ -164,7 +164,11 @@ impl CreditBook {
             Entry::Enroll { peer } => {
                 self.row(peer);
             }
-            Entry::CheckpointPublished { .. } | Entry::Ban { .. } | Entry::Genesis { .. } => {}
+            Entry::CheckpointPublished { .. }
+            | Entry::Ban { .. }
+            | Entry::Genesis { .. }
+            | Entry::JobJoined { .. }
+            | Entry::RoundVote { .. } => {}
         }
     }
 

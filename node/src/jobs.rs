@@ -30,7 +30,10 @@ use loom_actors::{RoundReport, exchanger::hex, ledger::SharedLedgerStore};
 use loom_protocols::{
     PeerKey,
     credits::CreditState,
-    ledger::{Block, Credits, Entry, JobId, JobTerms, MAX_MANIFEST_BYTES, MAX_REASON_BYTES},
+    ledger::{
+        Block, Credits, Entry, JobId, JobTerms, MAX_MANIFEST_BYTES, MAX_REASON_BYTES,
+        accepted_digest,
+    },
 };
 use serde::{Deserialize, Serialize};
 
@@ -578,9 +581,45 @@ fn clip_reason(reason: &str) -> String {
     reason[..end].to_owned()
 }
 
+/// The model hash of `report`, when it names one.
+fn report_model_hash(report: &RoundReport) -> Option<[u8; 32]> {
+    unhex(&report.model_hash).and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+}
+
+/// This peer's vote on `report`'s round as a member of the job's committee: the model it
+/// reached, the digest of the contributors it aggregated, and the ones it refused. `None` for a
+/// round it did not apply itself (resynced past: its accepted set is unknown here).
+pub fn vote_entry(terms: &RoundTerms, report: &RoundReport) -> Option<Entry> {
+    if report.accepted.is_empty() {
+        return None;
+    }
+    let model_hash = report_model_hash(report)?;
+    let accepted = keys(report.accepted.iter().cloned(), terms.max_contributors());
+    let rejected: Vec<PeerKey> = keys(
+        report.refused.iter().map(|r| r.author.clone()),
+        terms.max_contributors(),
+    )
+    .into_iter()
+    .filter(|k| !accepted.contains(k))
+    .collect();
+    Some(Entry::RoundVote {
+        job: terms.job,
+        round: report.round,
+        model_hash,
+        accepted_digest: accepted_digest(&accepted),
+        rejected,
+    })
+}
+
 /// The entries the coordinator of `report`'s round submits: the round's result, then a verdict
-/// per refused contribution; and the credits they take from the escrow in total.
-pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, Credits) {
+/// per refused contribution; and the credits they take from the escrow in total. The result
+/// slashes only the refused contributors in `slashable` (those a quorum of the job committee's
+/// votes refused, [`CreditState::voted_result`]).
+pub fn round_entries(
+    terms: &RoundTerms,
+    report: &RoundReport,
+    slashable: &BTreeSet<PeerKey>,
+) -> (Vec<Entry>, Credits) {
     let accepted: Vec<PeerKey> = keys(report.accepted.iter().cloned(), terms.max_contributors())
         .into_iter()
         .filter(|k| report.evidence_of(k).is_some())
@@ -594,7 +633,7 @@ pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, C
     .collect();
     let rejected: Vec<PeerKey> = refused
         .iter()
-        .filter(|k| report.evidence_of(k).is_some())
+        .filter(|k| report.evidence_of(k).is_some() && slashable.contains(*k))
         .copied()
         .collect();
     let evidence = accepted
@@ -614,9 +653,7 @@ pub fn round_entries(terms: &RoundTerms, report: &RoundReport) -> (Vec<Entry>, C
     let mut entries = vec![Entry::RoundResult {
         job: terms.job,
         round: report.round,
-        model_hash: unhex(&report.model_hash)
-            .and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
-            .unwrap_or([0; 32]),
+        model_hash: report_model_hash(report).unwrap_or([0; 32]),
         accepted: accepted.iter().map(|k| (*k, each)).collect(),
         rejected,
         evidence,
@@ -818,9 +855,15 @@ pay: {per_contribution: 5, per_verdict: 2}
         }
     }
 
+    /// Every peer a test round may slash.
+    fn anyone() -> BTreeSet<PeerKey> {
+        (0..8).map(key).collect()
+    }
+
     #[test]
     fn a_round_pays_its_contributors_and_its_verdicts() {
-        let (entries, spent) = round_entries(&terms(1_000), &report(1, &[1, 2, 2], &[3]));
+        let (entries, spent) =
+            round_entries(&terms(1_000), &report(1, &[1, 2, 2], &[3]), &anyone());
         assert_eq!(entries.len(), 2);
         match &entries[0] {
             Entry::RoundResult {
@@ -843,6 +886,29 @@ pay: {per_contribution: 5, per_verdict: 2}
                 if *subject == key(3) && reason == "norm too large"
         ));
         assert_eq!(spent, 12);
+        // A refusal too few of the committee's votes share is not slashed; its verdict stays.
+        let (entries, _) =
+            round_entries(&terms(1_000), &report(1, &[1, 2], &[3]), &BTreeSet::new());
+        assert!(matches!(&entries[0], Entry::RoundResult { rejected, .. } if rejected.is_empty()));
+        assert!(matches!(&entries[1], Entry::Verdict { subject, .. } if *subject == key(3)));
+    }
+
+    /// A member's vote names the model, the digest of the accepted set (whatever its order)
+    /// and the refused contributors; a round this peer did not apply gets no vote.
+    #[test]
+    fn a_vote_names_the_model_the_accepted_set_and_the_refused() {
+        let vote = vote_entry(&terms(1_000), &report(2, &[2, 1], &[3])).expect("a vote");
+        assert_eq!(
+            vote,
+            Entry::RoundVote {
+                job: [3; 32],
+                round: 2,
+                model_hash: [2; 32],
+                accepted_digest: accepted_digest(&[key(1), key(2)]),
+                rejected: vec![key(3)],
+            }
+        );
+        assert_eq!(vote_entry(&terms(1_000), &report(2, &[], &[3])), None);
     }
 
     /// The result backs every peer it pays or slashes with the peer's commitment: one this
@@ -854,7 +920,7 @@ pay: {per_contribution: 5, per_verdict: 2}
         partial
             .evidence
             .retain(|(author, _)| *author != key(2) && *author != key(4));
-        let (entries, _) = round_entries(&terms(1_000), &partial);
+        let (entries, _) = round_entries(&terms(1_000), &partial, &anyone());
         let Entry::RoundResult {
             accepted,
             rejected,
@@ -892,7 +958,19 @@ pay: {per_contribution: 5, per_verdict: 2}
             })],
         ))
         .expect("job");
-        book.apply(&ledger.block(2, entries.into_iter().map(|e| ledger.sign(e)).collect()))
+        // Peer 1 is the committee, and voted for what the result records.
+        let mut signed = vec![
+            ledger.sign(Entry::JobJoined { job: [3; 32] }),
+            ledger.sign(Entry::RoundVote {
+                job: [3; 32],
+                round: 1,
+                model_hash: [1; 32],
+                accepted_digest: accepted_digest(&[key(1)]),
+                rejected: vec![key(3)],
+            }),
+        ];
+        signed.extend(entries.into_iter().map(|e| ledger.sign(e)));
+        book.apply(&ledger.block(2, signed))
             .expect("the replicas take the result");
         // Peer 1 is also the submitter and the verifier: 1 000 minted, 100 escrowed, 5 paid
         // for its contribution and two verdict fees of 2.
@@ -963,23 +1041,23 @@ pay: {per_contribution: 5, per_verdict: 2}
     #[test]
     fn payments_are_clipped_to_the_escrow_and_verdicts_leave_the_reserve() {
         // Round 1 of 3 with 45 left: 2 × 5 paid, 2 rounds × 4 × 5 = 40 reserved, no fee left.
-        let (entries, spent) = round_entries(&terms(45), &report(1, &[1, 2], &[3]));
+        let (entries, spent) = round_entries(&terms(45), &report(1, &[1, 2], &[3]), &anyone());
         assert_eq!(spent, 10);
         assert!(matches!(entries[1], Entry::Verdict { fee: 0, .. }));
         // Less escrow than the payments: each is clipped, the result still goes on the ledger.
-        let (entries, spent) = round_entries(&terms(7), &report(3, &[1, 2], &[]));
+        let (entries, spent) = round_entries(&terms(7), &report(3, &[1, 2], &[]), &anyone());
         assert_eq!(spent, 6);
         assert!(matches!(
             &entries[0],
             Entry::RoundResult { accepted, .. } if accepted.iter().all(|(_, c)| *c == 3)
         ));
         // Nothing left: a result that pays nothing.
-        let (entries, spent) = round_entries(&terms(0), &report(3, &[1], &[]));
+        let (entries, spent) = round_entries(&terms(0), &report(3, &[1], &[]), &anyone());
         assert_eq!((entries.len(), spent), (1, 0));
         // Garbage keys are dropped, and one peer is never both accepted and refused.
         let mut odd = report(2, &[1], &[1, 4]);
         odd.accepted.push("zz".into());
-        let (entries, _) = round_entries(&terms(100), &odd);
+        let (entries, _) = round_entries(&terms(100), &odd, &anyone());
         assert!(matches!(
             &entries[0],
             Entry::RoundResult { accepted, rejected, .. }
@@ -1007,8 +1085,14 @@ pay: {per_contribution: 5, per_verdict: 2}
             })],
         ))
         .expect("job");
-        let (entries, _) = round_entries(&terms(100), &report(3, &[2], &[5]));
-        book.apply(&block(2, entries.into_iter().map(sign).collect()))
+        let round = report(3, &[2], &[5]);
+        let (entries, _) = round_entries(&terms(100), &round, &anyone());
+        let mut committee = vec![
+            Entry::JobJoined { job },
+            vote_entry(&terms(100), &round).expect("vote"),
+        ];
+        committee.extend(entries);
+        book.apply(&block(2, committee.into_iter().map(sign).collect()))
             .expect("round 3");
         let record = book.resolve(&hex(&job)[..6]).expect("by prefix");
         assert!(record.finished(), "round 3 of 3 is recorded");

@@ -170,6 +170,23 @@ fn entry_view(author: &PeerKey, entry: &Entry) -> EntryView {
             }),
         ),
         Entry::JobClosed { job } => ("job-closed", json!({"job": hex(job)})),
+        Entry::JobJoined { job } => ("job-joined", json!({"job": hex(job)})),
+        Entry::RoundVote {
+            job,
+            round,
+            model_hash,
+            accepted_digest,
+            rejected,
+        } => (
+            "round-vote",
+            json!({
+                "job": hex(job),
+                "round": round,
+                "model_hash": hex(model_hash),
+                "accepted_digest": hex(accepted_digest),
+                "rejected": rejected.iter().map(peer_name).collect::<Vec<_>>(),
+            }),
+        ),
         Entry::RoundResult {
             job,
             round,

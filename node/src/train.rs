@@ -43,7 +43,7 @@ use tokio::sync::mpsc;
 use crate::{
     config::NodeConfig,
     identity,
-    jobs::{RoundTerms, SharedJobBook, audit_entries, round_entries},
+    jobs::{RoundTerms, SharedJobBook, audit_entries, round_entries, vote_entry},
     manifest::{DatasetSpec, Job, Manifest},
     run::{self, KeypairSigner},
 };
@@ -373,78 +373,156 @@ const BACKUP_RECORD_DELAY: Duration = Duration::from_secs(10);
 const BACKUP_STAGGER: Duration = Duration::from_secs(5);
 /// Most rounds held for a backup record.
 const BACKUP_ROUNDS_MAX: usize = 64;
+/// How long this peer waits for its committee join or a vote to reach the ledger before it
+/// submits it again (a vote sent before the join was final is refused, and so on).
+const RESUBMIT_AFTER: Duration = Duration::from_secs(2);
 
-/// Pays for the rounds this peer coordinates: after each such round it submits the round's
-/// result and its verdicts ([`crate::jobs::round_entries`]) when the job is on the ledger. A
-/// round whose coordinator did not record it (it died, it was cut off) is recorded by another
-/// peer that applied it, after [`BACKUP_RECORD_DELAY`]; the ledger keeps one result per round,
-/// so a late duplicate is refused.
+/// Votes on and pays for the job's rounds. It joins the job's committee on the ledger, and
+/// after each round it applied it submits its vote (the model, the accepted set, the refused
+/// contributors: [`crate::jobs::vote_entry`]) until the ledger holds it. The rounds it
+/// coordinated it records ([`crate::jobs::round_entries`]) once a quorum of the committee voted
+/// for the model and accepted set it applied, slashing only whom that quorum refused. A round
+/// whose coordinator did not record it (it died, it was cut off) is recorded by another peer
+/// that applied it, after [`BACKUP_RECORD_DELAY`]; the ledger keeps one result per round, so a
+/// late duplicate is refused.
 struct RoundPayer {
     job: JobId,
+    /// This peer's key: its committee membership and its votes are looked up by it.
+    me: PeerKey,
     /// Credits of entries this peer submitted whose round is not recorded yet, by round.
     pending: BTreeMap<u64, Credits>,
     /// The job was not on the ledger at the last report (said once).
     unlisted_said: bool,
-    /// Rounds others coordinated, with when this peer records them if they are still missing.
+    /// When this peer last submitted its committee join (it is not a member yet).
+    join_sent: Option<Instant>,
+    /// The committee was full when this peer tried to join (said once).
+    full_said: bool,
+    /// This peer's votes not on the ledger yet, by round, with when each was last submitted.
+    votes: BTreeMap<u64, (Entry, Option<Instant>)>,
+    /// Rounds this peer applied, with when it records each if it is still missing (at once for
+    /// the rounds it coordinated).
     backlog: BTreeMap<u64, (RoundReport, Instant)>,
     /// How long after a report this peer records a round its coordinator did not.
     backup_delay: Duration,
 }
 
 impl RoundPayer {
-    fn new(job: &Job) -> Self {
+    fn new(job: &Job, me: PeerKey) -> Self {
         Self {
             job: job.id,
+            me,
             pending: BTreeMap::new(),
             unlisted_said: false,
+            join_sent: None,
+            full_said: false,
+            votes: BTreeMap::new(),
             backlog: BTreeMap::new(),
             backup_delay: BACKUP_RECORD_DELAY,
         }
     }
 
     /// Spreads this peer's backup delay by its key.
-    fn with_stagger(mut self, me: &PeerKey) -> Self {
+    fn with_stagger(mut self) -> Self {
         let spread = BACKUP_STAGGER.as_millis() as u64;
-        let hash = blake3::hash(me);
+        let hash = blake3::hash(&self.me);
         let offset = u64::from_le_bytes(hash.as_bytes()[..8].try_into().unwrap_or([0; 8]));
         self.backup_delay = BACKUP_RECORD_DELAY + Duration::from_millis(offset % spread.max(1));
         self
     }
 
     async fn on_report(&mut self, jobs: &SharedJobBook, report: &RoundReport) {
-        if !report.audits.is_empty()
-            && let Some(terms) = self.terms(jobs)
-        {
+        let Some(terms) = self.terms(jobs) else {
+            return;
+        };
+        if !report.audits.is_empty() {
             let (entries, spent) = audit_entries(&terms, report);
             self.submit(entries, report.round).await;
             *self.pending.entry(report.round).or_default() += spent;
         }
-        if !report.closed_by_me {
-            // A round this peer resynced past (its accepted set unknown here) is not one it can
-            // record for a missing coordinator.
-            if self.backlog.len() < BACKUP_ROUNDS_MAX && !report.accepted.is_empty() {
-                let due = Instant::now() + self.backup_delay;
-                self.backlog.insert(report.round, (report.clone(), due));
+        // A round this peer resynced past (its accepted set unknown here) is not one it can
+        // vote on or record.
+        let Some(vote) = vote_entry(&terms, report) else {
+            return;
+        };
+        if self.votes.len() >= BACKUP_ROUNDS_MAX {
+            self.votes.pop_first();
+        }
+        self.votes.insert(report.round, (vote, None));
+        if self.backlog.len() >= BACKUP_ROUNDS_MAX {
+            self.backlog.pop_first();
+        }
+        let due = if report.closed_by_me {
+            Instant::now()
+        } else {
+            Instant::now() + self.backup_delay
+        };
+        self.backlog.insert(report.round, (report.clone(), due));
+        self.on_tick(jobs, Instant::now()).await;
+    }
+
+    /// Joins the committee and submits this peer's votes until the ledger holds them, and
+    /// records the rounds of the backlog that are due at `now`, still missing from the ledger,
+    /// and voted for by a quorum.
+    async fn on_tick(&mut self, jobs: &SharedJobBook, now: Instant) {
+        let resend = |sent: Option<Instant>| sent.is_none_or(|at| now >= at + RESUBMIT_AFTER);
+        let (member, full, recorded, on_ledger) = {
+            let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(record) = book.get(&self.job) else {
+                self.backlog.clear();
+                self.votes.clear();
+                return;
+            };
+            let credits = book.credits();
+            let members = credits.committee(&self.job).count();
+            let member = credits.committee(&self.job).any(|peer| *peer == self.me);
+            let max = credits
+                .terms(&self.job)
+                .map_or(0, |terms| terms.max_contributors as usize);
+            let recorded: BTreeSet<u64> = record.rounds.keys().copied().collect();
+            let on_ledger: BTreeSet<u64> = self
+                .votes
+                .keys()
+                .copied()
+                .filter(|round| {
+                    credits
+                        .round_votes(&self.job, *round)
+                        .any(|(voter, _)| *voter == self.me)
+                })
+                .collect();
+            (member, members >= max, recorded, on_ledger)
+        };
+        self.backlog.retain(|round, _| !recorded.contains(round));
+        self.pending.retain(|round, _| !recorded.contains(round));
+        while self.pending.len() > BACKUP_ROUNDS_MAX {
+            self.pending.pop_first();
+        }
+        self.votes
+            .retain(|round, _| !recorded.contains(round) && !on_ledger.contains(round));
+        if !member {
+            if full {
+                if !self.full_said {
+                    tracing::warn!(job = %hex(&self.job), "the job's committee is full; this peer's rounds are not voted");
+                    self.full_said = true;
+                }
+            } else if resend(self.join_sent) {
+                self.join_sent = Some(now);
+                self.submit(vec![Entry::JobJoined { job: self.job }], 0)
+                    .await;
             }
             return;
         }
-        self.record(jobs, report).await;
-    }
-
-    /// Records the rounds of the backlog that are due at `now` and still missing from the
-    /// ledger.
-    async fn on_tick(&mut self, jobs: &SharedJobBook, now: Instant) {
-        let recorded: BTreeSet<u64> = {
-            let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
-            match book.get(&self.job) {
-                Some(record) => record.rounds.keys().copied().collect(),
-                None => {
-                    self.backlog.clear();
-                    return;
-                }
+        let to_send: Vec<(u64, Entry)> = self
+            .votes
+            .iter()
+            .filter(|(_, (_, sent))| resend(*sent))
+            .map(|(round, (vote, _))| (*round, vote.clone()))
+            .collect();
+        for (round, vote) in to_send {
+            if let Some((_, sent)) = self.votes.get_mut(&round) {
+                *sent = Some(now);
             }
-        };
-        self.backlog.retain(|round, _| !recorded.contains(round));
+            self.submit(vec![vote], round).await;
+        }
         let due: Vec<u64> = self
             .backlog
             .iter()
@@ -452,30 +530,60 @@ impl RoundPayer {
             .map(|(round, _)| *round)
             .collect();
         for round in due {
+            let Some(slashable) = self.voted(jobs, round) else {
+                continue;
+            };
             if let Some((report, _)) = self.backlog.remove(&round) {
-                tracing::info!(
-                    round,
-                    "the round's coordinator did not record it; recording it"
-                );
-                self.record(jobs, &report).await;
+                if !report.closed_by_me {
+                    tracing::info!(
+                        round,
+                        "the round's coordinator did not record it; recording it"
+                    );
+                }
+                self.record(jobs, &report, &slashable).await;
             }
         }
     }
 
-    /// The job's terms on the ledger, with the escrow at the ledger's tip less what this peer's
-    /// entries not yet on the ledger will take; None when the job is not on the ledger.
-    fn terms(&mut self, jobs: &SharedJobBook) -> Option<RoundTerms> {
-        let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(record) = book.get(&self.job) else {
-            if !self.unlisted_said {
-                tracing::info!(job = %hex(&self.job), "job not on the ledger; rounds are not paid");
-                self.unlisted_said = true;
-            }
+    /// What the committee's votes let this peer record for `round` (the model and accepted set
+    /// it voted for): `None` until a quorum voted for them, else whom the result may slash.
+    fn voted(&self, jobs: &SharedJobBook, round: u64) -> Option<BTreeSet<PeerKey>> {
+        let (report, _) = self.backlog.get(&round)?;
+        let terms = self.terms_unlogged(jobs)?;
+        let Some(Entry::RoundVote {
+            model_hash,
+            accepted_digest,
+            ..
+        }) = vote_entry(&terms, report)
+        else {
             return None;
         };
-        self.pending
-            .retain(|round, _| !record.rounds.contains_key(round));
-        let pending: Credits = self.pending.values().sum();
+        let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
+        book.credits()
+            .voted_result(&self.job, round, &model_hash, &accepted_digest)
+    }
+
+    /// The job's terms on the ledger, with the escrow at the ledger's tip less what this peer's
+    /// entries not yet on the ledger will take; None when the job is not on the ledger (said
+    /// once).
+    fn terms(&mut self, jobs: &SharedJobBook) -> Option<RoundTerms> {
+        let terms = self.terms_unlogged(jobs);
+        if terms.is_none() && !self.unlisted_said {
+            tracing::info!(job = %hex(&self.job), "job not on the ledger; rounds are not paid");
+            self.unlisted_said = true;
+        }
+        terms
+    }
+
+    fn terms_unlogged(&self, jobs: &SharedJobBook) -> Option<RoundTerms> {
+        let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let record = book.get(&self.job)?;
+        let pending: Credits = self
+            .pending
+            .iter()
+            .filter(|(round, _)| !record.rounds.contains_key(round))
+            .map(|(_, credits)| credits)
+            .sum();
         Some(RoundTerms {
             job: self.job,
             terms: *book.credits().terms(&self.job)?,
@@ -492,6 +600,8 @@ impl RoundPayer {
             return;
         };
         for entry in entries {
+            // A vote or a join that does not apply yet (the join not final) is sent again.
+            let retried = matches!(entry, Entry::RoundVote { .. } | Entry::JobJoined { .. });
             match ractor::call_t!(
                 ledger,
                 loom_actors::ledger::LedgerMsg::SubmitOwn,
@@ -499,25 +609,25 @@ impl RoundPayer {
                 entry
             ) {
                 Ok(Ok(())) => {}
+                Ok(Err(error)) if retried => {
+                    tracing::debug!(round, %error, "vote or join not taken yet")
+                }
                 Ok(Err(error)) => tracing::warn!(round, %error, "round entry refused"),
                 Err(error) => tracing::warn!(round, %error, "ledger unreachable"),
             }
         }
     }
 
-    async fn record(&mut self, jobs: &SharedJobBook, report: &RoundReport) {
-        let already = jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&self.job)
-            .is_some_and(|record| record.rounds.contains_key(&report.round));
-        if already {
-            return;
-        }
+    async fn record(
+        &mut self,
+        jobs: &SharedJobBook,
+        report: &RoundReport,
+        slashable: &BTreeSet<PeerKey>,
+    ) {
         let Some(terms) = self.terms(jobs) else {
             return;
         };
-        let (entries, spent) = round_entries(&terms, report);
+        let (entries, spent) = round_entries(&terms, report, slashable);
         self.submit(entries, report.round).await;
         *self.pending.entry(report.round).or_default() += spent;
         tracing::info!(
@@ -622,7 +732,7 @@ pub async fn run_job(
     let me: PeerKey = run::signing_key(&context.keypair)
         .map(|k| k.verifying_key().to_bytes())
         .unwrap_or_default();
-    let mut payer = RoundPayer::new(&prepared.job).with_stagger(&me);
+    let mut payer = RoundPayer::new(&prepared.job, me).with_stagger();
     let mut payer_tick = tokio::time::interval(Duration::from_millis(500));
     let mut recorded_fed: Option<u64> = None;
     let mut finished_at: Option<Instant> = None;
@@ -965,10 +1075,12 @@ mod tests {
         }
     }
 
-    /// A round its coordinator never recorded is recorded by a peer that applied it, once the
-    /// backup delay has passed; a round already on the ledger is not recorded again.
+    /// The payer joins the job's committee, votes on every round it applied until the ledger
+    /// holds the vote, records a round it coordinated once a quorum voted for it, and records a
+    /// round its coordinator never recorded once the backup delay has passed; a round already
+    /// on the ledger is not recorded again.
     #[tokio::test]
-    async fn a_round_its_coordinator_did_not_record_is_recorded_by_another_peer() {
+    async fn the_payer_votes_and_records_rounds_once_the_committee_voted() {
         use loom_protocols::ledger::Entry;
         let job = Manifest::parse(crate::manifest::DEMO_MANIFEST)
             .expect("manifest")
@@ -998,47 +1110,85 @@ mod tests {
         let (ledger, _) = Actor::spawn(Some(names::LEDGER.into()), FakeLedger, submitted.clone())
             .await
             .expect("ledger");
-        let mut payer = RoundPayer::new(&job);
+        let take = || std::mem::take(&mut *submitted.lock().expect("entries"));
+        let mut payer = RoundPayer::new(&job, me);
         payer.backup_delay = Duration::from_secs(10);
-        let report = |round: u64| RoundReport {
+        let report = |round: u64, closed_by_me: bool| RoundReport {
             round,
             model_hash: hex(&[round as u8; 32]),
-            closed_by_me: false,
+            closed_by_me,
             accepted: vec![hex(&me)],
             evidence: vec![crate::jobs::testing::TestLedger::commitment(
                 1, job.id, round,
             )],
             ..RoundReport::default()
         };
-        payer.on_report(&jobs, &report(1)).await;
-        payer.on_report(&jobs, &report(2)).await;
+        payer.on_report(&jobs, &report(1, false)).await;
+        payer.on_report(&jobs, &report(2, false)).await;
+        let joins = take();
+        assert!(
+            matches!(joins.as_slice(), [Entry::JobJoined { .. }]),
+            "a join, no vote before it is final: {joins:?}"
+        );
+        let mut height = 2;
+        let mut apply = |entries: Vec<Entry>| {
+            let signed = entries.into_iter().map(sign).collect();
+            jobs.lock()
+                .expect("book")
+                .apply(&block(height, signed))
+                .expect("applies");
+            height += 1;
+        };
+        apply(joins);
         payer.on_tick(&jobs, Instant::now()).await;
-        assert!(submitted.lock().expect("entries").is_empty(), "not due yet");
+        let votes = take();
+        assert!(
+            votes
+                .iter()
+                .all(|e| matches!(e, Entry::RoundVote { rejected, .. } if rejected.is_empty()))
+                && votes.len() == 2,
+            "{votes:?}"
+        );
         // Round 2's coordinator records it meanwhile.
-        jobs.lock()
-            .expect("book")
-            .apply(&block(
-                2,
-                vec![sign(Entry::RoundResult {
-                    job: job.id,
-                    round: 2,
-                    model_hash: [2; 32],
-                    accepted: vec![(me, 10)],
-                    rejected: Vec::new(),
-                    evidence: vec![crate::jobs::testing::TestLedger::commitment(1, job.id, 2).1],
-                })],
-            ))
-            .expect("round 2");
+        let mut entries = votes;
+        entries.push(Entry::RoundResult {
+            job: job.id,
+            round: 2,
+            model_hash: [2; 32],
+            accepted: vec![(me, 10)],
+            rejected: Vec::new(),
+            evidence: vec![crate::jobs::testing::TestLedger::commitment(1, job.id, 2).1],
+        });
+        apply(entries);
+        payer.on_tick(&jobs, Instant::now()).await;
+        assert!(
+            take().is_empty(),
+            "round 1 is not due yet, votes are on the ledger"
+        );
         payer
             .on_tick(&jobs, Instant::now() + Duration::from_secs(11))
             .await;
-        let entries = submitted.lock().expect("entries").clone();
+        let entries = take();
         assert_eq!(entries.len(), 1, "{entries:?}");
         assert!(
             matches!(&entries[0], Entry::RoundResult { round: 1, accepted, .. } if accepted == &vec![(me, 10)]),
             "{entries:?}"
         );
         assert!(payer.backlog.is_empty());
+        // A round this peer coordinated: recorded only once its vote is on the ledger.
+        payer.on_report(&jobs, &report(3, true)).await;
+        let vote = take();
+        assert!(
+            matches!(vote.as_slice(), [Entry::RoundVote { round: 3, .. }]),
+            "{vote:?}"
+        );
+        apply(vote);
+        payer.on_tick(&jobs, Instant::now()).await;
+        let entries = take();
+        assert!(
+            matches!(entries.as_slice(), [Entry::RoundResult { round: 3, .. }]),
+            "{entries:?}"
+        );
         ledger.stop(None);
     }
 

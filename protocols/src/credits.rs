@@ -157,39 +157,6 @@ pub struct RoundVote {
     pub rejected: Vec<PeerKey>,
 }
 
-/// Checks a round result against its committee's votes: at least [`vote_quorum`] of the
-/// `members` voted for its model and exact accepted set, and each rejected peer is refused in at
-/// least that many of those votes.
-fn check_round_votes(
-    votes: Option<&BTreeMap<PeerKey, RoundVote>>,
-    members: usize,
-    model_hash: &BlobHash,
-    accepted: &[(PeerKey, Credits)],
-    rejected: &[PeerKey],
-) -> Result<(), &'static str> {
-    let digest = accepted_digest(accepted.iter().map(|(peer, _)| peer));
-    let matching: Vec<&RoundVote> = votes
-        .into_iter()
-        .flat_map(|votes| votes.values())
-        .filter(|vote| vote.model_hash == *model_hash && vote.accepted_digest == digest)
-        .collect();
-    let quorum = vote_quorum(members);
-    if matching.len() < quorum {
-        return Err("round result without a quorum of its job committee's votes");
-    }
-    for peer in rejected {
-        if matching
-            .iter()
-            .filter(|v| v.rejected.contains(peer))
-            .count()
-            < quorum
-        {
-            return Err("round result slashes a contributor too few committee votes refused");
-        }
-    }
-    Ok(())
-}
-
 /// Checks a round result against its job's terms and evidence: the round is one of the job's,
 /// accepted and rejected peers are distinct, at most `max_contributors` each, paid at most
 /// `per_contribution`, and each is backed by its own valid signed commitment to this job and
@@ -280,6 +247,39 @@ impl CreditState {
         round: u64,
     ) -> impl Iterator<Item = (&PeerKey, &RoundVote)> {
         self.votes.get(&(*job, round)).into_iter().flatten()
+    }
+
+    /// What the committee's votes on round `round` of `job` let a result record for the model
+    /// `model_hash` and the accepted set `accepted_digest`: `None` without [`vote_quorum`]
+    /// matching votes, else the contributors at least that many of them refused (whom the result
+    /// may slash).
+    pub fn voted_result(
+        &self,
+        job: &JobId,
+        round: u64,
+        model_hash: &BlobHash,
+        accepted_digest: &BlobHash,
+    ) -> Option<BTreeSet<PeerKey>> {
+        let quorum = vote_quorum(self.committees.get(job).map_or(0, BTreeSet::len));
+        let matching: Vec<&RoundVote> = self
+            .round_votes(job, round)
+            .map(|(_, vote)| vote)
+            .filter(|v| v.model_hash == *model_hash && v.accepted_digest == *accepted_digest)
+            .collect();
+        if matching.len() < quorum {
+            return None;
+        }
+        let mut refusals: BTreeMap<PeerKey, usize> = BTreeMap::new();
+        for peer in matching.iter().flat_map(|vote| &vote.rejected) {
+            *refusals.entry(*peer).or_default() += 1;
+        }
+        Some(
+            refusals
+                .into_iter()
+                .filter(|(_, count)| *count >= quorum)
+                .map(|(peer, _)| peer)
+                .collect(),
+        )
     }
 
     /// Whether round `round` of `job` has its result on the ledger.
@@ -448,14 +448,18 @@ impl CreditState {
                         round: *round,
                     });
                 }
-                check_round_votes(
-                    self.votes.get(&(*job, *round)),
-                    self.committees.get(job).map_or(0, BTreeSet::len),
-                    model_hash,
-                    accepted,
-                    rejected,
-                )
-                .map_err(|what| CreditError::OutsideTerms { index, what })?;
+                let digest = accepted_digest(accepted.iter().map(|(peer, _)| peer));
+                let outside = |what| CreditError::OutsideTerms { index, what };
+                let slashable =
+                    self.voted_result(job, *round, model_hash, &digest)
+                        .ok_or(outside(
+                            "round result without a quorum of its job committee's votes",
+                        ))?;
+                if rejected.iter().any(|peer| !slashable.contains(peer)) {
+                    return Err(outside(
+                        "round result slashes a contributor too few committee votes refused",
+                    ));
+                }
                 self.votes.remove(&(*job, *round));
                 let total = accepted
                     .iter()
