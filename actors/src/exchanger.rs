@@ -304,6 +304,11 @@ pub struct RoundReport {
     /// run on another, possibly ahead, and rolled back).
     #[serde(default)]
     pub majority_resyncs: u64,
+    /// After a resync: the rounds of the loaded model's announced lineage, newest first, with
+    /// the model and the accepted-set digest most of their announcers gave. This peer votes for
+    /// them on the ledger as it trusted the model.
+    #[serde(default)]
+    pub adopted: Vec<AdoptedRound>,
     /// The signed commitments behind the round's close, by author (its contributions', and
     /// those of refused contributors this peer holds): the evidence the round's ledger result
     /// carries. Not part of the JSON progress.
@@ -319,6 +324,17 @@ impl RoundReport {
             .find(|(author, _)| author == peer)
             .map(|(_, signed)| signed)
     }
+}
+
+/// A round of the lineage of a model this peer loaded from others.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdoptedRound {
+    /// The round.
+    pub round: u64,
+    /// Hex model hash after it.
+    pub model_hash: String,
+    /// Hex accepted-set digest of its close, as most announcers gave it.
+    pub accepted_digest: String,
 }
 
 /// The cheap check of one contribution: loss on its assigned batch before and after it.
@@ -478,6 +494,9 @@ pub struct ExchangerState {
     served_snapshots: Vec<BlobHash>,
     report: RoundReport,
     pending_reports: HashMap<u64, RoundReport>,
+    /// The accepted-set digest of the model this peer holds (announced with its state): of the
+    /// close it applied, or the one most announcers gave for a model it loaded.
+    accepted_digest: BlobHash,
     finished: bool,
     /// The last round's report, held until that round's model is confirmed by its proposer
     /// (or the settle time has passed), so a peer does not finish on a model the mesh did not
@@ -561,6 +580,7 @@ impl Actor for ExchangerActor {
             served_snapshots: Vec::new(),
             report: RoundReport::default(),
             pending_reports: HashMap::new(),
+            accepted_digest: [0; 32],
             finished: false,
             final_report: None,
             final_applied_ms: None,
@@ -1047,6 +1067,20 @@ impl ExchangerState {
                 self.report.evidence.clear();
                 self.report.loss_checks.clear();
                 self.report.resyncs = self.engine.counters().resyncs;
+                // What this peer now vouches for: the announced lineage of the model it loaded.
+                let lineage = self.engine.announced_lineage(round, hash);
+                self.accepted_digest = lineage
+                    .first()
+                    .filter(|(at, _, _)| *at == round)
+                    .map_or([0; 32], |(_, _, digest)| *digest);
+                self.report.adopted = lineage
+                    .into_iter()
+                    .map(|(round, model_hash, digest)| AdoptedRound {
+                        round,
+                        model_hash: hex(&model_hash),
+                        accepted_digest: hex(&digest),
+                    })
+                    .collect();
                 tracing::info!(round, "model loaded from a peer's snapshot");
                 true
             }
@@ -1224,6 +1258,7 @@ impl ExchangerState {
             Aggregation::Median => robust::coordinate_median(len, &sorted_updates(&refs, &used)),
         };
         self.report.accepted = used.iter().map(|k| hex(k)).collect();
+        self.accepted_digest = loom_protocols::ledger::accepted_digest(&used);
         let counters = self.engine.counters();
         self.report.forged_commitments = counters.forged_commitments;
         self.report.stale_commitments = counters.stale_commitments;
@@ -1299,6 +1334,7 @@ impl ExchangerState {
             snapshot_hash: hash,
             snapshot_len,
             author: self.me,
+            accepted_digest: self.accepted_digest,
         };
         self.publish(&TrainMessage::State(state.clone()));
         self.last_state = Some((unix_ms(), state));
@@ -1316,6 +1352,7 @@ impl ExchangerState {
         report.ledger_round = self.engine.ledger_tip().map(|(round, _)| round);
         report.finished = round >= self.args.plan.rounds;
         self.report.audits.clear();
+        self.report.adopted.clear();
         if report.finished {
             self.final_applied_ms = Some(unix_ms());
         }

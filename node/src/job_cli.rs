@@ -171,6 +171,12 @@ pub fn render_status(status: &JobStatus) -> String {
             let _ = writeln!(out, "{c}");
         }
     }
+    if !status.committee.is_empty() {
+        let _ = writeln!(out, "\nCOMMITTEE ({})", status.committee.len());
+        for member in &status.committee {
+            let _ = writeln!(out, "{member}");
+        }
+    }
     if let Some(local) = &status.local {
         let _ = writeln!(
             out,
@@ -308,6 +314,7 @@ mod tests {
                 .collect(),
             verdicts: Vec::new(),
             contributors: Vec::new(),
+            committee: Vec::new(),
             local: None,
         }
     }

@@ -231,6 +231,9 @@ pub struct JobStatus {
     pub verdicts: Vec<RecordedVerdict>,
     /// Peers paid for contributions (PeerIds).
     pub contributors: Vec<String>,
+    /// The job's committee: the peers whose round votes decide its results (PeerIds).
+    #[serde(default)]
+    pub committee: Vec<String>,
     /// This node's own progress, when it trains or trained the job.
     pub local: Option<TrainingStatus>,
 }
@@ -452,6 +455,7 @@ impl JobBook {
             recorded: record.rounds.values().cloned().collect(),
             verdicts: record.verdicts.clone(),
             contributors: record.contributors.iter().map(peer_name).collect(),
+            committee: self.credits.committee(&record.id).map(peer_name).collect(),
             local: local.filter(|l| l.job_id == id),
         }
     }
@@ -609,6 +613,39 @@ pub fn vote_entry(terms: &RoundTerms, report: &RoundReport) -> Option<Entry> {
         accepted_digest: accepted_digest(&accepted),
         rejected,
     })
+}
+
+/// This peer's votes, after a resync, on the rounds of the loaded model's announced lineage
+/// (`report.adopted`): the model and the accepted-set digest most announcers gave, refusing
+/// nobody (it did not see those rounds' contributions).
+pub fn adopted_votes(terms: &RoundTerms, report: &RoundReport) -> Vec<Entry> {
+    report
+        .adopted
+        .iter()
+        .filter(|adopted| (1..=terms.terms.rounds).contains(&adopted.round))
+        .filter_map(|adopted| {
+            let hash =
+                |text: &str| unhex(text).and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok());
+            Some(Entry::RoundVote {
+                job: terms.job,
+                round: adopted.round,
+                model_hash: hash(&adopted.model_hash)?,
+                accepted_digest: hash(&adopted.accepted_digest)?,
+                rejected: Vec::new(),
+            })
+        })
+        .collect()
+}
+
+/// Whether two round votes choose the same model and accepted set.
+pub fn same_choice(a: &Entry, b: &Entry) -> bool {
+    matches!(
+        (a, b),
+        (
+            Entry::RoundVote { model_hash: ma, accepted_digest: da, .. },
+            Entry::RoundVote { model_hash: mb, accepted_digest: db, .. },
+        ) if ma == mb && da == db
+    )
 }
 
 /// The entries the coordinator of `report`'s round submits: the round's result, then a verdict
@@ -1103,6 +1140,7 @@ pay: {per_contribution: 5, per_verdict: 2}
         assert_eq!(status.recorded[0].accepted, 1);
         assert_eq!(status.verdicts.len(), 1);
         assert_eq!(status.contributors, vec![peer_name(&key(2))]);
+        assert_eq!(status.committee, vec![peer_name(&ledger.me)]);
         assert!(matches!(book.resolve("ff"), Err(JobError::Unknown(_))));
         assert!(matches!(book.resolve("xyz"), Err(JobError::BadId(_))));
         assert!(matches!(book.resolve(""), Err(JobError::BadId(_))));

@@ -43,7 +43,10 @@ use tokio::sync::mpsc;
 use crate::{
     config::NodeConfig,
     identity,
-    jobs::{RoundTerms, SharedJobBook, audit_entries, round_entries, vote_entry},
+    jobs::{
+        RoundTerms, SharedJobBook, adopted_votes, audit_entries, round_entries, same_choice,
+        vote_entry,
+    },
     manifest::{DatasetSpec, Job, Manifest},
     run::{self, KeypairSigner},
 };
@@ -439,15 +442,44 @@ impl RoundPayer {
             self.submit(entries, report.round).await;
             *self.pending.entry(report.round).or_default() += spent;
         }
+        // After a resync, this peer vouches for the lineage of the model it loaded, unless it
+        // already voted for the same model and accepted set itself (its own vote also names
+        // whom it refused).
+        for adopted in adopted_votes(&terms, report) {
+            let Entry::RoundVote {
+                round,
+                model_hash,
+                accepted_digest,
+                ..
+            } = adopted
+            else {
+                continue;
+            };
+            let pending = self
+                .votes
+                .get(&round)
+                .is_some_and(|(vote, _)| same_choice(vote, &adopted));
+            let held = jobs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .credits()
+                .round_votes(&self.job, round)
+                .any(|(voter, held)| {
+                    *voter == self.me
+                        && held.model_hash == model_hash
+                        && held.accepted_digest == accepted_digest
+                });
+            if !pending && !held {
+                self.remember_vote(round, adopted);
+            }
+        }
         // A round this peer resynced past (its accepted set unknown here) is not one it can
-        // vote on or record.
+        // record.
         let Some(vote) = vote_entry(&terms, report) else {
+            self.on_tick(jobs, Instant::now()).await;
             return;
         };
-        if self.votes.len() >= BACKUP_ROUNDS_MAX {
-            self.votes.pop_first();
-        }
-        self.votes.insert(report.round, (vote, None));
+        self.remember_vote(report.round, vote);
         if self.backlog.len() >= BACKUP_ROUNDS_MAX {
             self.backlog.pop_first();
         }
@@ -458,6 +490,15 @@ impl RoundPayer {
         };
         self.backlog.insert(report.round, (report.clone(), due));
         self.on_tick(jobs, Instant::now()).await;
+    }
+
+    /// Holds this peer's vote on `round` until the ledger holds it (replacing an earlier one
+    /// not sent yet; the oldest round goes beyond [`BACKUP_ROUNDS_MAX`]).
+    fn remember_vote(&mut self, round: u64, vote: Entry) {
+        if !self.votes.contains_key(&round) && self.votes.len() >= BACKUP_ROUNDS_MAX {
+            self.votes.pop_first();
+        }
+        self.votes.insert(round, (vote, None));
     }
 
     /// Joins the committee and submits this peer's votes until the ledger holds them, and
@@ -479,15 +520,17 @@ impl RoundPayer {
                 .terms(&self.job)
                 .map_or(0, |terms| terms.max_contributors as usize);
             let recorded: BTreeSet<u64> = record.rounds.keys().copied().collect();
+            // A vote counts as on the ledger only as this peer last cast it: after a rollback
+            // onto another branch of a round, the new vote replaces the old one.
             let on_ledger: BTreeSet<u64> = self
                 .votes
-                .keys()
-                .copied()
-                .filter(|round| {
+                .iter()
+                .filter(|(round, (vote, _))| {
                     credits
-                        .round_votes(&self.job, *round)
-                        .any(|(voter, _)| *voter == self.me)
+                        .round_votes(&self.job, **round)
+                        .any(|(voter, held)| *voter == self.me && held.matches(vote))
                 })
+                .map(|(round, _)| *round)
                 .collect();
             (member, members >= max, recorded, on_ledger)
         };
@@ -1189,6 +1232,47 @@ mod tests {
             matches!(entries.as_slice(), [Entry::RoundResult { round: 3, .. }]),
             "{entries:?}"
         );
+        // After a rollback onto another branch of round 4, this peer votes again.
+        payer.on_report(&jobs, &report(4, false)).await;
+        apply(take());
+        let mut rolled_back = report(4, false);
+        rolled_back.model_hash = hex(&[9; 32]);
+        payer.on_report(&jobs, &rolled_back).await;
+        let vote = take();
+        assert!(
+            matches!(vote.as_slice(), [Entry::RoundVote { round: 4, model_hash, .. }] if *model_hash == [9; 32]),
+            "{vote:?}"
+        );
+        apply(vote);
+        payer.on_tick(&jobs, Instant::now()).await;
+        assert!(take().is_empty(), "the new vote is on the ledger");
+        // After a resync onto round 6, it vouches for the loaded model's lineage: round 5 and
+        // 6 as most announcers gave them, not round 4 again (its own vote holds that choice).
+        let resynced = RoundReport {
+            round: 6,
+            model_hash: hex(&[6; 32]),
+            adopted: [(6, [6; 32]), (5, [5; 32]), (4, [9; 32])]
+                .into_iter()
+                .map(|(round, model)| loom_actors::exchanger::AdoptedRound {
+                    round,
+                    model_hash: hex(&model),
+                    accepted_digest: hex(&loom_protocols::ledger::accepted_digest(&[me])),
+                })
+                .collect(),
+            ..RoundReport::default()
+        };
+        payer.on_report(&jobs, &resynced).await;
+        let votes = take();
+        let rounds: Vec<u64> = votes
+            .iter()
+            .filter_map(|e| match e {
+                Entry::RoundVote {
+                    round, rejected, ..
+                } if rejected.is_empty() => Some(*round),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(rounds, vec![5, 6], "{votes:?}");
         ledger.stop(None);
     }
 

@@ -23,7 +23,8 @@
 //! Which of them it pays and slashes is the job committee's to say. Peers join a job's committee
 //! ([`Entry::JobJoined`], at most `max_contributors` members) and vote on each round they
 //! applied ([`Entry::RoundVote`]: the model, the digest of the accepted set, the refused
-//! contributors), once per member and round. A result is taken only when [`vote_quorum`] of
+//! contributors); a member's later vote on a round replaces its earlier one, so one vote per
+//! member and round counts. A result is taken only when [`vote_quorum`] of
 //! the committee (more than a third, so at least one honest member while fewer than a third
 //! are byzantine) voted for its model hash and exact accepted set, and each peer it slashes was
 //! refused in that many of those votes: a recorder can neither leave an aggregated contributor
@@ -155,6 +156,16 @@ pub struct RoundVote {
     pub accepted_digest: BlobHash,
     /// The contributors it refused.
     pub rejected: Vec<PeerKey>,
+}
+
+impl RoundVote {
+    /// Whether `entry` is a [`Entry::RoundVote`] casting this vote.
+    pub fn matches(&self, entry: &Entry) -> bool {
+        matches!(entry, Entry::RoundVote { model_hash, accepted_digest, rejected, .. }
+            if *model_hash == self.model_hash
+                && *accepted_digest == self.accepted_digest
+                && *rejected == self.rejected)
+    }
 }
 
 /// Checks a round result against its job's terms and evidence: the round is one of the job's,
@@ -559,11 +570,9 @@ impl CreditState {
                         "round vote refusing more or other peers than a round has",
                     ));
                 }
-                let votes = self.votes.entry((*job, *round)).or_default();
-                if votes.contains_key(author) {
-                    return Err(outside("a second vote by one member on one round"));
-                }
-                votes.insert(
+                // A member's later vote on a round replaces its earlier one (it rolled back
+                // onto another branch of the round): one vote per member counts.
+                self.votes.entry((*job, *round)).or_default().insert(
                     *author,
                     RoundVote {
                         model_hash: *model_hash,
@@ -1022,7 +1031,8 @@ mod tests {
     /// A round result is taken only as the job's committee voted: a byzantine member cannot
     /// record a result leaving an aggregated contributor unpaid (or paying itself) on its own
     /// vote, nor slash a contributor fewer than a quorum of the voters refused; membership and
-    /// votes are bounded, and a round's votes end with its result.
+    /// votes are bounded, a member's new vote replaces its old one, and a round's votes end
+    /// with its result.
     #[test]
     fn a_round_result_is_taken_only_as_its_committee_voted() {
         let (mut state, b1) = with_job(JobTerms {
@@ -1067,13 +1077,20 @@ mod tests {
             rejected,
         };
         assert!(outside(&mut state, &voted, 6, vote(2, vec![])).contains("outside the job's"));
-        assert!(outside(&mut state, &voted, 2, vote(1, vec![])).contains("second vote"));
         assert!(outside(&mut state, &voted, 2, vote(5, vec![])).contains("outside the job's"));
         assert!(outside(&mut state, &voted, 2, vote(2, vec![pk(3), pk(3)])).contains("refusing"));
-        let paid = block(4, Some(&voted), vec![signed(5, result(&[2, 3, 4], &[]))]);
+        // Member 3 votes again, now refusing 5 as well: its vote is replaced, and two matching
+        // votes refuse 5.
+        let revote = block(4, Some(&voted), votes_for(&result(&[2, 3, 4], &[5]), &[3]));
+        state
+            .apply_block(&revote)
+            .expect("a member's vote replaced");
+        assert_eq!(state.round_votes(&JOB, 1).count(), 4);
+        let paid = block(5, Some(&revote), vec![signed(5, result(&[2, 3, 4], &[5]))]);
         state
             .apply_block(&paid)
-            .expect("the result two members voted for");
+            .expect("the result three members voted for, slashing whom two refused");
+        assert_eq!(state.reputation(&pk(5)), REPUTATION_REJECTED);
         // Minted at genesis: 50 to peer 2, 5 to peer 3.
         assert_eq!(state.balance(&pk(2)), 100);
         assert_eq!(state.balance(&pk(3)), 55);
@@ -1084,7 +1101,7 @@ mod tests {
             0,
             "a recorded round's votes end"
         );
-        let late = block(5, Some(&paid), vec![signed(2, vote(1, vec![]))]);
+        let late = block(6, Some(&paid), vec![signed(2, vote(1, vec![]))]);
         assert_eq!(
             state.apply_block(&late),
             Err(CreditError::DuplicateRound { index: 0, round: 1 })

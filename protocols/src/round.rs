@@ -113,6 +113,18 @@ struct Announced {
     snapshot_hash: BlobHash,
     snapshot_len: u64,
     authors: BTreeSet<PeerKey>,
+    /// The accepted-set digests its announcers gave, each with who gave it (zeros left out).
+    digests: BTreeMap<BlobHash, BTreeSet<PeerKey>>,
+}
+
+impl Announced {
+    /// The accepted-set digest most of its announcers gave (ties: the lower digest).
+    fn digest(&self) -> Option<BlobHash> {
+        self.digests
+            .iter()
+            .max_by(|(da, a), (db, b)| a.len().cmp(&b.len()).then(db.cmp(da)))
+            .map(|(digest, _)| *digest)
+    }
 }
 
 /// Longest refusal reason carried in a close.
@@ -138,6 +150,11 @@ pub struct ModelState {
     pub snapshot_len: u64,
     /// The author (must be the gossip author).
     pub author: PeerKey,
+    /// [`crate::ledger::accepted_digest`] of the contributions the round's close aggregated
+    /// into this model; after a resync, the digest most announcers of the model gave (zeros when
+    /// unknown, and for the initial model). A peer that resyncs onto a model votes for the
+    /// rounds of its lineage with these digests.
+    pub accepted_digest: BlobHash,
 }
 
 /// An assigned verifier's verdict on a sampled contribution it recomputed (see the exchanger's
@@ -1307,9 +1324,21 @@ impl RoundEngine {
             snapshot_hash: state.snapshot_hash,
             snapshot_len: state.snapshot_len,
             authors: BTreeSet::new(),
+            digests: BTreeMap::new(),
         });
         if announced.authors.len() < self.config.max_contributors {
             announced.authors.insert(state.author);
+            if state.accepted_digest != [0; 32] {
+                for givers in announced.digests.values_mut() {
+                    givers.remove(&state.author);
+                }
+                announced.digests.retain(|_, givers| !givers.is_empty());
+                announced
+                    .digests
+                    .entry(state.accepted_digest)
+                    .or_default()
+                    .insert(state.author);
+            }
         }
         // An author holds one model per round: its latest announcement (after a resync, the
         // model it loaded).
@@ -1321,6 +1350,33 @@ impl RoundEngine {
         while self.lineage.len() > LINEAGE_ROUNDS {
             self.lineage.pop_first();
         }
+    }
+
+    /// The rounds of the announced lineage of `model_hash` after `round`, newest first, back
+    /// through the announced parents: (round, model hash, the accepted-set digest most of its
+    /// announcers gave), for the rounds whose digest was heard (round 0 left out). What a peer
+    /// that resynced onto the model vouches for on the ledger, as it trusted the model itself.
+    pub fn announced_lineage(
+        &self,
+        round: u64,
+        model_hash: ModelHash,
+    ) -> Vec<(u64, ModelHash, BlobHash)> {
+        let mut out = Vec::new();
+        let (mut at, mut hash) = (round, model_hash);
+        while at > 0 {
+            let Some(announced) = self.lineage.get(&at).and_then(|models| models.get(&hash)) else {
+                break;
+            };
+            if let Some(digest) = announced.digest() {
+                out.push((at, hash, digest));
+            }
+            if announced.parent_hash == [0; 32] {
+                break;
+            }
+            hash = announced.parent_hash;
+            at -= 1;
+        }
+        out
     }
 
     /// How long the states of a round are given to arrive before branches are weighed.
@@ -1940,6 +1996,7 @@ mod tests {
             snapshot_hash,
             snapshot_len,
             author,
+            accepted_digest: [0; 32],
         }
     }
 
@@ -2277,6 +2334,43 @@ mod tests {
                 .iter()
                 .any(|x| matches!(x, Action::Reveal { round: 3 })),
             "not held back until the deadline by the refused contributor"
+        );
+    }
+
+    /// The lineage of an announced model walks back through the announced parents, each
+    /// round with the accepted-set digest most of its announcers gave (an author counts once,
+    /// for its latest digest), and stops where a parent was not heard.
+    #[test]
+    fn the_announced_lineage_carries_each_rounds_majority_digest() {
+        let pks: Vec<PeerKey> = (1..=4).map(|i| key(i).verifying_key().to_bytes()).collect();
+        let mut engine = RoundEngine::new(config(), JOB, pks[3], 0, true);
+        let announce = |engine: &mut RoundEngine, round: u64, parent, digest, author: PeerKey| {
+            let mut state = model_state(round, [round as u8; 32], [round as u8; 32], 100, author);
+            state.parent_hash = parent;
+            state.accepted_digest = digest;
+            engine.on_state(state, author).expect("valid");
+        };
+        // Round 1 (parent unknown), round 2 on it: two announcers give one digest, a third
+        // another; round 3 on round 2, from a peer that resynced (no digest) and one that closed.
+        announce(&mut engine, 1, [0; 32], [11; 32], pks[0]);
+        announce(&mut engine, 2, [1; 32], [22; 32], pks[0]);
+        announce(&mut engine, 2, [1; 32], [20; 32], pks[1]);
+        announce(&mut engine, 2, [1; 32], [22; 32], pks[1]);
+        announce(&mut engine, 2, [1; 32], [21; 32], pks[2]);
+        announce(&mut engine, 3, [2; 32], [0; 32], pks[1]);
+        announce(&mut engine, 3, [2; 32], [33; 32], pks[0]);
+        assert_eq!(
+            engine.announced_lineage(3, [3; 32]),
+            vec![
+                (3, [3; 32], [33; 32]),
+                (2, [2; 32], [22; 32]),
+                (1, [1; 32], [11; 32])
+            ]
+        );
+        assert_eq!(
+            engine.announced_lineage(2, [9; 32]),
+            Vec::new(),
+            "a model not heard"
         );
     }
 

@@ -16,7 +16,7 @@
 //! accepted, refused, who closed, resyncs) to stderr.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -27,13 +27,14 @@ use loom_actors::{
     LearnerSlot, NetworkPort, PortError, RoundReport, ShardKey, SharedBlobs, StepReport, Strategy,
     Topic, TrainerActor, TrainerMsg,
 };
+use loom_node::jobs::{RoundTerms, adopted_votes, same_choice, vote_entry};
 use loom_protocols::{
     NatStatus, PeerKey,
     blobstore::BlobStore,
     compress::{self, Codec, Sparsity, ValueFormat},
     contribution::{BlobHash, Commitment, SignedCommitment},
     credits::CreditState,
-    ledger::{Credits, Entry, JobTerms},
+    ledger::{Credits, Entry, JobTerms, accepted_digest},
     outer::OuterConfig,
     round::{RoundConfig, TrainMessage},
     snapshot::{OuterState, Snapshot},
@@ -149,6 +150,13 @@ pub struct ByzantineOutcome {
     /// Round results the ledger's credit rules refused (each should apply: it pays the round's
     /// own contributors, backed by their commitments, within the job's terms).
     pub ledger_refusals: Vec<String>,
+    /// Results the byzantine members recorded first in the misbehaving runs (paying one honest
+    /// contributor of the round, leaving the others out and slashing another, backed by their
+    /// real commitments and every byzantine vote) that the ledger refused: one per round with
+    /// two honest contributors.
+    pub forged_results_refused: u64,
+    /// Of those, the ones the ledger took (must be 0).
+    pub forged_results_taken: u64,
     /// Reputation of each honest peer.
     pub honest_reputation: Vec<i64>,
     /// Credits of each byzantine peer at the end (they start at 0; slashes come from escrow
@@ -808,6 +816,8 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
         models_identical: true,
         honest_credits: Vec::new(),
         ledger_refusals: Vec::new(),
+        forged_results_refused: 0,
+        forged_results_taken: 0,
         honest_reputation: Vec::new(),
         byzantine_reputation: Vec::new(),
         credits_conserved: false,
@@ -845,18 +855,32 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
     // A ledger's view of the run: the submitter escrows, every round's result pays accepted
     // contributions and slashes refused ones, folded by the production credit rules.
     let submitter = [0xee; 32];
+    let job_terms = JobTerms {
+        rounds: config.rounds,
+        max_contributors: config.peers as u32,
+        per_contribution: PAY_PER_CONTRIBUTION,
+        per_verdict: 0,
+    };
     let mut credits = CreditState::default();
     let escrow = PAY_PER_CONTRIBUTION * config.peers as u64 * config.rounds * 2;
-    let mut ledger = |credits: &mut CreditState, author: &PeerKey, entry: Entry| {
-        // Folded as a block of one entry: a refused one changes nothing, and is reported.
+    // Folded as a block of one entry: a refused one changes nothing.
+    let fold = |credits: &mut CreditState, author: &PeerKey, entry: &Entry| {
         let mut next = credits.clone();
-        match next.apply_finalized_entry(author, &entry) {
-            Ok(()) => *credits = next,
-            Err(e) => outcome.ledger_refusals.push(e.to_string()),
-        }
+        next.apply_finalized_entry(author, entry)
+            .map_err(|e| e.to_string())?;
+        *credits = next;
+        Ok::<(), String>(())
     };
+    let mut refusals = Vec::new();
+    let ledger =
+        |credits: &mut CreditState, refusals: &mut Vec<String>, author: &PeerKey, entry: Entry| {
+            if let Err(e) = fold(credits, author, &entry) {
+                refusals.push(e);
+            }
+        };
     ledger(
         &mut credits,
+        &mut refusals,
         &submitter,
         Entry::Mint {
             to: submitter,
@@ -865,20 +889,33 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
     );
     ledger(
         &mut credits,
+        &mut refusals,
         &submitter,
         Entry::JobSubmitted {
             job: JOB,
             escrow,
             manifest: String::new(),
-            terms: JobTerms {
-                rounds: config.rounds,
-                max_contributors: config.peers as u32,
-                per_contribution: PAY_PER_CONTRIBUTION,
-                per_verdict: 0,
-            },
+            terms: job_terms,
         },
     );
-    let mut reasons = std::collections::BTreeSet::new();
+    // Every peer joins the job's committee; each honest one votes on each round it applied,
+    // as a node does.
+    for key in honest.iter().chain(&byzantine) {
+        ledger(
+            &mut credits,
+            &mut refusals,
+            key,
+            Entry::JobJoined { job: JOB },
+        );
+    }
+    let views: Vec<BTreeMap<u64, &RoundReport>> =
+        peers[..honest_count].iter().map(Peer::by_round).collect();
+    let round_terms = RoundTerms {
+        job: JOB,
+        terms: job_terms,
+        available: 0,
+    };
+    let mut reasons = BTreeSet::new();
     let misbehaving_from = config.misbehaviour.map_or(u64::MAX, |m| m.first_round());
     for (&round, report) in reference.iter().filter(|(r, _)| **r > 0) {
         let refused_authors: Vec<&str> = report.refused.iter().map(|r| r.author.as_str()).collect();
@@ -936,41 +973,145 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
                 reasons.insert(reason_kind(&refusal.reason));
             }
         }
+    }
+    // Each honest peer's votes, from its reports in order, as a node casts them: its own vote
+    // on each round it applied (a later one replaces an earlier one), and after a resync a vote
+    // for each round of the loaded model's lineage it had not chosen alike itself.
+    let honest_votes: Vec<BTreeMap<u64, Entry>> = peers[..honest_count]
+        .iter()
+        .map(|peer| {
+            let mut votes: BTreeMap<u64, Entry> = BTreeMap::new();
+            for report in &peer.seen {
+                for adopted in adopted_votes(&round_terms, report) {
+                    let Entry::RoundVote { round, .. } = adopted else {
+                        continue;
+                    };
+                    let same = votes
+                        .get(&round)
+                        .is_some_and(|mine| same_choice(mine, &adopted));
+                    if !same {
+                        votes.insert(round, adopted);
+                    }
+                }
+                if let Some(vote) = vote_entry(&round_terms, report) {
+                    votes.insert(report.round, vote);
+                }
+            }
+            votes
+        })
+        .collect();
+    // The ledger's view of every round some honest peer applied.
+    let all_rounds: BTreeSet<u64> = views
+        .iter()
+        .flat_map(|view| view.keys().copied())
+        .filter(|round| *round > 0)
+        .collect();
+    for round in all_rounds {
+        // Each honest peer votes on the round as it last applied it or, after a resync, as
+        // the lineage of the model it loaded has it.
+        for (key, votes) in honest.iter().zip(&honest_votes) {
+            if let Some(vote) = votes.get(&round) {
+                ledger(&mut credits, &mut refusals, key, vote.clone());
+            }
+        }
+        // As on a node, the round is recorded by a peer that applied it (the reference, or a
+        // backup recorder when the reference resynced past it), once a quorum of the votes is
+        // for its model and accepted set; it slashes whom that quorum refused.
+        let recorded = honest.iter().zip(&views).find_map(|(key, view)| {
+            let mine = *view.get(&round)?;
+            let Some(Entry::RoundVote {
+                model_hash,
+                accepted_digest,
+                ..
+            }) = vote_entry(&round_terms, mine)
+            else {
+                return None;
+            };
+            let slashable = credits.voted_result(&JOB, round, &model_hash, &accepted_digest)?;
+            Some((*key, mine, model_hash, slashable))
+        });
+        let Some((recorder, mine, model_hash, slashable)) = recorded else {
+            refusals.push(format!(
+                "round {round}: no honest peer applied it with a quorum of votes"
+            ));
+            continue;
+        };
         // Paid or slashed only with the contributor's commitment as evidence, as a node does.
         let accepted: Vec<(PeerKey, Credits)> = honest
             .iter()
             .chain(&byzantine)
-            .filter(|k| report.accepted.contains(&hex(k)) && report.evidence_of(k).is_some())
+            .filter(|k| mine.accepted.contains(&hex(k)) && mine.evidence_of(k).is_some())
             .map(|k| (*k, PAY_PER_CONTRIBUTION))
             .collect();
         let rejected: Vec<PeerKey> = honest
             .iter()
             .chain(&byzantine)
             .filter(|k| {
-                refused_authors.contains(&hex(k).as_str()) && report.evidence_of(k).is_some()
+                mine.refused.iter().any(|r| r.author == hex(k))
+                    && mine.evidence_of(k).is_some()
+                    && slashable.contains(*k)
             })
-            .filter(|k| !report.accepted.contains(&hex(k)))
+            .filter(|k| !mine.accepted.contains(&hex(k)))
             .copied()
             .collect();
+        // The byzantine members record first: a result for the honest model that pays one
+        // honest contributor, leaves the others unpaid and slashes another, with their real
+        // commitments as evidence and every byzantine vote behind it.
+        let honest_in: Vec<PeerKey> = accepted
+            .iter()
+            .map(|(k, _)| *k)
+            .filter(|k| honest.contains(k))
+            .collect();
+        if config.misbehaviour.is_some()
+            && let ([paid, slashed, ..], Some(forger)) = (honest_in.as_slice(), byzantine.first())
+        {
+            let forged = Entry::RoundResult {
+                job: JOB,
+                round,
+                model_hash,
+                accepted: vec![(*paid, PAY_PER_CONTRIBUTION)],
+                rejected: vec![*slashed],
+                evidence: [paid, slashed]
+                    .into_iter()
+                    .filter_map(|k| mine.evidence_of(k).cloned())
+                    .collect(),
+            };
+            for key in &byzantine {
+                let vote = Entry::RoundVote {
+                    job: JOB,
+                    round,
+                    model_hash,
+                    accepted_digest: accepted_digest([paid]),
+                    rejected: vec![*slashed],
+                };
+                ledger(&mut credits, &mut refusals, key, vote);
+            }
+            match fold(&mut credits, forger, &forged) {
+                Ok(()) => outcome.forged_results_taken += 1,
+                Err(_) => outcome.forged_results_refused += 1,
+            }
+        }
         let evidence = accepted
             .iter()
             .map(|(k, _)| k)
             .chain(&rejected)
-            .filter_map(|k| report.evidence_of(k).cloned())
+            .filter_map(|k| mine.evidence_of(k).cloned())
             .collect();
         ledger(
             &mut credits,
-            &honest[0],
+            &mut refusals,
+            &recorder,
             Entry::RoundResult {
                 job: JOB,
                 round,
-                model_hash: [0; 32],
+                model_hash,
                 accepted,
                 rejected,
                 evidence,
             },
         );
     }
+    outcome.ledger_refusals = refusals;
     if config.misbehaviour == Some(Misbehaviour::ForgedSignature) {
         reasons.insert("signature does not verify".into());
         // Every forged commitment is refused at the signature check: one per byzantine peer
@@ -1120,6 +1261,12 @@ pub fn verdict(outcome: &ByzantineOutcome, baseline: &ByzantineOutcome) -> Resul
             outcome.ledger_refusals.len()
         ));
     }
+    if outcome.forged_results_taken > 0 {
+        problems.push(format!(
+            "{} forged round results taken by the ledger",
+            outcome.forged_results_taken
+        ));
+    }
     if outcome.honest_reputation.iter().any(|r| *r < 0) {
         problems.push("an honest peer lost reputation".into());
     }
@@ -1147,7 +1294,7 @@ pub fn loss_ratio(outcome: &ByzantineOutcome, baseline: &ByzantineOutcome) -> f6
 /// The byzantine table in Markdown: one row per (committee, misbehaviour).
 pub fn table(shapes: &[Vec<ByzantineOutcome>]) -> String {
     let mut out = String::from(
-        "| committee | misbehaviour | detected in its round | refused because | byzantine in model | honest refusals | honest credits (baseline) | byzantine reputation | val loss vs baseline | verdict |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        "| committee | misbehaviour | detected in its round | refused because | byzantine in model | honest refusals | forged results refused | honest credits (baseline) | byzantine reputation | val loss vs baseline | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for outcomes in shapes {
         let Some(baseline) = outcomes.first() else {
@@ -1173,7 +1320,7 @@ pub fn table(shapes: &[Vec<ByzantineOutcome>]) -> String {
                 Err(why) => format!("FAIL: {why}"),
             };
             out.push_str(&format!(
-                "| {} of {} | {} | {} | {} | {} rounds | {} | {} | {:?} | {:+.1} % ({:.4} vs {:.4}) | {} |\n",
+                "| {} of {} | {} | {} | {} | {} rounds | {} | {}/{} | {} | {:?} | {:+.1} % ({:.4} vs {:.4}) | {} |\n",
                 c.byzantine,
                 c.peers,
                 name,
@@ -1181,6 +1328,8 @@ pub fn table(shapes: &[Vec<ByzantineOutcome>]) -> String {
                 outcome.reasons.join("; "),
                 outcome.byzantine_accepted_rounds,
                 outcome.honest_refusals,
+                outcome.forged_results_refused,
+                outcome.forged_results_refused + outcome.forged_results_taken,
                 credits,
                 outcome.byzantine_reputation,
                 (loss_ratio(outcome, baseline) - 1.0) * 100.0,
@@ -1268,9 +1417,15 @@ pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64, audit: f64) -> St
          first honest peer (the bar is 80 %: in the other rounds the byzantine commitment \
          reached that peer only after the round had closed without it); *refused because* groups the reasons given; *byzantine in model* counts \
          rounds where a byzantine update was aggregated; *honest credits* and *byzantine \
-         reputation* come from folding, with the ledger's credit rules, one `RoundResult` per \
-         round that pays {PAY_PER_CONTRIBUTION} credits per accepted contribution and slashes \
-         each refused one, next to the all-honest run of the same committee; *val loss* compares \
+         reputation* come from folding, with the ledger's credit rules, every peer's join of the \
+         job's committee, each honest peer's vote on each round it applied, and one \
+         `RoundResult` per round that pays {PAY_PER_CONTRIBUTION} credits per accepted \
+         contribution and slashes each refused one that a quorum of the votes refused, next to \
+         the all-honest run of the same committee; *forged results refused* counts the results \
+         the byzantine members recorded first in each round with two honest contributors (one \
+         honest contributor paid, the others left out, another slashed, with their real \
+         commitments and every byzantine vote behind it) that the ledger refused, over those \
+         tried; *val loss* compares \
          the first honest peer's final validation loss with the all-honest run's (the bar is \
          5 %).\n\n",
         screening.max_norm_ratio, screening.min_cosine
