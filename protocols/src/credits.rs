@@ -15,7 +15,8 @@
 //! A job's terms ([`JobTerms`], on the ledger with the job) bound what its escrow pays: a round
 //! result names a round of the job, at most `max_contributors` accepted and rejected peers, each
 //! backed by its own signed commitment to the job and round, and pays each at most
-//! `per_contribution`; a verdict pays at most `per_verdict`, once per verifier and subject of a
+//! `per_contribution`; a verdict, by a member of the job's committee, pays at most
+//! `per_verdict`, once per verifier and subject of a
 //! round, [`MAX_VERDICTS_PER_SUBJECT`] times per subject. So whoever records a round (the ledger
 //! lets any committee member) can pay or slash only the round's own contributors, and no more
 //! than the job would pay them.
@@ -504,6 +505,9 @@ impl CreditState {
                 }
                 if *fee > terms.per_verdict {
                     return Err(outside("verdict fee above the job's terms"));
+                }
+                if !self.committees.get(job).is_some_and(|m| m.contains(author)) {
+                    return Err(outside("verdict by a peer outside the job's committee"));
                 }
                 let max_verdicts = 2 * terms.max_contributors as usize;
                 let verdicts = self.verdicts.entry((*job, *round)).or_default();
@@ -1113,9 +1117,9 @@ mod tests {
     /// twice per contribution; terms outside the ledger's bounds are refused with the job.
     #[test]
     fn verdicts_are_bounded_by_the_job_terms() {
-        let (mut state, b1) = with_job(JobTerms {
+        let (mut state, b0) = with_job(JobTerms {
             rounds: 4,
-            max_contributors: 2,
+            max_contributors: 3,
             per_contribution: 50,
             per_verdict: 5,
         });
@@ -1127,6 +1131,11 @@ mod tests {
             reason: "noise".into(),
             fee,
         };
+        assert!(outside(&mut state, &b0, 4, verdict(1, 2, 5)).contains("committee"));
+        let b1 = block(2, Some(&b0), joins(JOB, &[3, 4, 5]));
+        state
+            .apply_block(&b1)
+            .expect("verifiers join the job's committee");
         assert!(outside(&mut state, &b1, 4, verdict(1, 2, 6)).contains("fee"));
         assert!(outside(&mut state, &b1, 4, verdict(9, 2, 5)).contains("outside"));
         let twice = block(
@@ -1154,13 +1163,13 @@ mod tests {
         let many = block(
             2,
             Some(&b1),
-            (2..7)
+            (2..9)
                 .map(|subject| signed(4, verdict(1, subject, 5)))
                 .collect(),
         );
         assert!(matches!(
             state.apply_block(&many),
-            Err(CreditError::OutsideTerms { index: 4, .. })
+            Err(CreditError::OutsideTerms { index: 6, .. })
         ));
         let two = block(
             2,
