@@ -264,6 +264,12 @@ fn a_submitted_job_is_picked_up_trained_recorded_and_paid() {
             .collect();
         assert_eq!(rounds, vec![1, 2, 3, 4], "{status}");
         assert!(!status["contributors"].as_array().unwrap().is_empty());
+        // Every peer that trained it joined the job's committee, whose votes made each result.
+        assert_eq!(
+            status["committee"].as_array().map(Vec::len),
+            Some(dirs.len()),
+            "{status}"
+        );
         // The model the ledger recorded for the last round is the one every peer finished on.
         let recorded_last = status["recorded"][3]["model_hash"]
             .as_str()

@@ -607,6 +607,23 @@ mod tests {
             })
         ));
         assert_eq!(state.credits().balance(&pk(3)), 1);
+        // Only ledger committee members join a job's committee or vote on its rounds.
+        for entry in [
+            Entry::JobJoined { job: [7; 32] },
+            Entry::RoundVote {
+                job: [7; 32],
+                round: 2,
+                model_hash: [0; 32],
+                accepted_digest: [0; 32],
+                rejected: Vec::new(),
+            },
+        ] {
+            let outsider = next(&state, vec![signed(9, entry)]);
+            assert!(matches!(
+                state.check_block(&outsider),
+                Err(LedgerStateError::Unauthorized { .. })
+            ));
+        }
     }
 
     #[test]
