@@ -356,31 +356,25 @@ impl LedgerReplicaState {
         if height != state.next_height() {
             return None;
         }
-        let mut block = Block {
-            height,
-            prev_hash: state.tip_hash(),
-            proposer: self.me,
-            timestamp_unix_ms: state.tip().timestamp_unix_ms.max(self.now_ms()),
-            entries: Vec::new(),
-        };
+        // Each entry is checked once, against what the entries before it leave.
+        let mut builder = state.block_builder(self.me, self.now_ms());
         let mut stale = Vec::new();
-        let mut block_bytes = loom_protocols::encode(&block).len();
+        let mut block_bytes = loom_protocols::encode(builder.block()).len();
         for (hash, entry) in &self.mempool {
-            if block.entries.len() >= self.args.config.block_entries_max {
+            if builder.block().entries.len() >= self.args.config.block_entries_max {
                 break;
             }
             let entry_bytes = loom_protocols::encode(entry).len();
             if block_bytes + entry_bytes > MAX_PROPOSED_BLOCK_BYTES {
                 continue;
             }
-            block.entries.push(entry.clone());
-            if state.check_block(&block).is_err() {
-                block.entries.pop();
-                stale.push(*hash);
-            } else {
+            if builder.try_push(entry.clone()).is_ok() {
                 block_bytes += entry_bytes;
+            } else {
+                stale.push(*hash);
             }
         }
+        let block = builder.finish();
         // Entries that no longer apply alone are dropped; the rest wait for a later block.
         for hash in stale {
             if let Some(entry) = self.mempool.get(&hash) {

@@ -340,6 +340,17 @@ impl CreditState {
         self.apply_entry(0, author, entry)
     }
 
+    /// Applies entry `index` of a block being built on this state. On error the state may be
+    /// partly changed: the caller folds the entries it kept again from a clean state.
+    pub(crate) fn apply_entry_at(
+        &mut self,
+        index: usize,
+        author: &PeerKey,
+        entry: &Entry,
+    ) -> Result<(), CreditError> {
+        self.apply_entry(index, author, entry)
+    }
+
     fn debit(&mut self, index: usize, peer: &PeerKey, amount: Credits) -> Result<(), CreditError> {
         let balance = self.balance(peer);
         if balance < amount {

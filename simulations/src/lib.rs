@@ -7,6 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+pub mod blocks;
 pub mod byzantine;
 pub mod chaos;
 pub mod ledger;

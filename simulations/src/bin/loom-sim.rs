@@ -5,6 +5,7 @@
 //!   loom-sim chaos --seeds 5000 --json target/sim-chaos.json
 //!   loom-sim chaos --seed 1234 --peers 7 --byzantine 2
 //!   loom-sim ledger --peers 5 --kills 50 --json target/sim-ledger.json
+//!   loom-sim blocks --members 16,64,256 --json target/sim-blocks.json
 
 use std::{
     path::{Path, PathBuf},
@@ -76,6 +77,17 @@ enum Scenario {
         /// Seconds to measure.
         #[arg(long, default_value_t = 60)]
         secs: u64,
+    },
+    /// Block building cost: a proposal built from a job committee's joins and round votes,
+    /// entry by entry (each entry checked once) against re-checking the whole block after each
+    /// entry; medians and their ratio per committee size (no processes).
+    Blocks {
+        /// Committee sizes, comma-separated (each at most 256).
+        #[arg(long, default_value = "16,64,256")]
+        members: String,
+        /// Repetitions per size.
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
     },
     /// Seeded chaos simulation of the ledger's consensus on virtual time (no processes):
     /// partitions, loss, reordering, kills, byzantine members. Checks safety, liveness and
@@ -215,6 +227,21 @@ fn main() -> ExitCode {
                 !no_screen,
                 cli.json.as_deref(),
             );
+        }
+        Scenario::Blocks { members, reps } => {
+            let sizes: Result<Vec<usize>, _> = members
+                .split(',')
+                .map(|m| m.trim().parse::<usize>())
+                .collect();
+            let Ok(sizes) = sizes else {
+                eprintln!(
+                    "error: --members must be comma-separated committee sizes, got {members:?}"
+                );
+                return ExitCode::FAILURE;
+            };
+            loom_simulations::blocks::run(&sizes, reps)
+                .map(|r| serde_json::to_value(r).unwrap_or_default())
+                .map_err(|e| loom_simulations::ScenarioError::Ledger(e.to_string()))
         }
         Scenario::Idle { secs } => {
             run_idle(bin, secs).map(|r| serde_json::to_value(r).unwrap_or_default())
