@@ -586,8 +586,41 @@ fn clip_reason(reason: &str) -> String {
 }
 
 /// The model hash of `report`, when it names one.
-fn report_model_hash(report: &RoundReport) -> Option<[u8; 32]> {
+pub fn report_model_hash(report: &RoundReport) -> Option<[u8; 32]> {
     unhex(&report.model_hash).and_then(|b| <[u8; 32]>::try_from(b.as_slice()).ok())
+}
+
+/// The contributors `report`'s round aggregated and the ones it refused (never both), at most
+/// the terms' `max_contributors` each.
+fn round_sets(terms: &RoundTerms, report: &RoundReport) -> (Vec<PeerKey>, Vec<PeerKey>) {
+    let accepted = keys(report.accepted.iter().cloned(), terms.max_contributors());
+    let refused = keys(
+        report.refused.iter().map(|r| r.author.clone()),
+        terms.max_contributors(),
+    )
+    .into_iter()
+    .filter(|k| !accepted.contains(k))
+    .collect();
+    (accepted, refused)
+}
+
+/// What the committee's votes on the ledger (`credits`) let this peer record for `report`'s
+/// round: `None` until a quorum voted for the model and accepted set it applied (or for a round
+/// it did not apply), else whom the result may slash ([`CreditState::voted_result`]).
+pub fn voted_result(
+    credits: &CreditState,
+    terms: &RoundTerms,
+    report: &RoundReport,
+) -> Option<BTreeSet<PeerKey>> {
+    let Some(Entry::RoundVote {
+        model_hash,
+        accepted_digest,
+        ..
+    }) = vote_entry(terms, report)
+    else {
+        return None;
+    };
+    credits.voted_result(&terms.job, report.round, &model_hash, &accepted_digest)
 }
 
 /// This peer's vote on `report`'s round as a member of the job's committee: the model it
@@ -598,14 +631,7 @@ pub fn vote_entry(terms: &RoundTerms, report: &RoundReport) -> Option<Entry> {
         return None;
     }
     let model_hash = report_model_hash(report)?;
-    let accepted = keys(report.accepted.iter().cloned(), terms.max_contributors());
-    let rejected: Vec<PeerKey> = keys(
-        report.refused.iter().map(|r| r.author.clone()),
-        terms.max_contributors(),
-    )
-    .into_iter()
-    .filter(|k| !accepted.contains(k))
-    .collect();
+    let (accepted, rejected) = round_sets(terms, report);
     Some(Entry::RoundVote {
         job: terms.job,
         round: report.round,
@@ -657,17 +683,11 @@ pub fn round_entries(
     report: &RoundReport,
     slashable: &BTreeSet<PeerKey>,
 ) -> (Vec<Entry>, Credits) {
-    let accepted: Vec<PeerKey> = keys(report.accepted.iter().cloned(), terms.max_contributors())
+    let (accepted, refused) = round_sets(terms, report);
+    let accepted: Vec<PeerKey> = accepted
         .into_iter()
         .filter(|k| report.evidence_of(k).is_some())
         .collect();
-    let refused: Vec<PeerKey> = keys(
-        report.refused.iter().map(|r| r.author.clone()),
-        terms.max_contributors(),
-    )
-    .into_iter()
-    .filter(|k| !accepted.contains(k))
-    .collect();
     let rejected: Vec<PeerKey> = refused
         .iter()
         .filter(|k| report.evidence_of(k).is_some() && slashable.contains(*k))

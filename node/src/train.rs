@@ -45,7 +45,7 @@ use crate::{
     identity,
     jobs::{
         RoundTerms, SharedJobBook, adopted_votes, audit_entries, round_entries, same_choice,
-        vote_entry,
+        vote_entry, voted_result,
     },
     manifest::{DatasetSpec, Job, Manifest},
     run::{self, KeypairSigner},
@@ -593,17 +593,8 @@ impl RoundPayer {
     fn voted(&self, jobs: &SharedJobBook, round: u64) -> Option<BTreeSet<PeerKey>> {
         let (report, _) = self.backlog.get(&round)?;
         let terms = self.terms_unlogged(jobs)?;
-        let Some(Entry::RoundVote {
-            model_hash,
-            accepted_digest,
-            ..
-        }) = vote_entry(&terms, report)
-        else {
-            return None;
-        };
         let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
-        book.credits()
-            .voted_result(&self.job, round, &model_hash, &accepted_digest)
+        voted_result(book.credits(), &terms, report)
     }
 
     /// The job's terms on the ledger, with the escrow at the ledger's tip less what this peer's

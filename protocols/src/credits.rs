@@ -616,6 +616,7 @@ impl CreditState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::SignedEntry;
     use crate::ledger::tests::{block, evidence, joins, pk, signed, terms, votes_for};
     use proptest::prelude::*;
 
@@ -703,19 +704,7 @@ mod tests {
             rejected: Vec::new(),
             evidence: evidence(JOB, 1, &[2]),
         };
-        let mut entries = vec![signed(
-            1,
-            Entry::JobSubmitted {
-                job: JOB,
-                escrow: 300,
-                manifest: String::new(),
-                terms: terms(),
-            },
-        )];
-        entries.extend(joins(JOB, &[4]));
-        entries.extend(votes_for(&result, &[4]));
-        entries.push(signed(4, result));
-        let b1 = block(1, Some(&g), entries);
+        let b1 = block(1, Some(&g), submitted_and_recorded(300, 4, result));
         let mut state = CreditState::default();
         for b in [&g, &b1] {
             state.apply_block(b).expect("applies");
@@ -841,24 +830,30 @@ mod tests {
             rejected: vec![],
             evidence: evidence(JOB, 1, &[2]),
         };
-        let mut entries = vec![signed(
-            1,
-            Entry::JobSubmitted {
-                job: JOB,
-                escrow: 10,
-                manifest: String::new(),
-                terms: terms(),
-            },
-        )];
-        entries.extend(joins(JOB, &[1]));
-        entries.extend(votes_for(&result, &[1]));
-        entries.push(signed(1, result));
-        let overpay = block(1, Some(&g), entries);
+        let overpay = block(1, Some(&g), submitted_and_recorded(10, 1, result));
         assert!(matches!(
             state.apply_block(&overpay),
             Err(CreditError::EscrowShort { .. })
         ));
         assert_eq!(state, before);
+    }
+
+    /// `JOB` submitted by peer 1 with `escrow` under the default terms, then `recorder` joining
+    /// the job's committee alone, voting for `result` and recording it.
+    fn submitted_and_recorded(escrow: Credits, recorder: u8, result: Entry) -> Vec<SignedEntry> {
+        let mut entries = vec![signed(
+            1,
+            Entry::JobSubmitted {
+                job: JOB,
+                escrow,
+                manifest: String::new(),
+                terms: terms(),
+            },
+        )];
+        entries.extend(joins(JOB, &[recorder]));
+        entries.extend(votes_for(&result, &[recorder]));
+        entries.push(signed(recorder, result));
+        entries
     }
 
     fn round_result(round: u64, paid: Credits) -> Entry {

@@ -27,7 +27,9 @@ use loom_actors::{
     LearnerSlot, NetworkPort, PortError, RoundReport, ShardKey, SharedBlobs, StepReport, Strategy,
     Topic, TrainerActor, TrainerMsg,
 };
-use loom_node::jobs::{RoundTerms, adopted_votes, same_choice, vote_entry};
+use loom_node::jobs::{
+    RoundTerms, adopted_votes, report_model_hash, same_choice, vote_entry, voted_result,
+};
 use loom_protocols::{
     NatStatus, PeerKey,
     blobstore::BlobStore,
@@ -1019,23 +1021,16 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
         // for its model and accepted set; it slashes whom that quorum refused.
         let recorded = honest.iter().zip(&views).find_map(|(key, view)| {
             let mine = *view.get(&round)?;
-            let Some(Entry::RoundVote {
-                model_hash,
-                accepted_digest,
-                ..
-            }) = vote_entry(&round_terms, mine)
-            else {
-                return None;
-            };
-            let slashable = credits.voted_result(&JOB, round, &model_hash, &accepted_digest)?;
-            Some((*key, mine, model_hash, slashable))
+            let slashable = voted_result(&credits, &round_terms, mine)?;
+            Some((*key, mine, slashable))
         });
-        let Some((recorder, mine, model_hash, slashable)) = recorded else {
+        let Some((recorder, mine, slashable)) = recorded else {
             refusals.push(format!(
                 "round {round}: no honest peer applied it with a quorum of votes"
             ));
             continue;
         };
+        let model_hash = report_model_hash(mine).unwrap_or_default();
         // Paid or slashed only with the contributor's commitment as evidence, as a node does.
         let accepted: Vec<(PeerKey, Credits)> = honest
             .iter()
