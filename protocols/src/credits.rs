@@ -30,7 +30,7 @@
 //! are byzantine) voted for its model hash and exact accepted set, and each peer it slashes was
 //! refused in that many of those votes: a recorder can neither leave an aggregated contributor
 //! unpaid nor slash one that no honest member refused. A round's votes are dropped once its
-//! result is recorded; later votes on it are refused.
+//! result is recorded (later votes on it are refused) or its job is closed.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -453,6 +453,8 @@ impl CreditState {
                 self.escrow.insert(*job, 0);
                 self.credit(index, author, refund)?;
                 self.closed.insert(*job);
+                // No result of the job is taken any more: the votes of its unrecorded rounds go.
+                self.votes.retain(|(voted_job, _), _| voted_job != job);
             }
             Entry::RoundResult {
                 job,
@@ -704,11 +706,15 @@ mod tests {
             rejected: Vec::new(),
             evidence: evidence(JOB, 1, &[2]),
         };
-        let b1 = block(1, Some(&g), submitted_and_recorded(300, 4, result));
+        let mut entries = submitted_and_recorded(300, 4, result);
+        // A vote on round 2, whose result never comes.
+        entries.extend(votes_for(&round_result(2, 10), &[4]));
+        let b1 = block(1, Some(&g), entries);
         let mut state = CreditState::default();
         for b in [&g, &b1] {
             state.apply_block(b).expect("applies");
         }
+        assert_eq!(state.round_votes(&JOB, 2).count(), 1);
         let close_by = |author: u8, height: u64| {
             block(
                 height,
@@ -732,6 +738,11 @@ mod tests {
         let b2 = close_by(1, 2);
         state.apply_block(&b2).expect("the submitter closes");
         assert!(state.job_closed(&JOB));
+        assert_eq!(
+            state.round_votes(&JOB, 2).count(),
+            0,
+            "a closed job's votes go"
+        );
         assert_eq!(state.escrow(&JOB), 0);
         assert_eq!(
             state.balance(&pk(1)),
