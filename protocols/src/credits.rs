@@ -148,6 +148,10 @@ pub struct CreditState {
     minted: u128,
 }
 
+/// Most votes of one member on unrecorded rounds of one job the state holds; a newer one drops
+/// the member's vote on the oldest such round.
+pub const MAX_PENDING_VOTES: usize = 64;
+
 /// A committee member's vote on a round, as the ledger holds it until the round's result.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RoundVote {
@@ -394,6 +398,29 @@ impl CreditState {
         Ok(())
     }
 
+    /// Keeps at most [`MAX_PENDING_VOTES`] of `member`'s votes on unrecorded rounds of `job`,
+    /// dropping its votes on the oldest rounds: a member voting on rounds far ahead cannot grow
+    /// the state, and an honest member's votes on rounds that long unrecorded no longer matter.
+    fn bound_pending_votes(&mut self, job: &JobId, member: &PeerKey) {
+        let rounds: Vec<u64> = self
+            .votes
+            .range((*job, 0)..=(*job, u64::MAX))
+            .filter(|(_, votes)| votes.contains_key(member))
+            .map(|((_, round), _)| *round)
+            .collect();
+        for round in rounds
+            .iter()
+            .take(rounds.len().saturating_sub(MAX_PENDING_VOTES))
+        {
+            if let Some(votes) = self.votes.get_mut(&(*job, *round)) {
+                votes.remove(member);
+                if votes.is_empty() {
+                    self.votes.remove(&(*job, *round));
+                }
+            }
+        }
+    }
+
     /// The terms of `job` while it is open (submitted, not closed).
     fn open_terms(&self, index: usize, job: &JobId) -> Result<&JobTerms, CreditError> {
         if self.closed.contains(job) {
@@ -597,6 +624,7 @@ impl CreditState {
                         rejected: rejected.clone(),
                     },
                 );
+                self.bound_pending_votes(job, author);
             }
             Entry::Transfer { to, amount } => {
                 self.debit(index, author, *amount)?;
@@ -1128,6 +1156,40 @@ mod tests {
             Err(CreditError::DuplicateRound { index: 0, round: 1 })
         );
         assert!(state.check_conservation());
+    }
+
+    /// A member's votes on unrecorded rounds are bounded: voting on more rounds drops its votes
+    /// on the oldest ones, not other members' votes.
+    #[test]
+    fn a_members_pending_votes_are_bounded() {
+        let (mut state, b1) = with_job(JobTerms {
+            rounds: 1_000,
+            ..terms()
+        });
+        let vote = |round: u64| Entry::RoundVote {
+            job: JOB,
+            round,
+            model_hash: [1; 32],
+            accepted_digest: [2; 32],
+            rejected: Vec::new(),
+        };
+        let mut entries = joins(JOB, &[2, 3]);
+        entries.push(signed(3, vote(1)));
+        entries.extend((1..=MAX_PENDING_VOTES as u64 + 10).map(|round| signed(2, vote(round))));
+        state
+            .apply_block(&block(2, Some(&b1), entries))
+            .expect("votes");
+        let voted_by = |state: &CreditState, member: u8, round: u64| {
+            state
+                .round_votes(&JOB, round)
+                .any(|(voter, _)| *voter == pk(member))
+        };
+        let kept: Vec<u64> = (1..=MAX_PENDING_VOTES as u64 + 10)
+            .filter(|round| voted_by(&state, 2, *round))
+            .collect();
+        assert_eq!(kept.len(), MAX_PENDING_VOTES);
+        assert_eq!(kept.first(), Some(&11), "the oldest rounds' votes went");
+        assert!(voted_by(&state, 3, 1), "another member's vote stays");
     }
 
     /// Verdicts pay at most the job's fee, once per verifier and contribution, and at most
