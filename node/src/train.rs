@@ -445,33 +445,38 @@ impl RoundPayer {
         // After a resync, this peer vouches for the lineage of the model it loaded, unless it
         // already voted for the same model and accepted set itself (its own vote also names
         // whom it refused).
-        for adopted in adopted_votes(&terms, report) {
-            let Entry::RoundVote {
-                round,
-                model_hash,
-                accepted_digest,
-                ..
-            } = adopted
-            else {
-                continue;
-            };
-            let pending = self
-                .votes
-                .get(&round)
-                .is_some_and(|(vote, _)| same_choice(vote, &adopted));
-            let held = jobs
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .credits()
-                .round_votes(&self.job, round)
-                .any(|(voter, held)| {
-                    *voter == self.me
-                        && held.model_hash == model_hash
-                        && held.accepted_digest == accepted_digest
-                });
-            if !pending && !held {
-                self.remember_vote(round, adopted);
-            }
+        let fresh: Vec<(u64, Entry)> = {
+            let book = jobs.lock().unwrap_or_else(|e| e.into_inner());
+            adopted_votes(&terms, report)
+                .into_iter()
+                .filter_map(|adopted| {
+                    let Entry::RoundVote {
+                        round,
+                        model_hash,
+                        accepted_digest,
+                        ..
+                    } = adopted
+                    else {
+                        return None;
+                    };
+                    let pending = self
+                        .votes
+                        .get(&round)
+                        .is_some_and(|(vote, _)| same_choice(vote, &adopted));
+                    let held = book
+                        .credits()
+                        .round_votes(&self.job, round)
+                        .any(|(voter, held)| {
+                            *voter == self.me
+                                && held.model_hash == model_hash
+                                && held.accepted_digest == accepted_digest
+                        });
+                    (!pending && !held).then_some((round, adopted))
+                })
+                .collect()
+        };
+        for (round, adopted) in fresh {
+            self.remember_vote(round, adopted);
         }
         // A round this peer resynced past (its accepted set unknown here) is not one it can
         // record.

@@ -1783,6 +1783,11 @@ mod tests {
         SigningKey::from_bytes(&[i; 32])
     }
 
+    /// The public key of [`key`]`(i)`.
+    fn peer(i: u8) -> PeerKey {
+        key(i).verifying_key().to_bytes()
+    }
+
     fn commit(job: JobId, round: u64, signer: &SigningKey, blob: &[u8]) -> SignedCommitment {
         Commitment {
             job_id: job,
@@ -1820,11 +1825,7 @@ mod tests {
     #[test]
     fn blobs_are_revealed_after_the_commitments_and_copies_or_replays_are_refused() {
         let (a, b, c) = (key(1), key(2), key(3));
-        let (pa, pb, pc) = (
-            a.verifying_key().to_bytes(),
-            b.verifying_key().to_bytes(),
-            c.verifying_key().to_bytes(),
-        );
+        let (pa, pb, pc) = (peer(1), peer(2), peer(3));
         let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
         engine
             .on_state(model_state(0, [0; 32], [0; 32], 1, pb), pb)
@@ -2281,11 +2282,7 @@ mod tests {
     #[test]
     fn a_late_replay_is_refused_and_not_waited_for() {
         let (a, b, c) = (key(1), key(2), key(3));
-        let (pa, pb, pc) = (
-            a.verifying_key().to_bytes(),
-            b.verifying_key().to_bytes(),
-            c.verifying_key().to_bytes(),
-        );
+        let (pa, pb, pc) = (peer(1), peer(2), peer(3));
         let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
         apply_round(&mut engine, 1, &a, &[&a, &b, &c], [1; 32]);
         engine
