@@ -38,6 +38,7 @@ pub const MAX_VERDICTS_PER_SUBJECT: usize = 2;
 const ENTRY_DOMAIN: &[u8] = b"loom/ledger-entry/v1\0";
 const ACCEPTED_DOMAIN: &[u8] = b"loom/round-accepted/v1\0";
 const VOTE_DOMAIN: &[u8] = b"loom/consensus-vote/v1\0";
+const CHAIN_VOTE_DOMAIN: &[u8] = b"loom/chain-vote/v1\0";
 
 /// Credits, in the smallest unit.
 pub type Credits = u64;
@@ -331,10 +332,26 @@ pub struct QuorumCertificate {
     pub votes: Vec<(PeerKey, Vec<u8>)>,
 }
 
-/// The bytes a committee member signs for a consensus vote: a domain tag, the kind, the height,
-/// the round and the value (`None`: nil).
+/// The bytes a committee member signs for a ledger consensus vote: a domain tag, the kind, the
+/// height, the round and the value (`None`: nil).
 pub fn vote_bytes(kind: VoteKind, height: u64, round: u32, value: Option<&BlobHash>) -> Vec<u8> {
-    let mut out = VOTE_DOMAIN.to_vec();
+    chain_vote_bytes(None, kind, height, round, value)
+}
+
+/// The bytes a committee member signs for a vote of the consensus instance `chain` (`None`: the
+/// ledger's; another instance, such as a job's round chain, has its own id in the domain, so a
+/// vote of one instance never counts in another, nil votes included).
+pub fn chain_vote_bytes(
+    chain: Option<&BlobHash>,
+    kind: VoteKind,
+    height: u64,
+    round: u32,
+    value: Option<&BlobHash>,
+) -> Vec<u8> {
+    let mut out = match chain {
+        None => VOTE_DOMAIN.to_vec(),
+        Some(chain) => [CHAIN_VOTE_DOMAIN, chain.as_slice()].concat(),
+    };
     out.push(match kind {
         VoteKind::Prevote => 1,
         VoteKind::Precommit => 2,

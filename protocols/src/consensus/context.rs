@@ -1,20 +1,21 @@
 //! Loom's instance of Malachite's `Context`: the concrete types the Tendermint core runs on.
 //!
-//! Address = a committee member's ed25519 public key, height = the ledger height, value = a ledger
-//! [`Block`] identified by its hash, every member has voting power 1, and the proposer of
+//! Address = a committee member's ed25519 public key, height = the instance's height, value = a
+//! [`ConsensusValue`] (a ledger block, a job's round close) identified by its hash, every member has voting power 1, and the proposer of
 //! (height, round) is the member at index `(height + round) mod n` of the sorted committee
 //! (Tendermint's round-robin rotation: the proposer of a height is its coordinator). Vote
 //! extensions and proposal parts are not used. Nothing here signs or verifies: the engine answers
 //! the core's signing and verification effects with the bytes of [`crate::ledger::vote_bytes`]
 //! and [`proposal_bytes`](super::message::proposal_bytes).
 
-use std::{fmt, sync::Arc};
+use std::{fmt, marker::PhantomData, sync::Arc};
 
 use arc_malachitebft_core_types::{
     self as mtypes, LinearTimeouts, NilOrVal, Round, SignedExtension, VoteType,
 };
 
-use crate::{PeerKey, contribution::BlobHash, ledger::Block};
+use super::types::ConsensusValue;
+use crate::{PeerKey, contribution::BlobHash};
 
 /// Short hex of the first bytes of a key or hash, for logs.
 fn short_hex(bytes: &[u8]) -> String {
@@ -83,15 +84,15 @@ impl fmt::Debug for BlockId {
     }
 }
 
-/// A proposed block with its hash computed once. Equality and order are by hash.
+/// A proposed value with its hash computed once. Equality and order are by hash.
 #[derive(Clone, Debug)]
-pub(crate) struct BlockValue {
+pub(crate) struct BlockValue<V> {
     id: BlobHash,
-    block: Arc<Block>,
+    block: Arc<V>,
 }
 
-impl BlockValue {
-    pub(crate) fn new(block: Block) -> Self {
+impl<V: ConsensusValue> BlockValue<V> {
+    pub(crate) fn new(block: V) -> Self {
         Self {
             id: block.hash(),
             block: Arc::new(block),
@@ -102,32 +103,32 @@ impl BlockValue {
         self.id
     }
 
-    pub(crate) fn block(&self) -> &Block {
+    pub(crate) fn block(&self) -> &V {
         &self.block
     }
 }
 
-impl PartialEq for BlockValue {
+impl<V> PartialEq for BlockValue<V> {
     fn eq(&self, other: &Self) -> bool {
         self.id == other.id
     }
 }
 
-impl Eq for BlockValue {}
+impl<V> Eq for BlockValue<V> {}
 
-impl PartialOrd for BlockValue {
+impl<V> PartialOrd for BlockValue<V> {
     fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for BlockValue {
+impl<V> Ord for BlockValue<V> {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.id.cmp(&other.id)
     }
 }
 
-impl mtypes::Value for BlockValue {
+impl<V: ConsensusValue> mtypes::Value for BlockValue<V> {
     type Id = BlockId;
 
     fn id(&self) -> BlockId {
@@ -137,15 +138,15 @@ impl mtypes::Value for BlockValue {
 
 /// A proposal: a block for (height, round), with the round of its proof of lock.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Proposal {
+pub(crate) struct Proposal<V> {
     pub(crate) height: Height,
     pub(crate) round: Round,
-    pub(crate) value: BlockValue,
+    pub(crate) value: BlockValue<V>,
     pub(crate) pol_round: Round,
     pub(crate) proposer: Address,
 }
 
-impl mtypes::Proposal<LoomContext> for Proposal {
+impl<V: ConsensusValue> mtypes::Proposal<LoomContext<V>> for Proposal<V> {
     fn height(&self) -> Height {
         self.height
     }
@@ -154,11 +155,11 @@ impl mtypes::Proposal<LoomContext> for Proposal {
         self.round
     }
 
-    fn value(&self) -> &BlockValue {
+    fn value(&self) -> &BlockValue<V> {
         &self.value
     }
 
-    fn take_value(self) -> BlockValue {
+    fn take_value(self) -> BlockValue<V> {
         self.value
     }
 
@@ -181,7 +182,7 @@ pub(crate) struct Vote {
     pub(crate) voter: Address,
 }
 
-impl mtypes::Vote<LoomContext> for Vote {
+impl<V: ConsensusValue> mtypes::Vote<LoomContext<V>> for Vote {
     fn height(&self) -> Height {
         self.height
     }
@@ -206,15 +207,15 @@ impl mtypes::Vote<LoomContext> for Vote {
         &self.voter
     }
 
-    fn extension(&self) -> Option<&SignedExtension<LoomContext>> {
+    fn extension(&self) -> Option<&SignedExtension<LoomContext<V>>> {
         None
     }
 
-    fn take_extension(&mut self) -> Option<SignedExtension<LoomContext>> {
+    fn take_extension(&mut self) -> Option<SignedExtension<LoomContext<V>>> {
         None
     }
 
-    fn extend(self, _extension: SignedExtension<LoomContext>) -> Self {
+    fn extend(self, _extension: SignedExtension<LoomContext<V>>) -> Self {
         // Vote extensions are disabled for Loom: the core never asks for one.
         self
     }
@@ -224,7 +225,7 @@ impl mtypes::Vote<LoomContext> for Vote {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum NoProposalPart {}
 
-impl mtypes::ProposalPart<LoomContext> for NoProposalPart {
+impl<V: ConsensusValue> mtypes::ProposalPart<LoomContext<V>> for NoProposalPart {
     fn is_first(&self) -> bool {
         match *self {}
     }
@@ -240,7 +241,7 @@ pub(crate) struct Validator {
     pub(crate) address: Address,
 }
 
-impl mtypes::Validator<LoomContext> for Validator {
+impl<V: ConsensusValue> mtypes::Validator<LoomContext<V>> for Validator {
     fn address(&self) -> &Address {
         &self.address
     }
@@ -284,22 +285,32 @@ impl ValidatorSet {
         // The set is never empty (see `new`), and index < n.
         &self.validators[index as usize]
     }
+
+    /// The member with `address`, if any (the same for every instance's context).
+    pub(crate) fn get_by_address(&self, address: &Address) -> Option<&Validator> {
+        self.validators
+            .binary_search_by(|v| v.address.cmp(address))
+            .ok()
+            .and_then(|i| self.validators.get(i))
+    }
+
+    /// The committee's total voting power: one per member.
+    pub(crate) fn total_voting_power(&self) -> mtypes::VotingPower {
+        self.validators.len() as u64
+    }
 }
 
-impl mtypes::ValidatorSet<LoomContext> for ValidatorSet {
+impl<V: ConsensusValue> mtypes::ValidatorSet<LoomContext<V>> for ValidatorSet {
     fn count(&self) -> usize {
         self.validators.len()
     }
 
     fn total_voting_power(&self) -> mtypes::VotingPower {
-        self.validators.len() as u64
+        ValidatorSet::total_voting_power(self)
     }
 
     fn get_by_address(&self, address: &Address) -> Option<&Validator> {
-        self.validators
-            .binary_search_by(|v| v.address.cmp(address))
-            .ok()
-            .and_then(|i| self.validators.get(i))
+        ValidatorSet::get_by_address(self, address)
     }
 
     fn get_by_index(&self, index: usize) -> Option<&Validator> {
@@ -354,20 +365,45 @@ impl mtypes::SigningScheme for Ed25519 {
     }
 }
 
-/// The context the core is instantiated with.
-#[derive(Clone, Copy, Debug, Default)]
-pub(crate) struct LoomContext;
+/// The context the core is instantiated with, for an instance deciding `V`.
+pub(crate) struct LoomContext<V>(PhantomData<fn() -> V>);
 
-impl mtypes::Context for LoomContext {
+impl<V> LoomContext<V> {
+    pub(crate) fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<V> Clone for LoomContext<V> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<V> Copy for LoomContext<V> {}
+
+impl<V> Default for LoomContext<V> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<V> fmt::Debug for LoomContext<V> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LoomContext")
+    }
+}
+
+impl<V: ConsensusValue> mtypes::Context for LoomContext<V> {
     type Address = Address;
     type Height = Height;
     type ProposalPart = NoProposalPart;
-    type Proposal = Proposal;
+    type Proposal = Proposal<V>;
     type Validator = Validator;
     type ValidatorSet = ValidatorSet;
     // The core hands timeouts to the host; the engine computes their durations itself.
     type Timeouts = LinearTimeouts;
-    type Value = BlockValue;
+    type Value = BlockValue<V>;
     type Vote = Vote;
     type Extension = ();
     type SigningScheme = Ed25519;
@@ -385,10 +421,10 @@ impl mtypes::Context for LoomContext {
         &self,
         height: Height,
         round: Round,
-        value: BlockValue,
+        value: BlockValue<V>,
         pol_round: Round,
         address: Address,
-    ) -> Proposal {
+    ) -> Proposal<V> {
         Proposal {
             height,
             round,

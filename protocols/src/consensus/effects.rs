@@ -14,19 +14,21 @@ use arc_malachitebft_core_consensus::{
 use arc_malachitebft_core_types::{
     CertificateError, CommitCertificate, CommitSignature, NilOrVal, PolkaCertificate,
     PolkaSignature, Round, RoundCertificate, RoundCertificateType, SignedMessage, SignedProposal,
-    SignedVote, Timeout, TimeoutKind as CoreTimeoutKind, ValidatorSet as _, VoteType,
+    SignedVote, Timeout, TimeoutKind as CoreTimeoutKind, VoteType,
 };
 use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
 
 use super::{
     context::{Address, BlockId, LoomContext, Proposal, Signature, ValidatorSet, Vote},
-    message::{ConsensusMessage, proposal_bytes, verify},
-    types::{ConsensusAction, ConsensusConfig, SigningWatermark, TimeoutKey, TimeoutKind},
+    message::{ConsensusMessage, chain_proposal_bytes, verify},
+    types::{
+        ConsensusAction, ConsensusConfig, ConsensusValue, SigningWatermark, TimeoutKey, TimeoutKind,
+    },
 };
 use crate::{
     PeerKey,
     contribution::BlobHash,
-    ledger::{VoteKind, vote_bytes},
+    ledger::{VoteKind, chain_vote_bytes},
 };
 
 /// Verified (signature, message) pairs remembered per height, to verify each once.
@@ -58,8 +60,9 @@ pub(super) fn nil_or(value: &NilOrVal<BlockId>) -> Option<BlobHash> {
     }
 }
 
-pub(super) fn core_vote_bytes(vote: &Vote) -> Vec<u8> {
-    vote_bytes(
+pub(super) fn core_vote_bytes(chain: Option<&BlobHash>, vote: &Vote) -> Vec<u8> {
+    chain_vote_bytes(
+        chain,
         vote_kind(vote.kind),
         vote.height.0,
         round_u32(vote.round),
@@ -67,8 +70,12 @@ pub(super) fn core_vote_bytes(vote: &Vote) -> Vec<u8> {
     )
 }
 
-pub(super) fn core_proposal_bytes(proposal: &Proposal) -> Vec<u8> {
-    proposal_bytes(
+pub(super) fn core_proposal_bytes<V: ConsensusValue>(
+    chain: Option<&BlobHash>,
+    proposal: &Proposal<V>,
+) -> Vec<u8> {
+    chain_proposal_bytes(
+        chain,
         proposal.height.0,
         round_u32(proposal.round),
         proposal.pol_round.as_u32(),
@@ -76,7 +83,9 @@ pub(super) fn core_proposal_bytes(proposal: &Proposal) -> Vec<u8> {
     )
 }
 
-pub(super) fn vote_message(vote: &SignedVote<LoomContext>) -> ConsensusMessage {
+pub(super) fn vote_message<V: ConsensusValue>(
+    vote: &SignedVote<LoomContext<V>>,
+) -> ConsensusMessage<V> {
     ConsensusMessage::Vote {
         kind: vote_kind(vote.message.kind),
         height: vote.message.height.0,
@@ -87,7 +96,9 @@ pub(super) fn vote_message(vote: &SignedVote<LoomContext>) -> ConsensusMessage {
     }
 }
 
-pub(super) fn proposal_message(proposal: &SignedProposal<LoomContext>) -> ConsensusMessage {
+pub(super) fn proposal_message<V: ConsensusValue>(
+    proposal: &SignedProposal<LoomContext<V>>,
+) -> ConsensusMessage<V> {
     ConsensusMessage::Proposal {
         height: proposal.message.height.0,
         round: round_u32(proposal.message.round),
@@ -98,10 +109,10 @@ pub(super) fn proposal_message(proposal: &SignedProposal<LoomContext>) -> Consen
     }
 }
 
-pub(super) fn polka_message(
-    certificate: &PolkaCertificate<LoomContext>,
+pub(super) fn polka_message<V: ConsensusValue>(
+    certificate: &PolkaCertificate<LoomContext<V>>,
     sender: PeerKey,
-) -> ConsensusMessage {
+) -> ConsensusMessage<V> {
     ConsensusMessage::PolkaCertificate {
         height: certificate.height.0,
         round: round_u32(certificate.round),
@@ -115,7 +126,7 @@ pub(super) fn polka_message(
     }
 }
 
-pub(super) fn signature_of(message: &ConsensusMessage) -> Option<Signature> {
+pub(super) fn signature_of<V: ConsensusValue>(message: &ConsensusMessage<V>) -> Option<Signature> {
     <[u8; 64]>::try_from(message.signature()?)
         .ok()
         .map(Signature)
@@ -145,24 +156,29 @@ enum SignersFailure {
 }
 
 /// The part of the engine that answers the core's effects (everything but the core's state).
-pub(super) struct Io {
+pub(super) struct Io<V: ConsensusValue> {
     pub(super) key: SigningKey,
     pub(super) me: PeerKey,
     pub(super) config: ConsensusConfig,
     pub(super) height: u64,
     pub(super) armed: BTreeMap<(TimeoutKind, u32), u64>,
     pub(super) next_seq: u64,
-    pub(super) actions: Vec<ConsensusAction>,
+    pub(super) actions: Vec<ConsensusAction<V>>,
     pub(super) verified: BTreeSet<([u8; 64], Vec<u8>)>,
-    pub(super) decided: Option<CommitCertificate<LoomContext>>,
-    pub(super) own_proposal: Option<ConsensusMessage>,
+    pub(super) decided: Option<CommitCertificate<LoomContext<V>>>,
+    pub(super) own_proposal: Option<ConsensusMessage<V>>,
     /// The highest (height, round) signed at.
     pub(super) watermark: Option<SigningWatermark>,
     /// The committee's keys, decompressed once per height.
     pub(super) keys: BTreeMap<PeerKey, VerifyingKey>,
 }
 
-impl Io {
+impl<V: ConsensusValue> Io<V> {
+    /// The instance's id in the signing domain (`None`: the ledger's).
+    pub(super) fn chain(&self) -> Option<BlobHash> {
+        self.config.chain().copied()
+    }
+
     pub(super) fn remember(&mut self, signature: [u8; 64], bytes: Vec<u8>) {
         if self.verified.len() < MAX_VERIFIED {
             self.verified.insert((signature, bytes));
@@ -218,7 +234,7 @@ impl Io {
         });
     }
 
-    fn broadcast_votes(&mut self, votes: impl Iterator<Item = SignedVote<LoomContext>>) {
+    fn broadcast_votes(&mut self, votes: impl Iterator<Item = SignedVote<LoomContext<V>>>) {
         for vote in votes {
             self.actions
                 .push(ConsensusAction::Broadcast(vote_message(&vote)));
@@ -259,16 +275,23 @@ impl Io {
     #[allow(clippy::result_large_err)]
     fn verify_commit(
         &mut self,
-        certificate: &CommitCertificate<LoomContext>,
+        certificate: &CommitCertificate<LoomContext<V>>,
         set: &ValidatorSet,
         params: ThresholdParams,
-    ) -> Result<(), CertificateError<LoomContext>> {
+    ) -> Result<(), CertificateError<LoomContext<V>>> {
         let (height, round) = (certificate.height.0, round_u32(certificate.round));
+        let chain = self.chain();
         let hash = certificate.value_id.0;
         let signers = certificate.commit_signatures.iter().map(|s| {
             (
                 s.address,
-                vote_bytes(VoteKind::Precommit, height, round, Some(&hash)),
+                chain_vote_bytes(
+                    chain.as_ref(),
+                    VoteKind::Precommit,
+                    height,
+                    round,
+                    Some(&hash),
+                ),
                 s.signature.0,
             )
         });
@@ -302,16 +325,23 @@ impl Io {
     #[allow(clippy::result_large_err)]
     fn verify_polka(
         &mut self,
-        certificate: &PolkaCertificate<LoomContext>,
+        certificate: &PolkaCertificate<LoomContext<V>>,
         set: &ValidatorSet,
         params: ThresholdParams,
-    ) -> Result<(), CertificateError<LoomContext>> {
+    ) -> Result<(), CertificateError<LoomContext<V>>> {
         let (height, round) = (certificate.height.0, round_u32(certificate.round));
+        let chain = self.chain();
         let hash = certificate.value_id.0;
         let signers = certificate.polka_signatures.iter().map(|s| {
             (
                 s.address,
-                vote_bytes(VoteKind::Prevote, height, round, Some(&hash)),
+                chain_vote_bytes(
+                    chain.as_ref(),
+                    VoteKind::Prevote,
+                    height,
+                    round,
+                    Some(&hash),
+                ),
                 s.signature.0,
             )
         });
@@ -345,11 +375,12 @@ impl Io {
     #[allow(clippy::result_large_err)]
     fn verify_round(
         &mut self,
-        certificate: &RoundCertificate<LoomContext>,
+        certificate: &RoundCertificate<LoomContext<V>>,
         set: &ValidatorSet,
         params: ThresholdParams,
-    ) -> Result<(), CertificateError<LoomContext>> {
+    ) -> Result<(), CertificateError<LoomContext<V>>> {
         let (height, round) = (certificate.height.0, round_u32(certificate.round));
+        let chain = self.chain();
         let total = set.total_voting_power();
         let expected = match certificate.cert_type {
             RoundCertificateType::Skip => params.honest.min_expected(total),
@@ -367,7 +398,8 @@ impl Io {
         let signers = certificate.round_signatures.iter().map(|s| {
             (
                 s.address,
-                vote_bytes(
+                chain_vote_bytes(
+                    chain.as_ref(),
                     vote_kind(s.vote_type),
                     height,
                     round,
@@ -399,8 +431,8 @@ impl Io {
     /// Answers one effect of the core.
     pub(super) fn handle(
         &mut self,
-        effect: Effect<LoomContext>,
-    ) -> Result<Resume<LoomContext>, Infallible> {
+        effect: Effect<LoomContext<V>>,
+    ) -> Result<Resume<LoomContext<V>>, Infallible> {
         Ok(match effect {
             Effect::CancelAllTimeouts(r) => {
                 self.armed.clear();
@@ -454,7 +486,7 @@ impl Io {
                         self.actions.push(ConsensusAction::Broadcast(message));
                     }
                     LivenessMsg::SkipRoundCertificate(certificate) => {
-                        self.broadcast_votes(certificate.votes(&LoomContext))
+                        self.broadcast_votes(certificate.votes(&LoomContext::new()))
                     }
                 }
                 r.resume_with(())
@@ -464,7 +496,7 @@ impl Io {
                 r.resume_with(())
             }
             Effect::RepublishRoundCertificate(certificate, r) => {
-                self.broadcast_votes(certificate.votes(&LoomContext));
+                self.broadcast_votes(certificate.votes(&LoomContext::new()));
                 r.resume_with(())
             }
             Effect::GetValue(height, round, _timeout, r) => {
@@ -486,18 +518,21 @@ impl Io {
             }
             Effect::SignVote(vote, r) => {
                 self.raise_watermark(vote.height.0, round_u32(vote.round));
-                let signature = self.sign(core_vote_bytes(&vote));
+                let signature = self.sign(core_vote_bytes(self.chain().as_ref(), &vote));
                 r.resume_with(SignedMessage::new(vote, signature))
             }
             Effect::SignProposal(proposal, r) => {
                 self.raise_watermark(proposal.height.0, round_u32(proposal.round));
-                let signature = self.sign(core_proposal_bytes(&proposal));
+                let signature = self.sign(core_proposal_bytes(self.chain().as_ref(), &proposal));
                 r.resume_with(SignedMessage::new(proposal, signature))
             }
             Effect::VerifySignature(message, key, r) => {
+                let chain = self.chain();
                 let bytes = match &message.message {
-                    ConsensusMsg::Vote(vote) => core_vote_bytes(vote),
-                    ConsensusMsg::Proposal(proposal) => core_proposal_bytes(proposal),
+                    ConsensusMsg::Vote(vote) => core_vote_bytes(chain.as_ref(), vote),
+                    ConsensusMsg::Proposal(proposal) => {
+                        core_proposal_bytes(chain.as_ref(), proposal)
+                    }
                 };
                 r.resume_with(self.check(&key, bytes, &message.signature.0))
             }

@@ -37,19 +37,20 @@ use super::{
         Address, BlockId, BlockValue, Height, LoomContext, Proposal, Signature, ValidatorSet, Vote,
     },
     effects::{Io, core_vote_bytes, polka_message, round_u32, signature_of, vote_type},
-    message::{ConsensusMessage, proposal_bytes},
+    message::{ConsensusMessage, chain_proposal_bytes},
     types::{
-        Committee, ConsensusAction, ConsensusConfig, ConsensusError, FUTURE_HEIGHTS,
-        MAX_BUFFERED_PER_MEMBER, SigningWatermark, TimeoutKey, TimeoutKind, WalEntry,
+        Committee, ConsensusAction, ConsensusConfig, ConsensusError, ConsensusValue,
+        FUTURE_HEIGHTS, MAX_BUFFERED_PER_MEMBER, SigningWatermark, TimeoutKey, TimeoutKind,
+        WalEntry,
     },
 };
 use crate::{
     PeerKey,
     contribution::BlobHash,
-    ledger::{Block, QuorumCertificate, VoteKind, verify_block, vote_bytes},
+    ledger::{Block, QuorumCertificate, VoteKind, chain_vote_bytes},
 };
 
-/// Block validity verdicts remembered per height.
+/// Value validity verdicts remembered per height.
 const MAX_VALIDITY: usize = 64;
 /// (round, block) proposals remembered per height, to drop repeats cheaply.
 const MAX_SEEN_PROPOSALS: usize = 256;
@@ -61,24 +62,24 @@ fn short_hex(key: &PeerKey) -> String {
 }
 
 /// One peer's consensus: Tendermint (Malachite's core) for the ledger, one height at a time.
-pub struct ConsensusEngine {
-    io: Io,
-    core: Option<State<LoomContext>>,
+pub struct ConsensusEngine<V: ConsensusValue = Block> {
+    io: Io<V>,
+    core: Option<State<LoomContext<V>>>,
     committee: Committee,
-    previous: Option<Block>,
+    previous: Option<V>,
     started: bool,
-    future: BTreeMap<u64, Vec<ConsensusMessage>>,
+    future: BTreeMap<u64, Vec<ConsensusMessage<V>>>,
     future_per_author: BTreeMap<(u64, PeerKey), usize>,
-    pending_proposals: Vec<ConsensusMessage>,
+    pending_proposals: Vec<ConsensusMessage<V>>,
     validity: BTreeMap<BlobHash, bool>,
     seen_proposals: BTreeSet<(u32, BlobHash)>,
-    wal: Vec<WalEntry>,
+    wal: Vec<WalEntry<V>>,
     restored: Option<SigningWatermark>,
-    decision: Option<(Block, QuorumCertificate)>,
+    decision: Option<(V, QuorumCertificate)>,
     last_core_error: Option<String>,
 }
 
-impl fmt::Debug for ConsensusEngine {
+impl<V: ConsensusValue> fmt::Debug for ConsensusEngine<V> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConsensusEngine")
             .field("me", &short_hex(&self.io.me))
@@ -90,7 +91,7 @@ impl fmt::Debug for ConsensusEngine {
     }
 }
 
-impl ConsensusEngine {
+impl<V: ConsensusValue> ConsensusEngine<V> {
     /// An engine that signs with `signing_key`. Nothing happens until [`Self::start_height`].
     pub fn new(signing_key: SigningKey, config: ConsensusConfig) -> Self {
         let me = signing_key.verifying_key().to_bytes();
@@ -155,7 +156,7 @@ impl ConsensusEngine {
     }
 
     /// The decision of the current height, once there is one.
-    pub fn decision(&self) -> Option<&(Block, QuorumCertificate)> {
+    pub fn decision(&self) -> Option<&(V, QuorumCertificate)> {
         self.decision.as_ref()
     }
 
@@ -177,7 +178,7 @@ impl ConsensusEngine {
     /// grows within a height and starts empty at each [`Self::start_height`]. The host stores
     /// what is new after each call, before it sends that call's broadcasts, and hands it to
     /// [`Self::recover`] after a restart.
-    pub fn wal(&self) -> &[WalEntry] {
+    pub fn wal(&self) -> &[WalEntry<V>] {
         &self.wal
     }
 
@@ -212,10 +213,10 @@ impl ConsensusEngine {
     pub fn start_height(
         &mut self,
         height: u64,
-        previous: Option<&Block>,
+        previous: Option<&V>,
         committee: Committee,
         now_ms: u64,
-    ) -> Vec<ConsensusAction> {
+    ) -> Vec<ConsensusAction<V>> {
         let _ = now_ms;
         if self.started && height <= self.io.height {
             return Vec::new();
@@ -257,7 +258,7 @@ impl ConsensusEngine {
             Some(state) => state.params = params,
             None => {
                 self.core = Some(State::new(
-                    LoomContext,
+                    LoomContext::new(),
                     Height(height),
                     validator_set.clone(),
                     params,
@@ -286,9 +287,10 @@ impl ConsensusEngine {
             match &message {
                 ConsensusMessage::Vote { .. } => {
                     // Verified when it was kept.
-                    let (Some(signature), Some(bytes)) =
-                        (signature_of(&message), message.signing_bytes())
-                    else {
+                    let (Some(signature), Some(bytes)) = (
+                        signature_of(&message),
+                        message.signing_bytes(self.io.config.chain()),
+                    ) else {
                         continue;
                     };
                     self.io.remember(signature.0, bytes);
@@ -314,10 +316,10 @@ impl ConsensusEngine {
     /// action.
     pub fn on_message(
         &mut self,
-        message: ConsensusMessage,
+        message: ConsensusMessage<V>,
         now_ms: u64,
-        validate: &mut dyn FnMut(&Block) -> bool,
-    ) -> Vec<ConsensusAction> {
+        validate: &mut dyn FnMut(&V) -> bool,
+    ) -> Vec<ConsensusAction<V>> {
         self.handle_message(message, now_ms, validate)
             .unwrap_or_default()
     }
@@ -331,10 +333,10 @@ impl ConsensusEngine {
     /// block is prevoted nil.
     pub fn handle_message(
         &mut self,
-        message: ConsensusMessage,
+        message: ConsensusMessage<V>,
         now_ms: u64,
-        validate: &mut dyn FnMut(&Block) -> bool,
-    ) -> Result<Vec<ConsensusAction>, ConsensusError> {
+        validate: &mut dyn FnMut(&V) -> bool,
+    ) -> Result<Vec<ConsensusAction<V>>, ConsensusError> {
         let _ = now_ms;
         if !self.started {
             return Err(ConsensusError::NotStarted);
@@ -407,7 +409,7 @@ impl ConsensusEngine {
             if kept >= MAX_BUFFERED_PER_MEMBER {
                 return Err(ConsensusError::BufferFull { height, author });
             }
-            if !message.verify_signature() {
+            if !message.verify_signature(self.io.config.chain()) {
                 return Err(ConsensusError::BadSignature(author));
             }
             if let Some(certificate) = self.to_core_polka(&message)
@@ -435,10 +437,11 @@ impl ConsensusEngine {
                     .as_ref()
                     .is_some_and(|s| s.driver.votes().has_vote(&vote));
                 if !duplicate {
-                    if !self
-                        .io
-                        .check(&author, core_vote_bytes(&vote.message), &signature.0)
-                    {
+                    if !self.io.check(
+                        &author,
+                        core_vote_bytes(self.io.config.chain(), &vote.message),
+                        &signature.0,
+                    ) {
                         return Err(ConsensusError::BadSignature(author));
                     }
                     self.replay_pending(validate);
@@ -453,7 +456,13 @@ impl ConsensusEngine {
             ) => {
                 let value = BlockValue::new(block);
                 if !self.seen_proposals.contains(&(round, value.hash())) {
-                    let bytes = proposal_bytes(height, round, pol_round, &value.hash());
+                    let bytes = chain_proposal_bytes(
+                        self.io.config.chain(),
+                        height,
+                        round,
+                        pol_round,
+                        &value.hash(),
+                    );
                     if !self.io.check(&author, bytes, &signature.0) {
                         return Err(ConsensusError::BadSignature(author));
                     }
@@ -485,7 +494,10 @@ impl ConsensusEngine {
 
     /// The core's form of a polka certificate message (`None` for another message, or a
     /// signature of the wrong length).
-    fn to_core_polka(&self, message: &ConsensusMessage) -> Option<PolkaCertificate<LoomContext>> {
+    fn to_core_polka(
+        &self,
+        message: &ConsensusMessage<V>,
+    ) -> Option<PolkaCertificate<LoomContext<V>>> {
         let ConsensusMessage::PolkaCertificate {
             height,
             round,
@@ -512,8 +524,9 @@ impl ConsensusEngine {
     }
 
     /// Whether a polka certificate holds valid prevotes of a quorum of distinct members.
-    fn polka_is_quorum(&mut self, certificate: &PolkaCertificate<LoomContext>) -> bool {
-        let message = vote_bytes(
+    fn polka_is_quorum(&mut self, certificate: &PolkaCertificate<LoomContext<V>>) -> bool {
+        let message = chain_vote_bytes(
+            self.io.config.chain(),
             VoteKind::Prevote,
             certificate.height.0,
             round_u32(certificate.round),
@@ -534,15 +547,15 @@ impl ConsensusEngine {
     /// A verified polka certificate of the current height, into the log and the core.
     fn feed_polka(
         &mut self,
-        message: ConsensusMessage,
-        certificate: PolkaCertificate<LoomContext>,
+        message: ConsensusMessage<V>,
+        certificate: PolkaCertificate<LoomContext<V>>,
     ) {
         self.log(WalEntry::Message(message));
         self.run(Input::PolkaCertificate(certificate));
     }
 
     /// A timer armed by [`ConsensusAction::ScheduleTimeout`] fired.
-    pub fn on_timeout(&mut self, timeout: TimeoutKey, now_ms: u64) -> Vec<ConsensusAction> {
+    pub fn on_timeout(&mut self, timeout: TimeoutKey, now_ms: u64) -> Vec<ConsensusAction<V>> {
         let _ = now_ms;
         if !self.started || timeout.height != self.io.height {
             return Vec::new();
@@ -583,9 +596,9 @@ impl ConsensusEngine {
         &mut self,
         height: u64,
         round: u32,
-        block: Block,
+        block: V,
         now_ms: u64,
-    ) -> Vec<ConsensusAction> {
+    ) -> Vec<ConsensusAction<V>> {
         let _ = now_ms;
         if !self.started || height != self.io.height {
             return Vec::new();
@@ -604,11 +617,11 @@ impl ConsensusEngine {
     pub fn recover(
         &mut self,
         height: u64,
-        previous: Option<&Block>,
+        previous: Option<&V>,
         committee: Committee,
-        wal: &[WalEntry],
+        wal: &[WalEntry<V>],
         now_ms: u64,
-    ) -> Vec<ConsensusAction> {
+    ) -> Vec<ConsensusAction<V>> {
         if self.started {
             return Vec::new();
         }
@@ -639,14 +652,14 @@ impl ConsensusEngine {
     }
 
     /// One logged input, fed again.
-    fn replay(&mut self, entry: WalEntry) {
+    fn replay(&mut self, entry: WalEntry<V>) {
         let height = self.io.height;
         match entry {
             WalEntry::Message(message) => {
                 let author = message.author();
                 if message.height() != height
                     || !self.committee.contains(&author)
-                    || !message.verify_signature()
+                    || !message.verify_signature(self.io.config.chain())
                 {
                     return;
                 }
@@ -656,9 +669,10 @@ impl ConsensusEngine {
                     }
                     return;
                 }
-                let (Some(signature), Some(bytes)) =
-                    (signature_of(&message), message.signing_bytes())
-                else {
+                let (Some(signature), Some(bytes)) = (
+                    signature_of(&message),
+                    message.signing_bytes(self.io.config.chain()),
+                ) else {
                     return;
                 };
                 self.io.remember(signature.0, bytes);
@@ -673,7 +687,7 @@ impl ConsensusEngine {
                 let author = message.author();
                 if message.height() != height
                     || self.committee.proposer(height, message.round()) != Some(author)
-                    || !message.verify_signature()
+                    || !message.verify_signature(self.io.config.chain())
                 {
                     return;
                 }
@@ -695,7 +709,13 @@ impl ConsensusEngine {
                 }
                 self.io.remember(
                     signature.0,
-                    proposal_bytes(height, round, pol_round, &value.hash()),
+                    chain_proposal_bytes(
+                        self.io.config.chain(),
+                        height,
+                        round,
+                        pol_round,
+                        &value.hash(),
+                    ),
                 );
                 self.apply_proposal(round, pol_round, author, value, signature, valid);
             }
@@ -711,10 +731,10 @@ impl ConsensusEngine {
 
     /// This peer's block for `round` of the current height, if it is that round's proposer and
     /// the block chains.
-    fn propose_block(&mut self, round: u32, block: Block) {
+    fn propose_block(&mut self, round: u32, block: V) {
         let height = self.io.height;
         if self.committee.proposer(height, round) != Some(self.io.me)
-            || verify_block(&block, self.previous.as_ref()).is_err()
+            || !block.follows(self.previous.as_ref())
         {
             return;
         }
@@ -750,23 +770,23 @@ impl ConsensusEngine {
         )));
     }
 
-    fn log(&mut self, entry: WalEntry) {
+    fn log(&mut self, entry: WalEntry<V>) {
         if self.wal.len() < MAX_WAL_ENTRIES {
             self.wal.push(entry);
         }
     }
 
     /// A verified vote of the current height, into the log and the core.
-    fn feed_vote(&mut self, message: ConsensusMessage, vote: SignedVote<LoomContext>) {
+    fn feed_vote(&mut self, message: ConsensusMessage<V>, vote: SignedVote<LoomContext<V>>) {
         self.log(WalEntry::Message(message));
         self.run(Input::Vote(vote));
     }
 
     fn to_core_vote(
         &self,
-        message: &ConsensusMessage,
+        message: &ConsensusMessage<V>,
         signature: Signature,
-    ) -> Option<SignedVote<LoomContext>> {
+    ) -> Option<SignedVote<LoomContext<V>>> {
         let ConsensusMessage::Vote {
             kind,
             height,
@@ -792,7 +812,7 @@ impl ConsensusEngine {
     }
 
     /// Proposals kept from before this height started, now that `validate` is at hand.
-    fn replay_pending(&mut self, validate: &mut dyn FnMut(&Block) -> bool) {
+    fn replay_pending(&mut self, validate: &mut dyn FnMut(&V) -> bool) {
         for message in std::mem::take(&mut self.pending_proposals) {
             let Some(signature) = signature_of(&message) else {
                 continue;
@@ -818,7 +838,13 @@ impl ConsensusEngine {
             // Verified when it was kept.
             self.io.remember(
                 signature.0,
-                proposal_bytes(height, round, pol_round, &value.hash()),
+                chain_proposal_bytes(
+                    self.io.config.chain(),
+                    height,
+                    round,
+                    pol_round,
+                    &value.hash(),
+                ),
             );
             self.feed_proposal(round, pol_round, proposer, value, signature, validate);
         }
@@ -831,9 +857,9 @@ impl ConsensusEngine {
         round: u32,
         pol_round: Option<u32>,
         proposer: PeerKey,
-        value: BlockValue,
+        value: BlockValue<V>,
         signature: Signature,
-        validate: &mut dyn FnMut(&Block) -> bool,
+        validate: &mut dyn FnMut(&V) -> bool,
     ) {
         let height = self.io.height;
         let hash = value.hash();
@@ -844,8 +870,8 @@ impl ConsensusEngine {
             Some(valid) => *valid,
             None => {
                 let block = value.block();
-                let valid = block.height == height
-                    && verify_block(block, self.previous.as_ref()).is_ok()
+                let valid = block.height() == height
+                    && block.follows(self.previous.as_ref())
                     && validate(block);
                 if self.validity.len() < MAX_VALIDITY {
                     self.validity.insert(hash, valid);
@@ -863,7 +889,7 @@ impl ConsensusEngine {
         round: u32,
         pol_round: Option<u32>,
         proposer: PeerKey,
-        value: BlockValue,
+        value: BlockValue<V>,
         signature: Signature,
         valid: bool,
     ) {
@@ -902,12 +928,12 @@ impl ConsensusEngine {
     }
 
     /// Runs one input through the core, answering its effects.
-    fn run(&mut self, input: Input<LoomContext>) {
+    fn run(&mut self, input: Input<LoomContext<V>>) {
         let Some(state) = self.core.as_mut() else {
             return;
         };
         let io = &mut self.io;
-        let result: Result<(), CoreError<LoomContext>> = arc_malachitebft_core_consensus::process!(
+        let result: Result<(), CoreError<LoomContext<V>>> = arc_malachitebft_core_consensus::process!(
             input: input,
             state: state,
             metrics: &(),
@@ -948,7 +974,7 @@ impl ConsensusEngine {
         }
     }
 
-    fn take_actions(&mut self) -> Vec<ConsensusAction> {
+    fn take_actions(&mut self) -> Vec<ConsensusAction<V>> {
         std::mem::take(&mut self.io.actions)
     }
 }

@@ -12,26 +12,42 @@
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 
+use super::types::{ConsensusValue, max_message_bytes};
 use crate::{
     PeerKey, WireError,
     contribution::BlobHash,
     decode_bounded, encode,
-    ledger::{Block, MAX_BLOCK_BYTES, VoteKind, vote_bytes},
+    ledger::{Block, MAX_BLOCK_BYTES, VoteKind, chain_vote_bytes},
 };
 
-/// Largest encoded consensus message accepted from the wire, in bytes.
+/// Largest encoded ledger consensus message accepted from the wire, in bytes.
 pub const MAX_CONSENSUS_MESSAGE_BYTES: usize = MAX_BLOCK_BYTES + 1024;
 const PROPOSAL_DOMAIN: &[u8] = b"loom/consensus-proposal/v1\0";
+const CHAIN_PROPOSAL_DOMAIN: &[u8] = b"loom/chain-proposal/v1\0";
 
-/// The bytes a proposer signs to propose the block `block_hash` at (`height`, `round`), with the
-/// round of its proof of lock (`pol_round`, `None` for a fresh value).
+/// The bytes a ledger proposer signs to propose the block `block_hash` at (`height`, `round`),
+/// with the round of its proof of lock (`pol_round`, `None` for a fresh value).
 pub fn proposal_bytes(
     height: u64,
     round: u32,
     pol_round: Option<u32>,
     block_hash: &BlobHash,
 ) -> Vec<u8> {
-    let mut out = PROPOSAL_DOMAIN.to_vec();
+    chain_proposal_bytes(None, height, round, pol_round, block_hash)
+}
+
+/// [`proposal_bytes`] for the consensus instance `chain` (`None`: the ledger's).
+pub fn chain_proposal_bytes(
+    chain: Option<&BlobHash>,
+    height: u64,
+    round: u32,
+    pol_round: Option<u32>,
+    block_hash: &BlobHash,
+) -> Vec<u8> {
+    let mut out = match chain {
+        None => PROPOSAL_DOMAIN.to_vec(),
+        Some(chain) => [CHAIN_PROPOSAL_DOMAIN, chain.as_slice()].concat(),
+    };
     out.extend_from_slice(&height.to_le_bytes());
     out.extend_from_slice(&round.to_le_bytes());
     match pol_round {
@@ -45,9 +61,11 @@ pub fn proposal_bytes(
     out
 }
 
-/// A consensus message: Tendermint's proposal or one of its two votes.
+/// A consensus message: Tendermint's proposal or one of its two votes. `V` is what the instance
+/// decides: a ledger [`Block`] unless said otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum ConsensusMessage {
+#[serde(bound = "V: ConsensusValue")]
+pub enum ConsensusMessage<V: ConsensusValue = Block> {
     /// The proposer of (height, round) proposes a block.
     Proposal {
         /// The height.
@@ -56,8 +74,8 @@ pub enum ConsensusMessage {
         round: u32,
         /// The round in which the block got a quorum of prevotes, when it is re-proposed.
         pol_round: Option<u32>,
-        /// The proposed block.
-        block: Block,
+        /// The proposed block (the value).
+        block: V,
         /// The proposer.
         proposer: PeerKey,
         /// ed25519 over [`proposal_bytes`].
@@ -94,8 +112,8 @@ pub enum ConsensusMessage {
     },
 }
 
-impl ConsensusMessage {
-    /// A proposal signed with `key`.
+impl ConsensusMessage<Block> {
+    /// A ledger proposal signed with `key`.
     pub fn signed_proposal(
         key: &SigningKey,
         height: u64,
@@ -103,8 +121,39 @@ impl ConsensusMessage {
         pol_round: Option<u32>,
         block: Block,
     ) -> Self {
+        Self::signed_proposal_in(None, key, height, round, pol_round, block)
+    }
+
+    /// A ledger vote signed with `key`.
+    pub fn signed_vote(
+        key: &SigningKey,
+        kind: VoteKind,
+        height: u64,
+        round: u32,
+        value: Option<BlobHash>,
+    ) -> Self {
+        Self::signed_vote_in(None, key, kind, height, round, value)
+    }
+}
+
+impl<V: ConsensusValue> ConsensusMessage<V> {
+    /// A proposal of the instance `chain` signed with `key`.
+    pub fn signed_proposal_in(
+        chain: Option<&BlobHash>,
+        key: &SigningKey,
+        height: u64,
+        round: u32,
+        pol_round: Option<u32>,
+        block: V,
+    ) -> Self {
         let signature = key
-            .sign(&proposal_bytes(height, round, pol_round, &block.hash()))
+            .sign(&chain_proposal_bytes(
+                chain,
+                height,
+                round,
+                pol_round,
+                &block.hash(),
+            ))
             .to_bytes()
             .to_vec();
         Self::Proposal {
@@ -117,8 +166,9 @@ impl ConsensusMessage {
         }
     }
 
-    /// A vote signed with `key`.
-    pub fn signed_vote(
+    /// A vote of the instance `chain` signed with `key`.
+    pub fn signed_vote_in(
+        chain: Option<&BlobHash>,
         key: &SigningKey,
         kind: VoteKind,
         height: u64,
@@ -126,7 +176,13 @@ impl ConsensusMessage {
         value: Option<BlobHash>,
     ) -> Self {
         let signature = key
-            .sign(&vote_bytes(kind, height, round, value.as_ref()))
+            .sign(&chain_vote_bytes(
+                chain,
+                kind,
+                height,
+                round,
+                value.as_ref(),
+            ))
             .to_bytes()
             .to_vec();
         Self::Vote {
@@ -174,8 +230,9 @@ impl ConsensusMessage {
         }
     }
 
-    /// The bytes the author signed (for a proposal this hashes the block).
-    pub fn signing_bytes(&self) -> Option<Vec<u8>> {
+    /// The bytes the author signed in the instance `chain` (`None`: the ledger's); for a
+    /// proposal this hashes the block.
+    pub fn signing_bytes(&self, chain: Option<&BlobHash>) -> Option<Vec<u8>> {
         match self {
             Self::Proposal {
                 height,
@@ -183,21 +240,34 @@ impl ConsensusMessage {
                 pol_round,
                 block,
                 ..
-            } => Some(proposal_bytes(*height, *round, *pol_round, &block.hash())),
+            } => Some(chain_proposal_bytes(
+                chain,
+                *height,
+                *round,
+                *pol_round,
+                &block.hash(),
+            )),
             Self::Vote {
                 kind,
                 height,
                 round,
                 value,
                 ..
-            } => Some(vote_bytes(*kind, *height, *round, value.as_ref())),
+            } => Some(chain_vote_bytes(
+                chain,
+                *kind,
+                *height,
+                *round,
+                value.as_ref(),
+            )),
             Self::PolkaCertificate { .. } => None,
         }
     }
 
-    /// Whether the author's signature is valid; for a certificate, whether every prevote's is
-    /// (membership and quorum are the engine's to check, against its committee).
-    pub fn verify_signature(&self) -> bool {
+    /// Whether the author's signature is valid in the instance `chain` (`None`: the ledger's);
+    /// for a certificate, whether every prevote's is (membership and quorum are the engine's to
+    /// check, against its committee).
+    pub fn verify_signature(&self, chain: Option<&BlobHash>) -> bool {
         match self {
             Self::PolkaCertificate {
                 height,
@@ -206,12 +276,13 @@ impl ConsensusMessage {
                 votes,
                 ..
             } => {
-                let message = vote_bytes(VoteKind::Prevote, *height, *round, Some(block_hash));
+                let message =
+                    chain_vote_bytes(chain, VoteKind::Prevote, *height, *round, Some(block_hash));
                 votes
                     .iter()
                     .all(|(voter, signature)| verify(voter, &message, signature))
             }
-            _ => match (self.signing_bytes(), self.signature()) {
+            _ => match (self.signing_bytes(chain), self.signature()) {
                 (Some(bytes), Some(signature)) => verify(&self.author(), &bytes, signature),
                 _ => false,
             },
@@ -223,10 +294,11 @@ impl ConsensusMessage {
         encode(self)
     }
 
-    /// Decodes a message from the network, refusing more than [`MAX_CONSENSUS_MESSAGE_BYTES`].
-    /// The signature is not checked here: the engine checks it on receipt.
+    /// Decodes a message from the network, refusing more than [`MAX_CONSENSUS_MESSAGE_BYTES`]
+    /// for the ledger (the value's bound plus room for the rest, for another instance). The
+    /// signature is not checked here: the engine checks it on receipt.
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
-        decode_bounded(bytes, MAX_CONSENSUS_MESSAGE_BYTES)
+        decode_bounded(bytes, max_message_bytes::<V>())
     }
 }
 

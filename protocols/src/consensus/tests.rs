@@ -315,20 +315,21 @@ fn messages_with_bad_signatures_from_non_members_or_non_proposers_are_rejected()
 
 #[test]
 fn decode_of_garbage_or_oversized_bytes_errors() {
-    let vote = ConsensusMessage::signed_vote(&key(2), VoteKind::Precommit, 3, 1, Some([1; 32]));
+    let vote: ConsensusMessage =
+        ConsensusMessage::signed_vote(&key(2), VoteKind::Precommit, 3, 1, Some([1; 32]));
     let bytes = vote.to_bytes();
     assert_eq!(ConsensusMessage::from_bytes(&bytes), Ok(vote));
-    assert!(ConsensusMessage::from_bytes(&[0xff, 0xff, 0xff, 0xff]).is_err());
-    assert!(ConsensusMessage::from_bytes(&bytes[..bytes.len() - 1]).is_err());
+    assert!(ConsensusMessage::<Block>::from_bytes(&[0xff, 0xff, 0xff, 0xff]).is_err());
+    assert!(ConsensusMessage::<Block>::from_bytes(&bytes[..bytes.len() - 1]).is_err());
     let mut trailing = bytes.clone();
     trailing.push(0);
     assert_eq!(
-        ConsensusMessage::from_bytes(&trailing),
+        ConsensusMessage::<Block>::from_bytes(&trailing),
         Err(WireError::Trailing(1))
     );
     let huge = vec![0u8; MAX_CONSENSUS_MESSAGE_BYTES + 1];
     assert!(matches!(
-        ConsensusMessage::from_bytes(&huge),
+        ConsensusMessage::<Block>::from_bytes(&huge),
         Err(WireError::TooLarge { .. })
     ));
     // A proposal claiming a block with 2^40 entries in a few bytes does not allocate.
@@ -338,7 +339,7 @@ fn decode_of_garbage_or_oversized_bytes_errors() {
     lying.extend_from_slice(&[0; 32]); // proposer
     lying.push(0); // timestamp
     lying.extend_from_slice(&[0xfd, 0, 0, 0, 0, 0, 1, 0, 0]); // entries: 2^40
-    assert!(ConsensusMessage::from_bytes(&lying).is_err());
+    assert!(ConsensusMessage::<Block>::from_bytes(&lying).is_err());
 }
 
 #[test]
@@ -669,7 +670,7 @@ fn a_polka_relayed_whole_counts_even_against_an_equivocators_other_prevote() {
 #[test]
 fn a_polka_certificate_short_of_a_quorum_or_forged_is_refused() {
     let committee = Committee::new((1..=4).map(|s| key(s).verifying_key().to_bytes()).collect());
-    let mut engine = ConsensusEngine::new(key(1), config());
+    let mut engine: ConsensusEngine = ConsensusEngine::new(key(1), config());
     engine.start_height(0, None, committee, 0);
     let hash = [3; 32];
     let signed = |s: u8| {

@@ -1,18 +1,60 @@
 //! The engine's vocabulary: its configuration, the committee, timers, the actions it asks of the
 //! host, its write-ahead log entries and its errors.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, fmt};
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 use super::{
     context::ValidatorSet,
     message::{ConsensusMessage, MAX_CONSENSUS_MESSAGE_BYTES},
 };
 use crate::{
-    PeerKey, WireError, decode_bounded, encode,
-    ledger::{Block, LedgerError, QuorumCertificate, quorum, verify_block, verify_certificate},
+    PeerKey, WireError,
+    contribution::BlobHash,
+    decode_bounded, encode,
+    ledger::{
+        Block, LedgerError, MAX_BLOCK_BYTES, QuorumCertificate, quorum, verify_block,
+        verify_certificate,
+    },
 };
+
+/// What one consensus instance decides, height after height: the ledger's blocks, or a job's
+/// round closes. The engine only needs its identity, its height and whether it may follow the
+/// value decided at the height before; what makes it acceptable beyond that is the host's
+/// `validate`.
+pub trait ConsensusValue:
+    Clone + fmt::Debug + PartialEq + Eq + Serialize + DeserializeOwned + Send + Sync + 'static
+{
+    /// Largest encoding of a value accepted from the wire, in bytes.
+    const MAX_BYTES: usize;
+
+    /// The value's identity: what votes and certificates name (blake3 of its encoding).
+    fn hash(&self) -> BlobHash;
+
+    /// The height it is for.
+    fn height(&self) -> u64;
+
+    /// Whether it may follow `previous`, the value decided at the height before (`None`: it
+    /// opens the chain), with its own signatures valid.
+    fn follows(&self, previous: Option<&Self>) -> bool;
+}
+
+impl ConsensusValue for Block {
+    const MAX_BYTES: usize = MAX_BLOCK_BYTES;
+
+    fn hash(&self) -> BlobHash {
+        Block::hash(self)
+    }
+
+    fn height(&self) -> u64 {
+        self.height
+    }
+
+    fn follows(&self, previous: Option<&Self>) -> bool {
+        verify_block(self, previous).is_ok()
+    }
+}
 
 /// Heights ahead of the current one whose messages are kept for later.
 pub const FUTURE_HEIGHTS: u64 = 2;
@@ -30,6 +72,7 @@ pub struct ConsensusConfig {
     rebroadcast_ms: u64,
     round_delta_ms: u64,
     max_timeout_ms: u64,
+    chain: Option<BlobHash>,
 }
 
 impl Default for ConsensusConfig {
@@ -41,6 +84,7 @@ impl Default for ConsensusConfig {
             rebroadcast_ms: 2_000,
             round_delta_ms: 500,
             max_timeout_ms: 60_000,
+            chain: None,
         }
     }
 }
@@ -80,6 +124,18 @@ impl ConsensusConfig {
     pub fn with_max_timeout_ms(mut self, ms: u64) -> Self {
         self.max_timeout_ms = ms;
         self
+    }
+
+    /// Runs the instance `chain` instead of the ledger's: its votes and proposals are signed
+    /// with `chain` in their domain ([`crate::ledger::chain_vote_bytes`]).
+    pub fn with_chain(mut self, chain: BlobHash) -> Self {
+        self.chain = Some(chain);
+        self
+    }
+
+    /// The instance this engine runs (`None`: the ledger's).
+    pub fn chain(&self) -> Option<&BlobHash> {
+        self.chain.as_ref()
     }
 
     /// The proposal timeout of round 0, in ms.
@@ -216,13 +272,14 @@ pub struct SigningWatermark {
 /// them, which would make it byzantine. Own votes are not logged: replay derives them again,
 /// with the same (deterministic) signatures.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum WalEntry {
+#[serde(bound = "V: ConsensusValue")]
+pub enum WalEntry<V: ConsensusValue = Block> {
     /// Another member's vote, or a polka certificate.
-    Message(ConsensusMessage),
+    Message(ConsensusMessage<V>),
     /// A proposal, with the validity its block was given.
     Proposal {
         /// The signed proposal.
-        message: ConsensusMessage,
+        message: ConsensusMessage<V>,
         /// Whether the block was valid.
         valid: bool,
     },
@@ -238,11 +295,11 @@ pub enum WalEntry {
         /// The round.
         round: u32,
         /// The block.
-        block: Block,
+        block: V,
     },
 }
 
-impl WalEntry {
+impl<V: ConsensusValue> WalEntry<V> {
     /// Wire bytes, for the host's storage.
     pub fn to_bytes(&self) -> Vec<u8> {
         encode(self)
@@ -250,15 +307,20 @@ impl WalEntry {
 
     /// Decodes an entry read back from storage (bounded like a consensus message).
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, WireError> {
-        decode_bounded(bytes, MAX_CONSENSUS_MESSAGE_BYTES)
+        decode_bounded(bytes, max_message_bytes::<V>())
     }
+}
+
+/// Largest encoded consensus message (or write-ahead log entry) of an instance deciding `V`.
+pub fn max_message_bytes<V: ConsensusValue>() -> usize {
+    V::MAX_BYTES.saturating_add(MAX_CONSENSUS_MESSAGE_BYTES - MAX_BLOCK_BYTES)
 }
 
 /// What the host must do.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConsensusAction {
+pub enum ConsensusAction<V: ConsensusValue = Block> {
     /// Send to every committee member.
-    Broadcast(ConsensusMessage),
+    Broadcast(ConsensusMessage<V>),
     /// Arm a timer.
     ScheduleTimeout {
         /// Hand this back to [`ConsensusEngine::on_timeout`](super::ConsensusEngine::on_timeout).
@@ -278,7 +340,7 @@ pub enum ConsensusAction {
     /// [`verify_certificate`] against the height's committee.
     Decided {
         /// The block.
-        block: Block,
+        block: V,
         /// The precommits that decided it.
         certificate: QuorumCertificate,
     },
