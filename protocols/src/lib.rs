@@ -24,6 +24,7 @@ pub mod probe;
 pub mod ratelimit;
 pub mod robust;
 pub mod round;
+pub mod round_chain;
 pub mod snapshot;
 pub mod verify;
 pub mod wire;

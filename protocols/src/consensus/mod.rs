@@ -41,10 +41,13 @@ mod types;
 mod tests;
 
 pub use engine::{ConsensusEngine, MAX_WAL_ENTRIES};
-pub use message::{ConsensusMessage, MAX_CONSENSUS_MESSAGE_BYTES, proposal_bytes};
+pub use message::{
+    ConsensusMessage, MAX_CONSENSUS_MESSAGE_BYTES, chain_proposal_bytes, proposal_bytes,
+};
 pub use types::{
-    Committee, ConsensusAction, ConsensusConfig, ConsensusError, FUTURE_HEIGHTS,
-    MAX_BUFFERED_PER_MEMBER, SigningWatermark, TimeoutKey, TimeoutKind, WalEntry, verify_decided,
+    Committee, ConsensusAction, ConsensusConfig, ConsensusError, ConsensusValue, FUTURE_HEIGHTS,
+    MAX_BUFFERED_PER_MEMBER, SigningWatermark, TimeoutKey, TimeoutKind, WalEntry,
+    max_message_bytes, verify_decided,
 };
 
 pub use crate::ledger::VoteKind;
