@@ -36,6 +36,7 @@ use crate::{
     PeerKey, WireError,
     contribution::{BlobHash, Commitment, ContributionRejected, SignedCommitment},
     decode_bounded, encode,
+    round_chain::close_content,
 };
 
 /// A job's identity: the hash of its manifest.
@@ -53,6 +54,8 @@ const HOLDER_ROUNDS: usize = 4;
 const LINEAGE_ROUNDS: usize = 2 * HASH_HISTORY_ROUNDS as usize;
 /// Ledger-tip resync targets remembered (each is tried once).
 const TIP_TARGETS_TRIED: usize = 8;
+/// Rounds of applied and decided closes kept for the round chain.
+const CHAIN_ROUNDS: u64 = 4;
 /// How long after the ledger tip arrives its branch is weighed against this peer's.
 pub const TIP_SETTLE_MS: u64 = 1_000;
 
@@ -70,6 +73,11 @@ pub struct RoundClose {
     /// Contributions of the round the proposer refused before aggregation (a replayed blob, a
     /// copy of a revealed blob), with the reason; bounded like the accepted set.
     pub refused: Vec<(PeerKey, String)>,
+}
+
+/// The digest of a close's accepted authors ([`crate::ledger::accepted_digest`]).
+fn decided_digest(close: &RoundClose) -> BlobHash {
+    crate::ledger::accepted_digest(close_content(close).iter().map(|(k, _)| k))
 }
 
 /// Remembers a resync target as tried, forgetting the oldest beyond [`TIP_TARGETS_TRIED`].
@@ -380,6 +388,13 @@ pub struct RoundCounters {
     /// Resyncs onto the branch most of a past round's electorate announced (this peer had run
     /// on another, possibly ahead).
     pub majority_resyncs: u64,
+    /// Rounds whose close the job's round chain decided, as known here.
+    pub chain_decided: u64,
+    /// Decided rounds whose close differed from the one this peer applied (it resyncs onto the
+    /// decided branch).
+    pub chain_overruled: u64,
+    /// Resyncs onto a decided branch.
+    pub chain_resyncs: u64,
 }
 
 /// The round state machine of one job on one peer.
@@ -459,6 +474,16 @@ pub struct RoundEngine {
     /// Replays and copies refused after their round closed, not yet taken by the driver:
     /// (round, author, reason, the commitment).
     late_refusals: Vec<(u64, PeerKey, String, SignedCommitment)>,
+    /// The closes this peer applied, by round (the newest [`CHAIN_ROUNDS`]): what it proposes
+    /// and prevotes in the job's round chain.
+    applied_closes: BTreeMap<u64, RoundClose>,
+    /// Closes the round chain decided, by round (the newest [`CHAIN_ROUNDS`]).
+    decided: BTreeMap<u64, RoundClose>,
+    /// A decided round whose close differs from the one this peer applied: (round, the decided
+    /// accepted set's digest). [`RoundEngine::poll`] resyncs onto the decided branch.
+    decided_off: Option<(u64, BlobHash)>,
+    /// Decided-branch resync targets already tried (round, model hash).
+    decided_targets_tried: Vec<(u64, ModelHash)>,
 }
 
 /// The proposer rank key of `peer` in `round` of `job`.
@@ -521,6 +546,10 @@ impl RoundEngine {
             majority_elsewhere_since: None,
             majority_targets_tried: Vec::new(),
             late_refusals: Vec::new(),
+            applied_closes: BTreeMap::new(),
+            decided: BTreeMap::new(),
+            decided_off: None,
+            decided_targets_tried: Vec::new(),
         }
     }
 
@@ -717,6 +746,12 @@ impl RoundEngine {
         }
         if close.proposer != sender {
             return Err(RoundRejected::BadClose("proposer is not the sender"));
+        }
+        // The round chain decided this round: no other close of it is taken.
+        if let Some(decided) = self.decided.get(&close.round)
+            && close_content(decided) != close_content(&close)
+        {
+            return Ok(Vec::new());
         }
         if close.round < self.current {
             // A better-ranked close of the round just applied (two proposers closed at once):
@@ -933,6 +968,9 @@ impl RoundEngine {
     pub fn poll(&mut self, now_ms: u64, have: &dyn Fn(&BlobHash) -> bool) -> Vec<Action> {
         if !self.synced || self.applying {
             return Vec::new();
+        }
+        if let Some(resync) = self.follow_decision() {
+            return vec![resync];
         }
         if let Some(resync) = self.follow_tip(now_ms) {
             return vec![resync];
@@ -1165,6 +1203,20 @@ impl RoundEngine {
             self.proposers.insert(round, close.proposer);
             self.closed_by.insert(round, close.proposer);
             self.applied_ranks.insert(round, close.rank);
+            let applied = RoundClose {
+                job_id: self.job_id,
+                round,
+                proposer: close.proposer,
+                commitments: close.signed.clone(),
+                refused: close.refused.clone(),
+            };
+            if let Some(decided) = self.decided.get(&round)
+                && close_content(decided) != close_content(&applied)
+            {
+                self.counters.chain_overruled += 1;
+                self.decided_off = Some((round, decided_digest(decided)));
+            }
+            self.applied_closes.insert(round, applied);
             self.last_ranks = self
                 .commits
                 .get(&round)
@@ -1196,6 +1248,9 @@ impl RoundEngine {
     /// The driver loaded a verified snapshot of the state after `round`.
     pub fn resynced(&mut self, round: u64, model_hash: ModelHash) {
         let rolled_back = round + 1 < self.current;
+        if self.decided_off.is_some_and(|(off, _)| round >= off) {
+            self.decided_off = None;
+        }
         self.synced = true;
         self.resync_pending = false;
         self.applying = false;
@@ -1243,6 +1298,12 @@ impl RoundEngine {
         self.closed_by = self.closed_by.split_off(&floor);
         self.electorate = self.electorate.split_off(&floor);
         self.applied_ranks = self.applied_ranks.split_off(&floor);
+        let chain_floor = next.saturating_sub(CHAIN_ROUNDS);
+        self.applied_closes = self.applied_closes.split_off(&chain_floor);
+        self.decided = self.decided.split_off(&chain_floor);
+        if self.decided_off.is_some_and(|(off, _)| off < chain_floor) {
+            self.decided_off = None;
+        }
     }
 
     /// How many of `keys` rank before `peer` in `round`.
@@ -1262,6 +1323,134 @@ impl RoundEngine {
         self.last_ranks
             .as_ref()
             .map_or(0, |keys| self.rank_among(round, peer, keys.iter()))
+    }
+
+    /// The close this peer applied in `round`, while kept (the newest few rounds).
+    pub fn applied_close(&self, round: u64) -> Option<&RoundClose> {
+        self.applied_closes.get(&round)
+    }
+
+    /// The committee of `round` in the job's round chain: the contributors accepted by the close
+    /// of the round before (the decided one if known, else the one this peer applied). `None`
+    /// when this peer knows neither (the job's first round, or right after a resync).
+    pub fn chain_committee(&self, round: u64) -> Option<BTreeSet<PeerKey>> {
+        let before = round.checked_sub(1)?;
+        let close = self
+            .decided
+            .get(&before)
+            .or_else(|| self.applied_closes.get(&before))?;
+        Some(close_content(close).into_iter().map(|(k, _)| k).collect())
+    }
+
+    /// The job's round chain decided `close` for its round. A round not yet closed here takes
+    /// it as its close (whatever closes came before); an applied round whose close differs is
+    /// left for the decided branch ([`RoundEngine::poll`] resyncs onto it); no other close of a
+    /// decided round is taken.
+    pub fn on_decided(
+        &mut self,
+        close: RoundClose,
+        now_ms: u64,
+        have: &dyn Fn(&BlobHash) -> bool,
+    ) -> Vec<Action> {
+        if close.job_id != self.job_id || self.decided.contains_key(&close.round) {
+            return Vec::new();
+        }
+        let round = close.round;
+        if round + CHAIN_ROUNDS < self.current || round > self.current + CHAIN_ROUNDS {
+            return Vec::new();
+        }
+        self.counters.chain_decided += 1;
+        self.decided.insert(round, close.clone());
+        while self.decided.len() > 2 * CHAIN_ROUNDS as usize {
+            self.decided.pop_first();
+        }
+        if round < self.current {
+            if let Some(applied) = self.applied_closes.get(&round)
+                && close_content(applied) != close_content(&close)
+            {
+                self.counters.chain_overruled += 1;
+                self.decided_off = Some((round, decided_digest(&close)));
+            }
+            return self.poll(now_ms, have);
+        }
+        if round > self.current || self.applying {
+            // Checked against the close this peer applies, once applied.
+            return Vec::new();
+        }
+        let same = self.close.as_ref().is_some_and(|c| {
+            let mut mine: Vec<(PeerKey, BlobHash)> = c
+                .contributions
+                .iter()
+                .map(|c| (c.author, c.blob_hash))
+                .collect();
+            mine.sort_unstable();
+            mine == close_content(&close)
+        });
+        if !same && let Some(accepted) = self.accepted_from_decided(&close) {
+            if let Some(previous) = self.close.replace(accepted)
+                && self.other_closes.len() < self.config.max_contributors
+            {
+                self.other_closes.entry(previous.rank).or_insert(previous);
+            }
+        }
+        self.poll(now_ms, have)
+    }
+
+    /// A decided close as this peer's close of the current round: its commitments verified (a
+    /// decision needs a quorum that applied it, so contributions this peer refused are taken).
+    fn accepted_from_decided(&mut self, close: &RoundClose) -> Option<AcceptedClose> {
+        let mut contributions = Vec::with_capacity(close.commitments.len());
+        for signed in &close.commitments {
+            let c = signed.verify().ok()?;
+            if c.job_id != self.job_id || c.round != close.round {
+                return None;
+            }
+            contributions.push((c, signed.clone()));
+        }
+        for (c, _) in &contributions {
+            self.remember_blob(c.blob_hash, c.round, c.author);
+        }
+        contributions.sort_by_key(|(c, _)| c.author);
+        let (contributions, signed): (Vec<Commitment>, Vec<SignedCommitment>) =
+            contributions.into_iter().unzip();
+        Some(AcceptedClose {
+            proposer: close.proposer,
+            rank: 0,
+            contributions,
+            signed,
+            refused: close.refused.clone(),
+        })
+    }
+
+    /// A resync onto the decided branch, when this peer applied another close of a decided
+    /// round: to the newest announced state built on the model that most announcers of the
+    /// round's decided accepted set hold. Each target is tried once; until the decided branch is
+    /// announced, nothing.
+    fn follow_decision(&mut self) -> Option<Action> {
+        let (round, digest) = self.decided_off?;
+        if !self.synced || self.applying || self.resync_pending {
+            return None;
+        }
+        let model_hash = self
+            .lineage
+            .get(&round)?
+            .iter()
+            .filter(|(_, a)| a.digest() == Some(digest))
+            .max_by(|(ha, a), (hb, b)| a.authors.len().cmp(&b.authors.len()).then(hb.cmp(ha)))
+            .map(|(hash, _)| *hash)?;
+        let (head_round, head_hash) = self.branch_head(round, model_hash)?;
+        if self
+            .decided_targets_tried
+            .contains(&(head_round, head_hash))
+        {
+            return None;
+        }
+        let action = self.resync_to(head_round, head_hash)?;
+        remember_tried(&mut self.decided_targets_tried, (head_round, head_hash));
+        self.resync_pending = true;
+        self.counters.resyncs += 1;
+        self.counters.chain_resyncs += 1;
+        Some(action)
     }
 
     /// The ledger recorded `round` of this job with `model_hash` (from a finalized block),
@@ -2716,6 +2905,128 @@ mod tests {
             "on the tip's branch now"
         );
         assert_eq!(engine.counters().ledger_resyncs, 1);
+    }
+
+    /// The close of `round` by `proposer` accepting one contribution per signer.
+    fn close_of(round: u64, proposer: &SigningKey, contributors: &[&SigningKey]) -> RoundClose {
+        RoundClose {
+            job_id: JOB,
+            round,
+            proposer: proposer.verifying_key().to_bytes(),
+            commitments: contributors
+                .iter()
+                .map(|k| commit(JOB, round, k, &[round as u8, k.to_bytes()[0]]))
+                .collect(),
+            refused: Vec::new(),
+        }
+    }
+
+    /// The round chain decided another close of a round this peer applied: it resyncs onto the
+    /// decided branch once that branch is announced, and refuses the decided round's other
+    /// closes.
+    #[test]
+    fn a_peer_that_applied_another_close_than_the_decided_one_resyncs_onto_it() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let (pa, pc) = (a.verifying_key().to_bytes(), c.verifying_key().to_bytes());
+        let all = |_: &BlobHash| true;
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        apply_round(&mut engine, 1, &a, &[&a, &b, &c], [1; 32]);
+        // Round 2: this peer applied b's close of {a, b}; the chain decided c's of {a, b, c}.
+        let mine = close_of(2, &b, &[&a, &b]);
+        engine
+            .on_close(mine.clone(), b.verifying_key().to_bytes(), &all, 0)
+            .expect("valid");
+        engine.applied(2, [2; 32]);
+        assert_eq!(
+            engine.applied_close(2).map(close_content),
+            Some(close_content(&mine)),
+            "kept with its commitments in canonical order"
+        );
+        assert_eq!(
+            engine.chain_committee(2),
+            Some([pa, b.verifying_key().to_bytes(), pc].into_iter().collect()),
+            "the contributors of round 1"
+        );
+        let decided = close_of(2, &c, &[&a, &b, &c]);
+        assert!(engine.on_decided(decided.clone(), 0, &all).is_empty());
+        assert_eq!(engine.counters().chain_overruled, 1);
+        // The decided branch: round 2's model (digest of {a, b, c}) and round 3 on it.
+        let digest = crate::ledger::accepted_digest([pa, b.verifying_key().to_bytes(), pc].iter());
+        let mut state = model_state(2, [22; 32], [22; 32], 100, pc);
+        state.parent_hash = [1; 32];
+        state.accepted_digest = digest;
+        engine.on_state(state, pc).expect("valid");
+        let mut next = model_state(3, [33; 32], [33; 32], 100, pc);
+        next.parent_hash = [22; 32];
+        engine.on_state(next, pc).expect("valid");
+        match engine.poll(0, &all).as_slice() {
+            [
+                Action::Resync {
+                    round: 3,
+                    model_hash,
+                    ..
+                },
+            ] => assert_eq!(*model_hash, [33; 32]),
+            other => panic!("expected a resync onto the decided branch, got {other:?}"),
+        }
+        assert_eq!(engine.counters().chain_resyncs, 1);
+        engine.resynced(3, [33; 32]);
+        assert!(engine.poll(0, &all).is_empty(), "on the decided branch");
+        // Another close of the decided round is not taken.
+        assert!(
+            engine
+                .on_close(mine, b.verifying_key().to_bytes(), &all, 0)
+                .expect("ignored")
+                .is_empty()
+        );
+    }
+
+    /// A peer that has not closed the round takes the decided close, whoever closed it and
+    /// whatever other close it holds, and refuses the round's other closes afterwards.
+    #[test]
+    fn a_decided_close_replaces_the_close_a_peer_has_not_applied() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let pa = a.verifying_key().to_bytes();
+        let none = |_: &BlobHash| false;
+        let all = |_: &BlobHash| true;
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        apply_round(&mut engine, 1, &a, &[&a, &b, &c], [1; 32]);
+        let other = close_of(2, &b, &[&b]);
+        // Its blobs are not in hand yet: the close waits.
+        let actions = engine
+            .on_close(other.clone(), b.verifying_key().to_bytes(), &none, 0)
+            .expect("valid");
+        assert!(actions.iter().all(|a| matches!(a, Action::Fetch { .. })));
+        let decided = close_of(2, &c, &[&a, &b, &c]);
+        let actions = engine.on_decided(decided.clone(), 0, &all);
+        match actions.as_slice() {
+            [
+                Action::Apply {
+                    round: 2,
+                    contributions,
+                    proposer,
+                    ..
+                },
+            ] => {
+                assert_eq!(contributions.len(), 3);
+                assert_eq!(*proposer, c.verifying_key().to_bytes());
+            }
+            other => panic!("expected the decided close applied, got {other:?}"),
+        }
+        engine.applied(2, [2; 32]);
+        assert_eq!(
+            engine.applied_close(2).map(close_content),
+            Some(close_content(&decided))
+        );
+        assert_eq!(engine.counters().chain_decided, 1);
+        assert_eq!(engine.counters().chain_overruled, 0);
+        assert!(engine.poll(0, &all).is_empty());
+        assert_eq!(
+            engine.chain_committee(3).map(|c| c.len()),
+            Some(3),
+            "round 2's decided contributors"
+        );
+        assert_eq!(engine.chain_committee(1), None, "the first round has none");
     }
 
     /// A byzantine coordinator recorded the round first with a model only it announces (its
