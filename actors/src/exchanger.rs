@@ -20,16 +20,19 @@ use std::{
     time::Duration,
 };
 
+use ed25519_dalek::SigningKey;
 use loom_protocols::{
     PeerKey,
     blobstore::BlobStore,
     compress::{self, Codec},
+    consensus::{ConsensusConfig, TimeoutKey},
     contribution::{self, BlobHash, Commitment, SignedCommitment},
     outer::{self, AdamWConfig, OuterConfig},
     robust,
     round::{
         Action, AuditVerdict, JobId, ModelHash, ModelState, RoundConfig, RoundEngine, TrainMessage,
     },
+    round_chain::{ChainAction, RoundChain},
     snapshot::{OuterState, Snapshot},
     verify::{self, ScreeningConfig},
 };
@@ -304,6 +307,26 @@ pub struct RoundReport {
     /// run on another, possibly ahead, and rolled back).
     #[serde(default)]
     pub majority_resyncs: u64,
+    /// The round chain's elected coordinator of this round, when its decision is known here (hex
+    /// key), and the consensus round it was decided in (above 0: coordinators were skipped).
+    #[serde(default)]
+    pub decided_by: Option<String>,
+    /// See `decided_by`.
+    #[serde(default)]
+    pub decided_in_consensus_round: Option<u32>,
+    /// Rounds the round chain decided so far, as known here.
+    #[serde(default)]
+    pub chain_decided: u64,
+    /// Decided rounds whose close differed from the one this peer applied, so far.
+    #[serde(default)]
+    pub chain_overruled: u64,
+    /// Resyncs onto a decided branch so far.
+    #[serde(default)]
+    pub chain_resyncs: u64,
+    /// Coordinators skipped in the round chain so far (down, cut off, or proposing a close
+    /// the members had not applied).
+    #[serde(default)]
+    pub chain_coordinator_changes: u64,
     /// After a resync: the rounds of the loaded model's announced lineage, newest first, with
     /// the model and the accepted-set digest most of their announcers gave. This peer votes for
     /// them on the ledger as it trusted the model.
@@ -384,6 +407,21 @@ pub struct ExchangerArgs {
     pub rejections: SharedRejections,
     /// A second Trainer with its own learner for audits (None: this peer audits nothing).
     pub auditor: Option<ActorRef<TrainerMsg>>,
+    /// This peer's ed25519 key, for its votes in the job's round chain (None: the peer does not
+    /// run the round chain, and takes the fast path's closes alone).
+    pub chain_key: Option<SigningKey>,
+}
+
+/// The round chain's timeouts for rounds configured as `round`: a coordinator gets the
+/// proposer grace to propose (it proposes at once when it applied the round), the votes half
+/// a second.
+pub fn chain_config(round: &RoundConfig) -> ConsensusConfig {
+    ConsensusConfig::default()
+        .with_propose_ms(round.proposer_grace_ms.clamp(500, 10_000))
+        .with_prevote_ms(500)
+        .with_precommit_ms(500)
+        .with_round_delta_ms(250)
+        .with_rebroadcast_ms(1_000)
 }
 
 /// Refused contributions (blobs that failed their checks) per peer that served them; bounded.
@@ -455,6 +493,8 @@ pub enum ExchangerMsg {
         /// The model hash recorded.
         model_hash: ModelHash,
     },
+    /// A timer of the round chain fired.
+    ChainTimeout(TimeoutKey),
     /// Poll the engine.
     Tick,
 }
@@ -523,6 +563,8 @@ pub struct ExchangerState {
     pending_audit: Option<PendingAudit>,
     /// The round waiting for the trainer's loss check before it is aggregated.
     pending_apply: Option<PendingApply>,
+    /// The job's round chain (None: not run).
+    chain: Option<RoundChain>,
 }
 
 /// A round being applied: the close's contributions and the decoded updates still in.
@@ -595,6 +637,10 @@ impl Actor for ExchangerActor {
             audit_running: false,
             pending_audit: None,
             pending_apply: None,
+            chain: args
+                .chain_key
+                .clone()
+                .map(|key| RoundChain::new(key, args.plan.job_id, chain_config(&args.plan.round))),
             args,
         };
         Ok(state)
@@ -625,6 +671,12 @@ impl Actor for ExchangerActor {
             ExchangerMsg::Evaluated { round, val_loss } => state.on_evaluated(round, val_loss),
             ExchangerMsg::Recorded { round, model_hash } => {
                 state.engine.on_recorded(round, model_hash, now);
+            }
+            ExchangerMsg::ChainTimeout(key) => {
+                if let Some(chain) = state.chain.as_mut() {
+                    let actions = chain.on_timeout(key, now);
+                    state.run_chain(&myself, actions, now);
+                }
             }
         }
         Ok(())
@@ -663,6 +715,10 @@ impl ExchangerState {
             self.last_state = Some((now, state));
         }
         self.retry_slow_fetches(now);
+        if let Some(chain) = self.chain.as_mut() {
+            let actions = chain.poll(now);
+            self.run_chain(myself, actions, now);
+        }
         let actions = self.engine_poll(now);
         self.run(myself, actions, now);
         self.try_finish(now);
@@ -697,6 +753,19 @@ impl ExchangerState {
             TrainMessage::Audit(verdict) => {
                 if verdict.verifier == from {
                     self.on_verdict(&verdict);
+                }
+                Ok(Vec::new())
+            }
+            TrainMessage::Chain(message) => {
+                if let Some(chain) = self.chain.as_mut() {
+                    match chain.on_message(message, now) {
+                        Ok(actions) => self.run_chain(myself, actions, now),
+                        Err(why) => {
+                            metrics::counter!("loom_round_chain_messages_refused_total")
+                                .increment(1);
+                            tracing::debug!(%why, "round chain message not taken");
+                        }
+                    }
                 }
                 Ok(Vec::new())
             }
@@ -1326,6 +1395,7 @@ impl ExchangerState {
         // After a resync or at the start the engine is already past `round`; `applied` then
         // does nothing.
         self.engine.applied(round, hash);
+        self.start_chain_height(myself, round);
         let state = ModelState {
             job_id: self.args.plan.job_id,
             round,
@@ -1349,6 +1419,13 @@ impl ExchangerState {
         report.ledger_resyncs = counters.ledger_resyncs;
         report.divergences_refused = counters.divergences_refused;
         report.majority_resyncs = counters.majority_resyncs;
+        report.chain_decided = counters.chain_decided;
+        report.chain_overruled = counters.chain_overruled;
+        report.chain_resyncs = counters.chain_resyncs;
+        report.chain_coordinator_changes = self
+            .chain
+            .as_ref()
+            .map_or(0, RoundChain::coordinator_changes);
         report.ledger_round = self.engine.ledger_tip().map(|(round, _)| round);
         report.finished = round >= self.args.plan.rounds;
         self.report.audits.clear();
@@ -1493,6 +1570,77 @@ impl ExchangerState {
         let _ = self.args.reports.try_send(report);
     }
 
+    /// Once this peer applied `round` with a close: the round chain's height `round` starts,
+    /// with the round's committee (the contributors of the round before), when it is known.
+    fn start_chain_height(&mut self, myself: &ActorRef<ExchangerMsg>, round: u64) {
+        if self.engine.current_round() != round + 1 {
+            return;
+        }
+        let (Some(applied), Some(committee)) = (
+            self.engine.applied_close(round).cloned(),
+            self.engine.chain_committee(round),
+        ) else {
+            return;
+        };
+        let now = unix_ms();
+        if let Some(chain) = self.chain.as_mut() {
+            let actions = chain.start(applied, committee, now);
+            self.run_chain(myself, actions, now);
+        }
+    }
+
+    /// Carries out the round chain's actions.
+    fn run_chain(&mut self, myself: &ActorRef<ExchangerMsg>, actions: Vec<ChainAction>, now: u64) {
+        for action in actions {
+            match action {
+                ChainAction::Broadcast(message) => self.publish(&TrainMessage::Chain(message)),
+                ChainAction::ScheduleTimeout { key, after_ms } => {
+                    myself.send_after(Duration::from_millis(after_ms), move || {
+                        ExchangerMsg::ChainTimeout(key)
+                    });
+                }
+                ChainAction::Decided {
+                    round,
+                    close,
+                    certificate,
+                    coordinator,
+                } => {
+                    metrics::counter!("loom_round_chain_decided_total").increment(1);
+                    tracing::debug!(
+                        round,
+                        consensus_round = certificate.round,
+                        coordinator = %hex(&coordinator),
+                        "round decided by the round chain"
+                    );
+                    // The round's report, while it is held (its evaluation runs).
+                    if let Some(report) = self.pending_reports.get_mut(&round) {
+                        report.decided_by = Some(hex(&coordinator));
+                        report.decided_in_consensus_round = Some(certificate.round);
+                    }
+                    let have = self.holds();
+                    let round_actions = self.engine.on_decided(close, now, &have);
+                    self.run(myself, round_actions, now);
+                }
+                ChainAction::NewCoordinator {
+                    round,
+                    consensus_round,
+                    coordinator,
+                } => {
+                    if consensus_round > 0 {
+                        metrics::counter!("loom_round_chain_coordinator_changes_total")
+                            .increment(1);
+                        tracing::info!(
+                            round,
+                            consensus_round,
+                            coordinator = %hex(&coordinator),
+                            "round chain: the coordinator before was skipped"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     /// Reports the last round once its model is confirmed: the winning proposer announced the
     /// same hash, or this peer closed it itself and no better-ranked close came within two
     /// grace periods. A peer whose model differs resyncs first (the engine asks for it when
@@ -1521,7 +1669,19 @@ impl ExchangerState {
                 "the last round's model was not confirmed by its proposer; finishing with it"
             );
         }
-        if let Some(report) = self.final_report.take() {
+        if let Some(mut report) = self.final_report.take() {
+            // The round chain's decisions known by now (the last round's included).
+            let counters = self.engine.counters();
+            report.chain_decided = counters.chain_decided;
+            report.chain_overruled = counters.chain_overruled;
+            report.chain_resyncs = counters.chain_resyncs;
+            report.chain_coordinator_changes = self
+                .chain
+                .as_ref()
+                .map_or(0, RoundChain::coordinator_changes);
+            if let Some(consensus_round) = self.chain.as_ref().and_then(|c| c.decided(round)) {
+                report.decided_in_consensus_round = Some(consensus_round);
+            }
             self.finished = true;
             let _ = self.args.reports.try_send(report);
         }

@@ -750,6 +750,7 @@ pub async fn run_job(
         reports: reports_tx,
         rejections: context.rejections.clone(),
         auditor: auditor.clone(),
+        chain_key: run::signing_key(&context.keypair).ok(),
     };
     let spawned = Actor::spawn(
         Some(names::EXCHANGER.into()),

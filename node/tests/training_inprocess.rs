@@ -219,7 +219,7 @@ async fn spawn_peer_with(
     };
     let args = ExchangerArgs {
         plan,
-        signer: Arc::new(KeySigner(signing)),
+        signer: Arc::new(KeySigner(signing.clone())),
         network: Arc::new(BusPort {
             me: key,
             bus: bus.clone(),
@@ -238,6 +238,7 @@ async fn spawn_peer_with(
         reports: tx,
         rejections: Default::default(),
         auditor: None,
+        chain_key: Some(signing.clone()),
     };
     let (exchanger, _) = Actor::spawn(None, ExchangerActor, args).await.unwrap();
     bus.peers.lock().unwrap().insert(
@@ -327,6 +328,23 @@ async fn three_peers_hold_identical_models_after_every_one_of_20_rounds() {
         contributors.iter().filter(|&&c| c == 3).count() >= 18,
         "{contributors:?}"
     );
+    // The round chain decided the rounds after the first (whose committee nobody knows), each
+    // the close every peer applied.
+    for peer in &peers {
+        let last = peer.seen.last().unwrap();
+        eprintln!(
+            "chain: decided {} overruled {} coordinator changes {} per round {:?}",
+            last.chain_decided,
+            last.chain_overruled,
+            last.chain_coordinator_changes,
+            peer.seen
+                .iter()
+                .map(|r| (r.round, r.chain_decided, r.decided_in_consensus_round))
+                .collect::<Vec<_>>()
+        );
+        assert!(last.chain_decided >= 18, "{last:?}");
+        assert_eq!(last.chain_overruled, 0);
+    }
     for peer in &peers {
         peer.stop(&bus);
     }
@@ -371,6 +389,15 @@ async fn the_mesh_carries_on_when_a_peer_crashes_and_a_joiner_catches_up() {
     // The crashed peer is gone from later rounds, the joiner is in the last ones.
     let last = peers[0].seen.last().unwrap();
     assert_eq!(last.contributors, 3, "two survivors and the joiner");
+    // The round chain went on deciding rounds: it needs all three members of a three-member
+    // committee, so the rounds whose committee held the crashed peer stay undecided.
+    for report in [last, joiner.seen.last().unwrap()] {
+        eprintln!(
+            "chain: decided {} overruled {} resyncs {}",
+            report.chain_decided, report.chain_overruled, report.chain_resyncs
+        );
+    }
+    assert!(last.chain_decided >= 8, "{last:?}");
     for peer in peers.iter().take(2) {
         peer.stop(&bus);
     }

@@ -34,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     PeerKey, WireError,
+    consensus::ConsensusMessage,
     contribution::{BlobHash, Commitment, ContributionRejected, SignedCommitment},
     decode_bounded, encode,
     round_chain::close_content,
@@ -195,6 +196,8 @@ pub enum TrainMessage {
     State(ModelState),
     /// An audit's verdict.
     Audit(AuditVerdict),
+    /// A message of the job's round chain ([`crate::round_chain`]): a proposal or a vote.
+    Chain(ConsensusMessage<RoundClose>),
 }
 
 impl TrainMessage {
@@ -215,6 +218,7 @@ impl TrainMessage {
             TrainMessage::Close(close) => Some(close.proposer),
             TrainMessage::State(state) => Some(state.author),
             TrainMessage::Audit(verdict) => Some(verdict.verifier),
+            TrainMessage::Chain(message) => Some(message.author()),
         }
     }
 }
@@ -579,6 +583,13 @@ impl RoundEngine {
         };
         // The ledger recorded this round with this peer's model.
         if self.ledger_tip == Some((round, *mine)) {
+            return true;
+        }
+        // The job's round chain decided the close this peer applied.
+        if let (Some(decided), Some(applied)) =
+            (self.decided.get(&round), self.applied_closes.get(&round))
+            && close_content(decided) == close_content(applied)
+        {
             return true;
         }
         let holders = self.holders.get(&round).and_then(|h| h.get(mine));
@@ -1251,6 +1262,8 @@ impl RoundEngine {
         if self.decided_off.is_some_and(|(off, _)| round >= off) {
             self.decided_off = None;
         }
+        // The closes this peer applied were of the history the snapshot replaces.
+        self.applied_closes.clear();
         self.synced = true;
         self.resync_pending = false;
         self.applying = false;
@@ -1386,12 +1399,12 @@ impl RoundEngine {
             mine.sort_unstable();
             mine == close_content(&close)
         });
-        if !same && let Some(accepted) = self.accepted_from_decided(&close) {
-            if let Some(previous) = self.close.replace(accepted)
-                && self.other_closes.len() < self.config.max_contributors
-            {
-                self.other_closes.entry(previous.rank).or_insert(previous);
-            }
+        if !same
+            && let Some(accepted) = self.accepted_from_decided(&close)
+            && let Some(previous) = self.close.replace(accepted)
+            && self.other_closes.len() < self.config.max_contributors
+        {
+            self.other_closes.entry(previous.rank).or_insert(previous);
         }
         self.poll(now_ms, have)
     }

@@ -56,6 +56,11 @@ const DECIDED_ROUNDS: usize = 8;
 const MAX_PROPOSALS_KEPT: usize = 16;
 /// (consensus round, value) pairs of the current height whose precommits are counted.
 const MAX_PRECOMMIT_TALLIES: usize = 64;
+/// Applied rounds waiting for their height to start (beyond, the oldest is skipped).
+pub const QUEUED_HEIGHTS: usize = 4;
+/// A height runs this many proposal timeouts without a decision before the next starts: room
+/// for a few coordinators to be skipped.
+const GIVE_UP_PROPOSE_TIMEOUTS: u64 = 4;
 
 impl ConsensusValue for RoundClose {
     // A proposal travels in a training gossip message.
@@ -199,12 +204,23 @@ pub struct RoundChain {
     /// Precommits for a value at the current height: (consensus round, value) -> voter ->
     /// signature. The first verified signature of each voter is kept.
     precommits: BTreeMap<(u32, BlobHash), BTreeMap<PeerKey, Vec<u8>>>,
+    /// Heights this peer applied, waiting for the one in progress: round -> (its close, its
+    /// committee).
+    queued: BTreeMap<u64, (RoundClose, BTreeSet<PeerKey>)>,
+    /// When the height in progress started.
+    started_ms: u64,
+    /// How long a height runs without a decision before the next queued one starts.
+    give_up_ms: u64,
+    /// The highest later height a member's message was taken for since the height in progress
+    /// started (the members moved on).
+    ahead_seen: Option<u64>,
 }
 
 impl RoundChain {
     /// The chain of `job_id`, signing with `key`. `config` sets the timeouts; its chain id is
     /// set to the job here.
     pub fn new(key: SigningKey, job_id: JobId, config: ConsensusConfig) -> Self {
+        let give_up_ms = GIVE_UP_PROPOSE_TIMEOUTS.saturating_mul(config.propose_ms().max(1));
         Self {
             engine: ConsensusEngine::new(key, config.with_chain(job_id)),
             job_id,
@@ -213,6 +229,10 @@ impl RoundChain {
             coordinator_changes: 0,
             proposals: BTreeMap::new(),
             precommits: BTreeMap::new(),
+            queued: BTreeMap::new(),
+            started_ms: 0,
+            give_up_ms,
+            ahead_seen: None,
         }
     }
 
@@ -248,8 +268,10 @@ impl RoundChain {
     }
 
     /// This peer applied `applied`, the close of its round `r`, whose committee (the
-    /// contributors of round `r - 1`'s close) is `committee`: height `r` starts. A height at or
-    /// below the one in progress, another job's close, or an empty committee starts nothing.
+    /// contributors of round `r - 1`'s close) is `committee`: height `r` starts once the height
+    /// in progress is decided or given up ([`Self::poll`]); until then it waits in a queue of
+    /// [`QUEUED_HEIGHTS`] (the oldest dropped beyond). A height at or below the one in progress,
+    /// another job's close, or an empty committee starts nothing.
     pub fn start(
         &mut self,
         applied: RoundClose,
@@ -263,15 +285,65 @@ impl RoundChain {
         if self.applied.is_some() && round <= self.engine.height() {
             return Vec::new();
         }
+        self.queued.insert(round, (applied, committee));
+        while self.queued.len() > QUEUED_HEIGHTS {
+            self.queued.pop_first();
+        }
+        self.poll(now_ms)
+    }
+
+    /// Starts the next queued height when the one in progress is settled: decided (the next
+    /// queued starts), passed by the members (a message of a later queued height came: that
+    /// height starts), or run for [`RoundChain::give_up_ms`] without either (its committee lost
+    /// its quorum, or the members applied different closes: the newest queued starts, the
+    /// others being behind the members by then). Called on every tick of the host.
+    pub fn poll(&mut self, now_ms: u64) -> Vec<ChainAction> {
+        let mut out = Vec::new();
+        loop {
+            let height = self.engine.height();
+            let running = self.applied.is_some();
+            let next = if !running || self.decided.contains_key(&height) {
+                self.queued.keys().find(|r| **r > height).copied()
+            } else if let Some(seen) = self.ahead_seen.filter(|seen| *seen > height) {
+                self.queued.keys().find(|r| **r >= seen).copied()
+            } else if now_ms >= self.started_ms.saturating_add(self.give_up_ms) {
+                self.queued.keys().next_back().copied()
+            } else {
+                None
+            };
+            let Some(next) = next else {
+                return out;
+            };
+            self.queued = self.queued.split_off(&next);
+            let Some((applied, committee)) = self.queued.remove(&next) else {
+                return out;
+            };
+            out.extend(self.begin(applied, committee, now_ms));
+        }
+    }
+
+    /// Starts the height of `applied` with `committee`.
+    fn begin(
+        &mut self,
+        applied: RoundClose,
+        committee: BTreeSet<PeerKey>,
+        now_ms: u64,
+    ) -> Vec<ChainAction> {
+        let round = applied.round;
+        self.started_ms = now_ms;
+        self.ahead_seen = None;
         self.applied = Some(applied);
         self.proposals.clear();
         self.precommits.clear();
-        let actions = self.engine.start_height(
+        let mut actions = self.engine.start_height(
             round,
             None,
             Committee::new(committee.into_iter().collect()),
             now_ms,
         );
+        // A proposal that came before this peer applied the round is judged now.
+        let mut validate = self.validity();
+        actions.extend(self.engine.validate_kept_proposals(now_ms, &mut validate));
         self.translate(actions, now_ms)
     }
 
@@ -282,19 +354,25 @@ impl RoundChain {
         message: ConsensusMessage<RoundClose>,
         now_ms: u64,
     ) -> Result<Vec<ChainAction>, ConsensusError> {
-        let mine = self.applied.as_ref().map(close_content);
-        let job_id = self.job_id;
-        let mut validate = |close: &RoundClose| {
-            close.job_id == job_id && mine.as_ref().is_some_and(|m| *m == close_content(close))
-        };
-        let current = self.engine.height() == message.height();
+        let mut validate = self.validity();
+        let height = message.height();
+        let current = self.engine.height() == height;
         let seen = current.then(|| message.clone());
-        let actions = self.engine.handle_message(message, now_ms, &mut validate)?;
+        let result = self.engine.handle_message(message, now_ms, &mut validate);
+        // A member's message of a later height this peer applied: the members moved on.
+        if matches!(result, Ok(_) | Err(ConsensusError::TooFarAhead { .. }))
+            && height > self.engine.height()
+            && self.queued.contains_key(&height)
+        {
+            self.ahead_seen = Some(self.ahead_seen.map_or(height, |seen| seen.max(height)));
+        }
+        let actions = result?;
         let mut out = self.translate(actions, now_ms);
         if let Some(message) = seen {
             self.tally(&message);
             out.extend(self.learn_decision());
         }
+        out.extend(self.poll(now_ms));
         Ok(out)
     }
 
@@ -302,10 +380,10 @@ impl RoundChain {
     /// value.
     fn tally(&mut self, message: &ConsensusMessage<RoundClose>) {
         match message {
-            ConsensusMessage::Proposal { block, .. } => {
-                if self.proposals.len() < MAX_PROPOSALS_KEPT {
-                    self.proposals.insert(block.hash(), block.clone());
-                }
+            ConsensusMessage::Proposal { block, .. }
+                if self.proposals.len() < MAX_PROPOSALS_KEPT =>
+            {
+                self.proposals.insert(block.hash(), block.clone());
             }
             ConsensusMessage::Vote {
                 kind: VoteKind::Precommit,
@@ -373,10 +451,22 @@ impl RoundChain {
         }
     }
 
+    /// Whether a proposed close is valid here: the one this peer applied at the height, by
+    /// content (its accepted authors and blobs).
+    fn validity(&self) -> impl FnMut(&RoundClose) -> bool + use<> {
+        let mine = self.applied.as_ref().map(close_content);
+        let job_id = self.job_id;
+        move |close: &RoundClose| {
+            close.job_id == job_id && mine.as_ref().is_some_and(|m| *m == close_content(close))
+        }
+    }
+
     /// A timer armed by [`ChainAction::ScheduleTimeout`] fired.
     pub fn on_timeout(&mut self, key: TimeoutKey, now_ms: u64) -> Vec<ChainAction> {
         let actions = self.engine.on_timeout(key, now_ms);
-        self.translate(actions, now_ms)
+        let mut out = self.translate(actions, now_ms);
+        out.extend(self.poll(now_ms));
+        out
     }
 
     /// The engine's actions in the chain's terms; a request for this peer's proposal is

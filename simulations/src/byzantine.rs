@@ -683,7 +683,7 @@ async fn spawn_peer(
     };
     let args = ExchangerArgs {
         plan: plan(config.rounds, config.peers, config.audit, config.screen),
-        signer: Arc::new(KeySigner(signing)),
+        signer: Arc::new(KeySigner(signing.clone())),
         network: Arc::new(port),
         blobs: blobs.clone(),
         trainer: trainer.clone(),
@@ -699,6 +699,7 @@ async fn spawn_peer(
         reports: tx,
         rejections: Default::default(),
         auditor,
+        chain_key: Some(signing.clone()),
     };
     let (exchanger, _) = Actor::spawn(None, ExchangerActor, args)
         .await

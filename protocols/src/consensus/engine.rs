@@ -492,6 +492,22 @@ impl<V: ConsensusValue> ConsensusEngine<V> {
         Ok(self.take_actions())
     }
 
+    /// Proposals of the current height kept from before it started, validated now with
+    /// `validate` and fed to the core (without this they wait for the next message of the
+    /// height). A host that can validate at once calls it right after [`Self::start_height`].
+    pub fn validate_kept_proposals(
+        &mut self,
+        now_ms: u64,
+        validate: &mut dyn FnMut(&V) -> bool,
+    ) -> Vec<ConsensusAction<V>> {
+        let _ = now_ms;
+        if !self.started {
+            return Vec::new();
+        }
+        self.replay_pending(validate);
+        self.take_actions()
+    }
+
     /// The core's form of a polka certificate message (`None` for another message, or a
     /// signature of the wrong length).
     fn to_core_polka(
