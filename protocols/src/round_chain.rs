@@ -877,4 +877,79 @@ mod tests {
         );
         assert_eq!(chain.height(), 3);
     }
+
+    #[test]
+    fn a_height_waits_for_the_one_in_progress_and_a_peer_left_behind_catches_up() {
+        let members: BTreeSet<PeerKey> = [0u8, 1, 2, 3]
+            .iter()
+            .map(|k| key(*k).verifying_key().to_bytes())
+            .collect();
+        let mut chain = RoundChain::new(key(0), JOB, config());
+        chain.start(close(1, 0, &[0, 1], 0), members.clone(), 0);
+        assert_eq!(chain.height(), 1);
+        for round in 2..=3 {
+            chain.start(close(round, 0, &[0, 1], 0), members.clone(), 10);
+        }
+        assert_eq!(
+            chain.height(),
+            1,
+            "height 1 is neither decided nor given up"
+        );
+        assert!(chain.poll(100).is_empty());
+        // A member's vote of height 3: the members moved on, and so does this peer.
+        let vote = ConsensusMessage::<RoundClose>::signed_vote_in(
+            Some(&JOB),
+            &key(1),
+            VoteKind::Prevote,
+            3,
+            0,
+            None,
+        );
+        chain.on_message(vote, 200).expect("a member's vote");
+        assert_eq!(chain.height(), 3, "height 2 skipped: the members are at 3");
+        // More applied rounds than the queue holds: the oldest are dropped, and once height 3
+        // is given up the newest starts.
+        for round in 4..=9 {
+            chain.start(close(round, 0, &[0, 1], 0), members.clone(), 300);
+        }
+        assert_eq!(chain.height(), 3);
+        assert!(
+            chain
+                .poll(200 + GIVE_UP_PROPOSE_TIMEOUTS * PROPOSE_MS - 1)
+                .is_empty()
+        );
+        chain.poll(200 + GIVE_UP_PROPOSE_TIMEOUTS * PROPOSE_MS);
+        assert_eq!(chain.height(), 9, "the newest applied round");
+    }
+
+    #[test]
+    fn decided_heights_follow_one_another() {
+        let mut net = Net::new(4);
+        for round in 1..=3 {
+            for i in 0..4 {
+                let applied = close(round, 0, &[0, 1, 2, 3], 0);
+                let actions = net.chains[i].start(
+                    applied,
+                    [0u8, 1, 2, 3]
+                        .iter()
+                        .map(|k| key(*k).verifying_key().to_bytes())
+                        .collect(),
+                    net.now_ms,
+                );
+                net.handle(i, actions);
+            }
+        }
+        // The rounds were applied faster than height 1 decided: each height starts after the
+        // one before is decided, and all three are.
+        for _ in 0..3 {
+            net.decided = vec![None; 4];
+            net.run(60_000);
+        }
+        for chain in &net.chains {
+            assert_eq!(chain.height(), 3);
+            for round in 1..=3 {
+                assert_eq!(chain.decided(round), Some(0), "round {round}");
+            }
+        }
+    }
 }
