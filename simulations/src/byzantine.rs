@@ -159,6 +159,11 @@ pub struct ByzantineOutcome {
     pub forged_results_refused: u64,
     /// Of those, the ones the ledger took (must be 0).
     pub forged_results_taken: u64,
+    /// Rounds the job's round chain decided, as the first honest peer knew at the end (every
+    /// round has a committee but the first).
+    pub chain_decided: u64,
+    /// Decided rounds whose close differed from the one the first honest peer applied.
+    pub chain_overruled: u64,
     /// Reputation of each honest peer.
     pub honest_reputation: Vec<i64>,
     /// Credits of each byzantine peer at the end (they start at 0; slashes come from escrow
@@ -821,6 +826,16 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
         ledger_refusals: Vec::new(),
         forged_results_refused: 0,
         forged_results_taken: 0,
+        chain_decided: reference
+            .values()
+            .map(|r| r.chain_decided)
+            .max()
+            .unwrap_or(0),
+        chain_overruled: reference
+            .values()
+            .map(|r| r.chain_overruled)
+            .max()
+            .unwrap_or(0),
         honest_reputation: Vec::new(),
         byzantine_reputation: Vec::new(),
         credits_conserved: false,
@@ -1290,7 +1305,7 @@ pub fn loss_ratio(outcome: &ByzantineOutcome, baseline: &ByzantineOutcome) -> f6
 /// The byzantine table in Markdown: one row per (committee, misbehaviour).
 pub fn table(shapes: &[Vec<ByzantineOutcome>]) -> String {
     let mut out = String::from(
-        "| committee | misbehaviour | detected in its round | refused because | byzantine in model | honest refusals | forged results refused | honest credits (baseline) | byzantine reputation | val loss vs baseline | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| committee | misbehaviour | detected in its round | refused because | byzantine in model | honest refusals | forged results refused | rounds decided by the round chain | honest credits (baseline) | byzantine reputation | val loss vs baseline | verdict |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for outcomes in shapes {
         let Some(baseline) = outcomes.first() else {
@@ -1316,7 +1331,7 @@ pub fn table(shapes: &[Vec<ByzantineOutcome>]) -> String {
                 Err(why) => format!("FAIL: {why}"),
             };
             out.push_str(&format!(
-                "| {} of {} | {} | {} | {} | {} rounds | {} | {}/{} | {} | {:?} | {:+.1} % ({:.4} vs {:.4}) | {} |\n",
+                "| {} of {} | {} | {} | {} | {} rounds | {} | {}/{} | {}/{} | {} | {:?} | {:+.1} % ({:.4} vs {:.4}) | {} |\n",
                 c.byzantine,
                 c.peers,
                 name,
@@ -1326,6 +1341,8 @@ pub fn table(shapes: &[Vec<ByzantineOutcome>]) -> String {
                 outcome.honest_refusals,
                 outcome.forged_results_refused,
                 outcome.forged_results_refused + outcome.forged_results_taken,
+                outcome.chain_decided,
+                c.rounds.saturating_sub(1),
                 credits,
                 outcome.byzantine_reputation,
                 (loss_ratio(outcome, baseline) - 1.0) * 100.0,

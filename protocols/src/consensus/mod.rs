@@ -1,5 +1,10 @@
-//! Agreement on the ledger: Tendermint, as implemented by Malachite's core
-//! (`arc-malachitebft-core-consensus`), run sans-I/O for Loom.
+//! Agreement: Tendermint, as implemented by Malachite's core (`arc-malachitebft-core-consensus`),
+//! run sans-I/O for Loom.
+//!
+//! The engine decides any [`ConsensusValue`]: the ledger's blocks (the default, described
+//! below), or a job's round closes ([`crate::round_chain`]). An instance other than the ledger's
+//! is named by a chain id ([`ConsensusConfig::with_chain`]) that its votes and proposals sign
+//! over, so no signature counts in two instances.
 //!
 //! Each height of the ledger is decided by the committee (the enrolled, equal-weight members,
 //! sorted by key). The proposer of (height, round) is the member at `(height + round) mod n`:
