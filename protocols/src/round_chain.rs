@@ -56,6 +56,8 @@ const DECIDED_ROUNDS: usize = 8;
 const MAX_PROPOSALS_KEPT: usize = 16;
 /// (consensus round, value) pairs of the current height whose precommits are counted.
 const MAX_PRECOMMIT_TALLIES: usize = 64;
+/// Messages kept from before the first height starts.
+const MAX_EARLY_MESSAGES: usize = 64;
 /// Applied rounds waiting for their height to start (beyond, the oldest is skipped).
 pub const QUEUED_HEIGHTS: usize = 4;
 /// A height runs this many proposal timeouts without a decision before the next starts: room
@@ -214,6 +216,9 @@ pub struct RoundChain {
     /// The highest later height a member's message was taken for since the height in progress
     /// started (the members moved on).
     ahead_seen: Option<u64>,
+    /// Messages that came before this peer started its first height (it had not applied a
+    /// round with a known committee yet), replayed when it does.
+    early: Vec<ConsensusMessage<RoundClose>>,
 }
 
 impl RoundChain {
@@ -233,6 +238,7 @@ impl RoundChain {
             started_ms: 0,
             give_up_ms,
             ahead_seen: None,
+            early: Vec::new(),
         }
     }
 
@@ -341,10 +347,25 @@ impl RoundChain {
             Committee::new(committee.into_iter().collect()),
             now_ms,
         );
-        // A proposal that came before this peer applied the round is judged now.
+        // Messages that came before the first height started, then a proposal that came before
+        // this peer applied the round, are taken now.
         let mut validate = self.validity();
+        for message in std::mem::take(&mut self.early) {
+            if message.height() >= round
+                && let Ok(more) = self
+                    .engine
+                    .handle_message(message.clone(), now_ms, &mut validate)
+            {
+                actions.extend(more);
+                if message.height() == round {
+                    self.tally(&message);
+                }
+            }
+        }
         actions.extend(self.engine.validate_kept_proposals(now_ms, &mut validate));
-        self.translate(actions, now_ms)
+        let mut out = self.translate(actions, now_ms);
+        out.extend(self.learn_decision());
+        out
     }
 
     /// A chain message from the training topic. Non-members' messages, bad signatures and
@@ -354,6 +375,13 @@ impl RoundChain {
         message: ConsensusMessage<RoundClose>,
         now_ms: u64,
     ) -> Result<Vec<ChainAction>, ConsensusError> {
+        if self.applied.is_none() {
+            // No height started yet: kept (bounded) until the first one starts.
+            if self.early.len() < MAX_EARLY_MESSAGES && !self.early.contains(&message) {
+                self.early.push(message);
+            }
+            return Ok(Vec::new());
+        }
         let mut validate = self.validity();
         let height = message.height();
         let current = self.engine.height() == height;
@@ -950,6 +978,38 @@ mod tests {
             for round in 1..=3 {
                 assert_eq!(chain.decided(round), Some(0), "round {round}");
             }
+        }
+    }
+
+    #[test]
+    fn messages_before_the_first_height_are_kept_for_it() {
+        // The coordinator applied the round and proposed before the others applied any round
+        // with a known committee: they take its messages when they start.
+        let mut net = Net::new(4);
+        let applied = close(2, 0, &[0, 1, 2, 3], 0);
+        let coordinator = members(&[0, 1, 2, 3]).proposer(2, 0).expect("members");
+        let first = (0..4u8)
+            .position(|i| key(i).verifying_key().to_bytes() == coordinator)
+            .expect("a member coordinates");
+        net.start(first, applied.clone(), &[0, 1, 2, 3]);
+        // Delivered now, to peers that have started nothing.
+        let early: Vec<_> = net.inbox.drain(..).collect();
+        assert!(
+            !early.is_empty(),
+            "the proposal and the coordinator's prevote"
+        );
+        for (from, message) in early {
+            for to in (0..4).filter(|to| *to != from) {
+                assert!(net.chains[to].on_message(message.clone(), 0).is_ok());
+            }
+        }
+        for i in (0..4).filter(|i| *i != first) {
+            net.start(i, applied.clone(), &[0, 1, 2, 3]);
+        }
+        // Without the kept proposal nobody could prevote it before a rebroadcast.
+        net.run(PROPOSE_MS - 1);
+        for i in 0..4 {
+            assert_eq!(net.chains[i].decided(2), Some(0), "peer {i}");
         }
     }
 }
