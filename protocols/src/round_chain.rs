@@ -56,8 +56,9 @@ const DECIDED_ROUNDS: usize = 8;
 const MAX_PROPOSALS_KEPT: usize = 16;
 /// (consensus round, value) pairs of the current height whose precommits are counted.
 const MAX_PRECOMMIT_TALLIES: usize = 64;
-/// Messages kept from before the first height starts.
-const MAX_EARLY_MESSAGES: usize = 64;
+/// Messages of later heights kept, in all and per author.
+const MAX_AHEAD_MESSAGES: usize = 1_024;
+const MAX_AHEAD_PER_AUTHOR: usize = 16;
 /// Applied rounds waiting for their height to start (beyond, the oldest is skipped).
 pub const QUEUED_HEIGHTS: usize = 4;
 /// A height runs this many proposal timeouts without a decision before the next starts: room
@@ -216,9 +217,10 @@ pub struct RoundChain {
     /// The highest later height a member's message was taken for since the height in progress
     /// started (the members moved on).
     ahead_seen: Option<u64>,
-    /// Messages that came before this peer started its first height (it had not applied a
-    /// round with a known committee yet), replayed when it does.
-    early: Vec<ConsensusMessage<RoundClose>>,
+    /// Messages of heights above the one in progress (or of any height before the first
+    /// starts), kept unchecked and taken when their height starts, against its committee: the
+    /// committee changes from one height to the next, so they cannot be judged before.
+    ahead: Vec<ConsensusMessage<RoundClose>>,
 }
 
 impl RoundChain {
@@ -238,7 +240,7 @@ impl RoundChain {
             started_ms: 0,
             give_up_ms,
             ahead_seen: None,
-            early: Vec::new(),
+            ahead: Vec::new(),
         }
     }
 
@@ -347,19 +349,21 @@ impl RoundChain {
             Committee::new(committee.into_iter().collect()),
             now_ms,
         );
-        // Messages that came before the first height started, then a proposal that came before
-        // this peer applied the round, are taken now.
+        // The messages of this height that came before it started are taken now; those of
+        // later heights wait on.
         let mut validate = self.validity();
-        for message in std::mem::take(&mut self.early) {
-            if message.height() >= round
-                && let Ok(more) = self
-                    .engine
-                    .handle_message(message.clone(), now_ms, &mut validate)
+        let (now_due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ahead)
+            .into_iter()
+            .filter(|m| m.height() >= round)
+            .partition(|m| m.height() == round);
+        self.ahead = later;
+        for message in now_due {
+            if let Ok(more) = self
+                .engine
+                .handle_message(message.clone(), now_ms, &mut validate)
             {
                 actions.extend(more);
-                if message.height() == round {
-                    self.tally(&message);
-                }
+                self.tally(&message);
             }
         }
         actions.extend(self.engine.validate_kept_proposals(now_ms, &mut validate));
@@ -375,26 +379,15 @@ impl RoundChain {
         message: ConsensusMessage<RoundClose>,
         now_ms: u64,
     ) -> Result<Vec<ChainAction>, ConsensusError> {
-        if self.applied.is_none() {
-            // No height started yet: kept (bounded) until the first one starts.
-            if self.early.len() < MAX_EARLY_MESSAGES && !self.early.contains(&message) {
-                self.early.push(message);
-            }
-            return Ok(Vec::new());
+        let height = message.height();
+        if self.applied.is_none() || height > self.engine.height() {
+            self.keep_ahead(message);
+            return Ok(self.poll(now_ms));
         }
         let mut validate = self.validity();
-        let height = message.height();
         let current = self.engine.height() == height;
         let seen = current.then(|| message.clone());
-        let result = self.engine.handle_message(message, now_ms, &mut validate);
-        // A member's message of a later height this peer applied: the members moved on.
-        if matches!(result, Ok(_) | Err(ConsensusError::TooFarAhead { .. }))
-            && height > self.engine.height()
-            && self.queued.contains_key(&height)
-        {
-            self.ahead_seen = Some(self.ahead_seen.map_or(height, |seen| seen.max(height)));
-        }
-        let actions = result?;
+        let actions = self.engine.handle_message(message, now_ms, &mut validate)?;
         let mut out = self.translate(actions, now_ms);
         if let Some(message) = seen {
             self.tally(&message);
@@ -402,6 +395,26 @@ impl RoundChain {
         }
         out.extend(self.poll(now_ms));
         Ok(out)
+    }
+
+    /// Keeps a message of a later height (bounded in all and per author). One signed by a member
+    /// of a height this peer applied and queued shows the members moved on to it.
+    fn keep_ahead(&mut self, message: ConsensusMessage<RoundClose>) {
+        let author = message.author();
+        let height = message.height();
+        if self.ahead.len() >= MAX_AHEAD_MESSAGES
+            || self.ahead.contains(&message)
+            || self.ahead.iter().filter(|m| m.author() == author).count() >= MAX_AHEAD_PER_AUTHOR
+        {
+            return;
+        }
+        if let Some((_, committee)) = self.queued.get(&height)
+            && committee.contains(&author)
+            && message.verify_signature(Some(&self.job_id))
+        {
+            self.ahead_seen = Some(self.ahead_seen.map_or(height, |seen| seen.max(height)));
+        }
+        self.ahead.push(message);
     }
 
     /// Counts a verified message of the current height: a proposal's close, a precommit for a
@@ -1008,6 +1021,50 @@ mod tests {
         }
         // Without the kept proposal nobody could prevote it before a rebroadcast.
         net.run(PROPOSE_MS - 1);
+        for i in 0..4 {
+            assert_eq!(net.chains[i].decided(2), Some(0), "peer {i}");
+        }
+    }
+
+    #[test]
+    fn a_proposal_of_the_next_height_is_judged_against_that_heights_committee() {
+        // Height 1's committee is {0, 1, 2, 3}; height 2's is {0, 1, 2} (peer 3's update was
+        // refused in round 1). Height 2's coordinator proposes while the others are still at
+        // height 1, whose committee would name another coordinator of height 2.
+        let (wide, narrow) = (members(&[0, 1, 2, 3]), members(&[0, 1, 2]));
+        let coordinator = narrow.proposer(2, 0).expect("members");
+        assert_ne!(
+            wide.proposer(2, 0),
+            Some(coordinator),
+            "the test needs them to differ"
+        );
+        let mut net = Net::new(4);
+        for i in 0..4 {
+            net.start(i, close(1, 0, &[0, 1, 2], 0), &[0, 1, 2, 3]);
+        }
+        net.run(60_000);
+        assert!((0..4).all(|i| net.chains[i].decided(1).is_some()));
+        net.decided = vec![None; 4];
+        let first = (0..4u8)
+            .position(|i| key(i).verifying_key().to_bytes() == coordinator)
+            .expect("a member coordinates");
+        let applied = close(2, 0, &[0, 1, 2], 0);
+        net.start(first, applied.clone(), &[0, 1, 2]);
+        let early: Vec<_> = net.inbox.drain(..).collect();
+        for (from, message) in early {
+            for to in (0..4).filter(|to| *to != from) {
+                assert!(
+                    net.chains[to]
+                        .on_message(message.clone(), net.now_ms)
+                        .is_ok()
+                );
+            }
+        }
+        for i in (0..4).filter(|i| *i != first) {
+            net.start(i, applied.clone(), &[0, 1, 2]);
+        }
+        let started_ms = net.now_ms;
+        net.run(started_ms + PROPOSE_MS - 1);
         for i in 0..4 {
             assert_eq!(net.chains[i].decided(2), Some(0), "peer {i}");
         }
