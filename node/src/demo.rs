@@ -50,6 +50,12 @@ pub struct Progress {
     pub compute_s: f64,
     /// Done.
     pub finished: bool,
+    /// Rounds the job's round chain decided so far, as known to the peer.
+    #[serde(default)]
+    pub chain_decided: u64,
+    /// Coordinators the round chain skipped so far.
+    #[serde(default)]
+    pub chain_coordinator_changes: u64,
 }
 
 /// Reads a peer's progress file (missing: empty).
@@ -366,6 +372,15 @@ pub fn summary(
                 100.0 * last.compute_s / last.wall_s.max(1e-9),
             );
         }
+    }
+    if let Some(last) = reference.last()
+        && last.round > 1
+    {
+        out += &format!(
+            "\nRound chain (each round's close decided by Tendermint among the round's members): \
+             peer 0 saw {} of rounds 2-{} decided, {} coordinator changes\n",
+            last.chain_decided, last.round, last.chain_coordinator_changes
+        );
     }
     let mut by_round: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
     for lines in progress {

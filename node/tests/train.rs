@@ -181,4 +181,10 @@ fn three_processes_agree_every_round_and_a_killed_peer_resumes_from_its_checkpoi
     let first = lines[0].first().and_then(|p| p.val_loss).unwrap();
     let last = lines[0].last().and_then(|p| p.val_loss).unwrap();
     assert!(last < first, "validation loss {first} -> {last}");
+    // The job's round chain ran over the real gossip: the surviving peers saw rounds decided.
+    for (i, peer) in lines.iter().enumerate().take(2) {
+        let decided = peer.last().map_or(0, |p| p.chain_decided);
+        eprintln!("peer {i}: {decided} rounds decided by the round chain");
+        assert!(decided > 0, "peer {i} saw no round decided");
+    }
 }

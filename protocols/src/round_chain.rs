@@ -293,6 +293,16 @@ impl RoundChain {
         if self.applied.is_some() && round <= self.engine.height() {
             return Vec::new();
         }
+        // Members' messages of this height that came before it was applied here show the
+        // members already run it.
+        let members_there = self.ahead.iter().any(|m| {
+            m.height() == round
+                && committee.contains(&m.author())
+                && m.verify_signature(Some(&self.job_id))
+        });
+        if members_there && round > self.engine.height() {
+            self.ahead_seen = Some(self.ahead_seen.map_or(round, |seen| seen.max(round)));
+        }
         self.queued.insert(round, (applied, committee));
         while self.queued.len() > QUEUED_HEIGHTS {
             self.queued.pop_first();
@@ -1068,5 +1078,57 @@ mod tests {
         for i in 0..4 {
             assert_eq!(net.chains[i].decided(2), Some(0), "peer {i}");
         }
+    }
+
+    #[test]
+    fn a_members_message_before_the_height_was_applied_here_still_moves_the_peer_on() {
+        let members: BTreeSet<PeerKey> = [0u8, 1, 2, 3]
+            .iter()
+            .map(|k| key(*k).verifying_key().to_bytes())
+            .collect();
+        let mut chain = RoundChain::new(key(0), JOB, config());
+        chain.start(close(2, 0, &[0, 1], 0), members.clone(), 0);
+        // The members are at height 3 (this peer never ran their height 2's decision) before
+        // this peer applied round 3.
+        let vote = ConsensusMessage::<RoundClose>::signed_vote_in(
+            Some(&JOB),
+            &key(1),
+            VoteKind::Prevote,
+            3,
+            0,
+            None,
+        );
+        chain.on_message(vote, 10).expect("kept");
+        assert_eq!(chain.height(), 2);
+        chain.start(close(3, 0, &[0, 1], 0), members.clone(), 20);
+        assert_eq!(
+            chain.height(),
+            3,
+            "no need to wait for height 2 to be given up"
+        );
+        // A message of a later height from a non-member, or with a bad signature, does not.
+        let mut forged = ConsensusMessage::<RoundClose>::signed_vote_in(
+            Some(&JOB),
+            &key(1),
+            VoteKind::Prevote,
+            4,
+            0,
+            None,
+        );
+        if let ConsensusMessage::Vote { signature, .. } = &mut forged {
+            signature[0] ^= 1;
+        }
+        chain.on_message(forged, 30).expect("kept");
+        let outsider = ConsensusMessage::<RoundClose>::signed_vote_in(
+            Some(&JOB),
+            &key(9),
+            VoteKind::Prevote,
+            4,
+            0,
+            None,
+        );
+        chain.on_message(outsider, 30).expect("kept");
+        chain.start(close(4, 0, &[0, 1], 0), members, 40);
+        assert_eq!(chain.height(), 3, "height 3 is still in progress");
     }
 }
