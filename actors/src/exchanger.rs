@@ -327,6 +327,9 @@ pub struct RoundReport {
     /// the members had not applied).
     #[serde(default)]
     pub chain_coordinator_changes: u64,
+    /// The round chain's decisions that came since the report before.
+    #[serde(default)]
+    pub decisions: Vec<ChainDecision>,
     /// After a resync: the rounds of the loaded model's announced lineage, newest first, with
     /// the model and the accepted-set digest most of their announcers gave. This peer votes for
     /// them on the ledger as it trusted the model.
@@ -347,6 +350,19 @@ impl RoundReport {
             .find(|(author, _)| author == peer)
             .map(|(_, signed)| signed)
     }
+}
+
+/// A decision of the job's round chain, as this peer learned it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChainDecision {
+    /// The training round decided.
+    pub round: u64,
+    /// Hex key of its elected coordinator (who proposed the decided close).
+    pub coordinator: String,
+    /// The consensus round it was decided in (above 0: coordinators before it were skipped).
+    pub consensus_round: u32,
+    /// How long after this peer started the round's height the decision came, in ms.
+    pub after_ms: u64,
 }
 
 /// A round of the lineage of a model this peer loaded from others.
@@ -1430,6 +1446,7 @@ impl ExchangerState {
         report.finished = round >= self.args.plan.rounds;
         self.report.audits.clear();
         self.report.adopted.clear();
+        self.report.decisions.clear();
         if report.finished {
             self.final_applied_ms = Some(unix_ms());
         }
@@ -1604,6 +1621,7 @@ impl ExchangerState {
                     close,
                     certificate,
                     coordinator,
+                    after_ms,
                 } => {
                     metrics::counter!("loom_round_chain_decided_total").increment(1);
                     tracing::debug!(
@@ -1612,6 +1630,12 @@ impl ExchangerState {
                         coordinator = %hex(&coordinator),
                         "round decided by the round chain"
                     );
+                    self.report.decisions.push(ChainDecision {
+                        round,
+                        coordinator: hex(&coordinator),
+                        consensus_round: certificate.round,
+                        after_ms,
+                    });
                     // The round's report, while it is held (its evaluation runs).
                     if let Some(report) = self.pending_reports.get_mut(&round) {
                         report.decided_by = Some(hex(&coordinator));

@@ -178,6 +178,8 @@ pub enum ChainAction {
         certificate: QuorumCertificate,
         /// Who proposed it: the round's elected coordinator.
         coordinator: PeerKey,
+        /// How long after this peer started the height the decision came, in ms.
+        after_ms: u64,
     },
     /// A consensus round of the height started, coordinated by `coordinator` (consensus round
     /// above 0: the coordinators before it were skipped).
@@ -378,7 +380,7 @@ impl RoundChain {
         }
         actions.extend(self.engine.validate_kept_proposals(now_ms, &mut validate));
         let mut out = self.translate(actions, now_ms);
-        out.extend(self.learn_decision());
+        out.extend(self.learn_decision(now_ms));
         out
     }
 
@@ -401,7 +403,7 @@ impl RoundChain {
         let mut out = self.translate(actions, now_ms);
         if let Some(message) = seen {
             self.tally(&message);
-            out.extend(self.learn_decision());
+            out.extend(self.learn_decision(now_ms));
         }
         out.extend(self.poll(now_ms));
         Ok(out)
@@ -463,7 +465,7 @@ impl RoundChain {
     /// A decision this peer's own consensus did not reach (it judged the close invalid: it had
     /// applied another), learned as a catching-up replica learns one: a proposed close and the
     /// precommits of a quorum of the committee for it in one consensus round.
-    fn learn_decision(&mut self) -> Vec<ChainAction> {
+    fn learn_decision(&mut self, now_ms: u64) -> Vec<ChainAction> {
         let height = self.engine.height();
         if self.decided.contains_key(&height) || self.engine.decision().is_some() {
             return Vec::new();
@@ -483,11 +485,16 @@ impl RoundChain {
             block_hash: *value,
             votes: votes.iter().map(|(k, s)| (*k, s.clone())).collect(),
         };
-        vec![self.decide(close, certificate)]
+        vec![self.decide(close, certificate, now_ms)]
     }
 
     /// Records the decision of `close`'s round.
-    fn decide(&mut self, close: RoundClose, certificate: QuorumCertificate) -> ChainAction {
+    fn decide(
+        &mut self,
+        close: RoundClose,
+        certificate: QuorumCertificate,
+        now_ms: u64,
+    ) -> ChainAction {
         let round = close.round;
         let coordinator = self.engine.proposer(round, certificate.round);
         self.decided.insert(round, certificate.round);
@@ -499,6 +506,7 @@ impl RoundChain {
             close,
             certificate,
             coordinator,
+            after_ms: now_ms.saturating_sub(self.started_ms),
         }
     }
 
@@ -549,7 +557,7 @@ impl RoundChain {
                 }
                 ConsensusAction::Decided { block, certificate } => {
                     if !self.decided.contains_key(&block.round) {
-                        out.push(self.decide(block, certificate));
+                        out.push(self.decide(block, certificate, now_ms));
                     }
                 }
                 ConsensusAction::NewRound {
@@ -667,6 +675,7 @@ mod tests {
                         close,
                         certificate,
                         coordinator,
+                        after_ms: _,
                     } => {
                         assert!(certificate_decides(
                             &JOB,

@@ -34,6 +34,7 @@ use loom_protocols::{
     NatStatus, PeerKey,
     blobstore::BlobStore,
     compress::{self, Codec, Sparsity, ValueFormat},
+    consensus::ConsensusMessage,
     contribution::{BlobHash, Commitment, SignedCommitment},
     credits::CreditState,
     ledger::{Credits, Entry, JobTerms, accepted_digest},
@@ -233,20 +234,61 @@ pub enum ByzantineError {
 // The bus.
 
 #[derive(Default)]
-struct Bus {
+pub(crate) struct Bus {
     peers: Mutex<HashMap<PeerKey, BusEntry>>,
     /// Every signed commitment published, in order (what a copier watches).
     commitments: Mutex<Vec<SignedCommitment>>,
+    /// Cut off the first peer that proposes in the round chain at this height or later.
+    pub(crate) cut_from_height: Option<u64>,
+    /// The peer cut off: nothing it sends goes out, nothing reaches it, its blobs are gone.
+    pub(crate) cut: Mutex<Option<PeerKey>>,
+}
+
+impl Bus {
+    /// A bus that cuts off the round chain's coordinator of height `height` (or the first
+    /// later one to propose) the moment it proposes.
+    pub(crate) fn cutting_at(height: u64) -> Self {
+        Self {
+            cut_from_height: Some(height),
+            ..Self::default()
+        }
+    }
+
+    fn is_cut(&self, peer: &PeerKey) -> bool {
+        self.cut.lock().unwrap_or_else(|e| e.into_inner()).as_ref() == Some(peer)
+    }
+
+    /// Whether `from`, publishing `data`, is the coordinator to cut off now (it then is).
+    fn cuts(&self, from: PeerKey, data: &[u8]) -> bool {
+        let Some(height) = self.cut_from_height else {
+            return false;
+        };
+        let mut cut = self.cut.lock().unwrap_or_else(|e| e.into_inner());
+        if cut.is_some() {
+            return false;
+        }
+        let proposes = matches!(
+            TrainMessage::from_bytes(data),
+            Ok(TrainMessage::Chain(ConsensusMessage::Proposal { height: h, .. })) if h >= height
+        );
+        if proposes {
+            *cut = Some(from);
+        }
+        proposes
+    }
 }
 
 #[derive(Clone)]
-struct BusEntry {
+pub(crate) struct BusEntry {
     exchanger: ActorRef<ExchangerMsg>,
     blobs: SharedBlobs,
 }
 
 impl Bus {
     fn broadcast(&self, from: PeerKey, data: &[u8]) {
+        if self.is_cut(&from) || self.cuts(from, data) {
+            return;
+        }
         if let Ok(TrainMessage::Commit(signed)) = TrainMessage::from_bytes(data) {
             let mut log = self.commitments.lock().unwrap_or_else(|e| e.into_inner());
             if log.len() < 100_000 {
@@ -255,7 +297,7 @@ impl Bus {
         }
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         for (key, entry) in peers.iter() {
-            if *key != from {
+            if *key != from && !self.is_cut(key) {
                 let _ = entry.exchanger.cast(ExchangerMsg::Gossip {
                     from,
                     data: data.to_vec(),
@@ -265,6 +307,9 @@ impl Bus {
     }
 
     fn blob_of(&self, holder: &PeerKey, hash: &BlobHash) -> Option<Vec<u8>> {
+        if self.is_cut(holder) {
+            return None;
+        }
         let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
         let entry = peers.get(holder)?;
         let store = entry.blobs.lock().unwrap_or_else(|e| e.into_inner());
@@ -432,9 +477,9 @@ impl NetworkPort for BusPort {
             .ok_or(PortError::Closed)?
             .exchanger
             .clone();
-        let result = self
-            .bus
-            .blob_of(&peer, &hash)
+        let result = (!self.bus.is_cut(&self.me))
+            .then(|| self.bus.blob_of(&peer, &hash))
+            .flatten()
             .ok_or_else(|| "peer does not hold the blob".to_owned());
         let _ = me.cast(ExchangerMsg::BlobFetched {
             hash,
@@ -599,12 +644,12 @@ fn plan(rounds: u64, peers: usize, audit: f64, screen: bool) -> JobPlan {
     }
 }
 
-struct Peer {
-    key: PeerKey,
-    exchanger: ActorRef<ExchangerMsg>,
-    trainer: ActorRef<TrainerMsg>,
-    reports: mpsc::Receiver<RoundReport>,
-    seen: Vec<RoundReport>,
+pub(crate) struct Peer {
+    pub(crate) key: PeerKey,
+    pub(crate) exchanger: ActorRef<ExchangerMsg>,
+    pub(crate) trainer: ActorRef<TrainerMsg>,
+    pub(crate) reports: mpsc::Receiver<RoundReport>,
+    pub(crate) seen: Vec<RoundReport>,
     blobs: SharedBlobs,
     param_count: usize,
 }
@@ -612,7 +657,7 @@ struct Peer {
 /// libtorch's seed is process-wide: learners are built one at a time.
 static INIT: Mutex<()> = Mutex::new(());
 
-async fn spawn_peer(
+pub(crate) async fn spawn_peer(
     bus: &Arc<Bus>,
     index: usize,
     config: &ByzantineConfig,

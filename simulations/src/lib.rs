@@ -9,6 +9,7 @@ use std::{
 
 pub mod blocks;
 pub mod byzantine;
+pub mod chain_failover;
 pub mod chaos;
 pub mod ledger;
 

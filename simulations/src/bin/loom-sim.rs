@@ -6,6 +6,7 @@
 //!   loom-sim chaos --seed 1234 --peers 7 --byzantine 2
 //!   loom-sim ledger --peers 5 --kills 50 --json target/sim-ledger.json
 //!   loom-sim blocks --members 16,64,256 --json target/sim-blocks.json
+//!   loom-sim round-chain --peers 5 --rounds 12 --cut-at 6 --runs 5 --json target/sim-chain.json
 
 use std::{
     path::{Path, PathBuf},
@@ -137,6 +138,23 @@ enum Scenario {
         #[arg(long)]
         no_screen: bool,
     },
+    /// The round chain's coordinator failover: honest peers with real learners train; the
+    /// coordinator of a height is cut off the moment it proposes; prints how long the others
+    /// took to elect the next one and decide, against the other heights.
+    RoundChain {
+        /// Peers (all honest).
+        #[arg(long, default_value_t = 5)]
+        peers: usize,
+        /// Rounds per run.
+        #[arg(long, default_value_t = 12)]
+        rounds: u64,
+        /// The round-chain height whose coordinator is cut off.
+        #[arg(long, default_value_t = 6)]
+        cut_at: u64,
+        /// Runs.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -228,6 +246,12 @@ fn main() -> ExitCode {
                 cli.json.as_deref(),
             );
         }
+        Scenario::RoundChain {
+            peers,
+            rounds,
+            cut_at,
+            runs,
+        } => return round_chain(peers, rounds, cut_at, runs, cli.json.as_deref()),
         Scenario::Blocks { members, reps } => {
             let sizes: Result<Vec<usize>, _> = members
                 .split(',')
@@ -468,6 +492,84 @@ fn byzantine(
     let written = write_json(json, &results);
     if failed {
         eprintln!("error: a misbehaviour was not handled (see the verdict column)");
+        return ExitCode::FAILURE;
+    }
+    written
+}
+
+/// The round chain's failover runs.
+fn round_chain(
+    peers: usize,
+    rounds: u64,
+    cut_at: u64,
+    runs: usize,
+    json: Option<&Path>,
+) -> ExitCode {
+    use loom_simulations::chain_failover::{self, FailoverConfig};
+    if !(4..=16).contains(&peers) {
+        eprintln!("error: --peers must be between 4 and 16 (a committee of 4 survives one loss)");
+        return ExitCode::FAILURE;
+    }
+    if !(3..=200).contains(&rounds) || !(3..rounds).contains(&cut_at) {
+        eprintln!("error: --rounds must be 3 to 200 and --cut-at between 3 and the last round");
+        return ExitCode::FAILURE;
+    }
+    if !(1..=100).contains(&runs) {
+        eprintln!("error: --runs must be between 1 and 100");
+        return ExitCode::FAILURE;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = FailoverConfig {
+        peers,
+        rounds,
+        cut_at,
+    };
+    let mut outcomes = Vec::new();
+    for run in 1..=runs {
+        eprintln!("round chain: run {run} of {runs}, {peers} peers, cut at height {cut_at} ...");
+        match runtime.block_on(chain_failover::run(config)) {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    println!("{}", chain_failover::table(&outcomes));
+    let mut failover: Vec<u64> = outcomes
+        .iter()
+        .flat_map(|o| o.failover_ms.iter().copied())
+        .collect();
+    failover.sort_unstable();
+    let mut normal: Vec<u64> = outcomes.iter().filter_map(|o| o.normal_ms_median).collect();
+    normal.sort_unstable();
+    if let (Some(f), Some(n)) = (
+        failover.get(failover.len() / 2),
+        normal.get(normal.len() / 2),
+    ) {
+        println!(
+            "median decision time: {f} ms at the cut height (new coordinator), {n} ms at the others ({:.1}x)",
+            *f as f64 / (*n).max(1) as f64
+        );
+    }
+    let written = write_json(json, &outcomes);
+    let failed = outcomes
+        .iter()
+        .any(|o| o.cut.is_none() || o.consensus_round.is_none() || !o.survivors_finished_identical);
+    if failed {
+        eprintln!(
+            "error: a run cut nobody, did not decide the cut height, or its survivors did not finish on one model"
+        );
         return ExitCode::FAILURE;
     }
     written
