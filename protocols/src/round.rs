@@ -586,10 +586,7 @@ impl RoundEngine {
             return true;
         }
         // The job's round chain decided the close this peer applied.
-        if let (Some(decided), Some(applied)) =
-            (self.decided.get(&round), self.applied_closes.get(&round))
-            && close_content(decided) == close_content(applied)
-        {
+        if self.decided_mine(round) {
             return true;
         }
         let holders = self.holders.get(&round).and_then(|h| h.get(mine));
@@ -965,6 +962,12 @@ impl RoundEngine {
                 }
                 return Ok(Vec::new());
             }
+            // Another close than the one applied here: when the round chain decided the round,
+            // its close is final, and a peer that applied another follows the decided branch as
+            // most of its announcers give it (`follow_decision`), not this proposer's word.
+            if self.decided.contains_key(&state.round) {
+                return Ok(Vec::new());
+            }
             if !self.applying {
                 self.resync_pending = true;
                 self.counters.resyncs += 1;
@@ -1338,6 +1341,14 @@ impl RoundEngine {
             .map_or(0, |keys| self.rank_among(round, peer, keys.iter()))
     }
 
+    /// Whether the round chain decided the close this peer applied in `round`.
+    fn decided_mine(&self, round: u64) -> bool {
+        match (self.decided.get(&round), self.applied_closes.get(&round)) {
+            (Some(decided), Some(applied)) => close_content(decided) == close_content(applied),
+            _ => false,
+        }
+    }
+
     /// The close this peer applied in `round`, while kept (the newest few rounds).
     pub fn applied_close(&self, round: u64) -> Option<&RoundClose> {
         self.applied_closes.get(&round)
@@ -1378,11 +1389,17 @@ impl RoundEngine {
             self.decided.pop_first();
         }
         if round < self.current {
+            // The decided close's proposer is the round's: a better-ranked close heard later
+            // no longer pulls this peer.
+            self.proposers.insert(round, close.proposer);
             if let Some(applied) = self.applied_closes.get(&round)
                 && close_content(applied) != close_content(&close)
             {
                 self.counters.chain_overruled += 1;
                 self.decided_off = Some((round, decided_digest(&close)));
+            }
+            if self.decided_mine(round) && self.divergence.is_some_and(|(at, _, _)| at == round) {
+                self.divergence = None;
             }
             return self.poll(now_ms, have);
         }
@@ -2992,6 +3009,53 @@ mod tests {
                 .expect("ignored")
                 .is_empty()
         );
+    }
+
+    /// Once the round chain decided the close this peer applied, a better-ranked close of the
+    /// round heard later, and its proposer's model, pull it nowhere (before the chain, the
+    /// rank-key rule loaded that proposer's snapshot at once).
+    #[test]
+    fn a_decided_round_is_not_reopened_by_a_better_ranked_close() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let pa = a.verifying_key().to_bytes();
+        let all = |_: &BlobHash| true;
+        // The better-ranked of b and c closes second.
+        let rank = |k: &SigningKey| proposer_rank_key(&JOB, 2, &k.verifying_key().to_bytes());
+        let (worse, better) = if rank(&b) < rank(&c) {
+            (&c, &b)
+        } else {
+            (&b, &c)
+        };
+        for decision_first in [true, false] {
+            let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+            apply_round(&mut engine, 1, &a, &[&a, &b, &c], [1; 32]);
+            let mine = close_of(2, worse, &[&a, &b, &c]);
+            engine
+                .on_close(mine.clone(), worse.verifying_key().to_bytes(), &all, 0)
+                .expect("valid");
+            engine.applied(2, [2; 32]);
+            let theirs = close_of(2, better, &[&a, better]);
+            let pbetter = better.verifying_key().to_bytes();
+            if decision_first {
+                engine.on_decided(mine.clone(), 0, &all);
+            }
+            engine
+                .on_close(theirs, pbetter, &all, 0)
+                .expect("taken or ignored");
+            if !decision_first {
+                engine.on_decided(mine.clone(), 0, &all);
+            }
+            let mut state = model_state(2, [99; 32], [99; 32], 100, pbetter);
+            state.parent_hash = [1; 32];
+            let actions = engine.on_state(state, pbetter).expect("valid");
+            assert!(
+                actions.is_empty(),
+                "decision first: {decision_first}: {actions:?}"
+            );
+            assert!(engine.poll(10_000, &all).is_empty());
+            assert!(engine.confirmed(2));
+            assert_eq!(engine.counters().chain_overruled, 0);
+        }
     }
 
     /// A peer that has not closed the round takes the decided close, whoever closed it and
