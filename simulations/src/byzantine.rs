@@ -1483,7 +1483,10 @@ pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64, audit: f64) -> St
          the byzantine members recorded first in each round with two honest contributors (one \
          honest contributor paid, the others left out, another slashed, with their real \
          commitments and every byzantine vote behind it) that the ledger refused, over those \
-         tried; *val loss* compares \
+         tried; *rounds decided by the round chain* counts the rounds after the first whose \
+         close the job's round chain (its own Tendermint instance among the previous round's \
+         contributors) decided, as the first honest peer knew by its last report (the last \
+         round's decision often comes after it); *val loss* compares \
          the first honest peer's final validation loss with the all-honest run's (the bar is \
          5 %).\n\n",
         screening.max_norm_ratio, screening.min_cosine
