@@ -56,9 +56,13 @@ const DECIDED_ROUNDS: usize = 8;
 const MAX_PROPOSALS_KEPT: usize = 16;
 /// (consensus round, value) pairs of the current height whose precommits are counted.
 const MAX_PRECOMMIT_TALLIES: usize = 64;
-/// Messages of later heights kept, in all and per author.
+/// Messages of later heights kept: in all, per author, and their encoded bytes in all.
 const MAX_AHEAD_MESSAGES: usize = 1_024;
 const MAX_AHEAD_PER_AUTHOR: usize = 16;
+const MAX_AHEAD_BYTES: usize = 4 << 20;
+/// Heights beyond the one in progress whose messages are kept (further ones would be given up
+/// before they start).
+const AHEAD_HEIGHTS: u64 = QUEUED_HEIGHTS as u64 + 2;
 /// Applied rounds waiting for their height to start (beyond, the oldest is skipped).
 pub const QUEUED_HEIGHTS: usize = 4;
 /// A height runs this many proposal timeouts without a decision before the next starts: room
@@ -223,6 +227,8 @@ pub struct RoundChain {
     /// starts), kept unchecked and taken when their height starts, against its committee: the
     /// committee changes from one height to the next, so they cannot be judged before.
     ahead: Vec<ConsensusMessage<RoundClose>>,
+    /// Encoded bytes of `ahead`.
+    ahead_bytes: usize,
 }
 
 impl RoundChain {
@@ -243,6 +249,7 @@ impl RoundChain {
             give_up_ms,
             ahead_seen: None,
             ahead: Vec::new(),
+            ahead_bytes: 0,
         }
     }
 
@@ -369,6 +376,7 @@ impl RoundChain {
             .filter(|m| m.height() >= round)
             .partition(|m| m.height() == round);
         self.ahead = later;
+        self.ahead_bytes = self.ahead.iter().map(|m| m.to_bytes().len()).sum();
         for message in now_due {
             if let Ok(more) = self
                 .engine
@@ -414,7 +422,12 @@ impl RoundChain {
     fn keep_ahead(&mut self, message: ConsensusMessage<RoundClose>) {
         let author = message.author();
         let height = message.height();
-        if self.ahead.len() >= MAX_AHEAD_MESSAGES
+        let bytes = message.to_bytes().len();
+        let too_far =
+            self.applied.is_some() && height > self.engine.height().saturating_add(AHEAD_HEIGHTS);
+        if too_far
+            || self.ahead.len() >= MAX_AHEAD_MESSAGES
+            || self.ahead_bytes.saturating_add(bytes) > MAX_AHEAD_BYTES
             || self.ahead.contains(&message)
             || self.ahead.iter().filter(|m| m.author() == author).count() >= MAX_AHEAD_PER_AUTHOR
         {
@@ -426,6 +439,7 @@ impl RoundChain {
         {
             self.ahead_seen = Some(self.ahead_seen.map_or(height, |seen| seen.max(height)));
         }
+        self.ahead_bytes += bytes;
         self.ahead.push(message);
     }
 
@@ -1139,5 +1153,59 @@ mod tests {
         chain.on_message(outsider, 30).expect("kept");
         chain.start(close(4, 0, &[0, 1], 0), members, 40);
         assert_eq!(chain.height(), 3, "height 3 is still in progress");
+    }
+
+    #[test]
+    fn messages_kept_for_later_heights_are_bounded() {
+        let mut chain = RoundChain::new(key(0), JOB, config());
+        // One author's flood before any height started: at most 16 of its messages.
+        for round in 0..100u32 {
+            let vote = ConsensusMessage::<RoundClose>::signed_vote_in(
+                Some(&JOB),
+                &key(1),
+                VoteKind::Prevote,
+                2,
+                round,
+                None,
+            );
+            chain.on_message(vote, 0).expect("kept or dropped");
+        }
+        assert_eq!(chain.ahead.len(), MAX_AHEAD_PER_AUTHOR);
+        // Many authors' large proposals: at most MAX_AHEAD_BYTES in all.
+        for author in 2..=200u8 {
+            let proposal = ConsensusMessage::signed_proposal_in(
+                Some(&JOB),
+                &key(author),
+                2,
+                0,
+                None,
+                close(
+                    2,
+                    author,
+                    &[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15],
+                    0,
+                ),
+            );
+            chain.on_message(proposal, 0).expect("kept or dropped");
+        }
+        assert!(chain.ahead_bytes <= MAX_AHEAD_BYTES);
+        assert!(chain.ahead.len() <= MAX_AHEAD_MESSAGES);
+        // Once a height runs, messages far beyond it are not kept.
+        let members: BTreeSet<PeerKey> = [0u8, 1]
+            .iter()
+            .map(|k| key(*k).verifying_key().to_bytes())
+            .collect();
+        chain.start(close(3, 0, &[0, 1], 0), members, 0);
+        let kept = chain.ahead.len();
+        let far = ConsensusMessage::<RoundClose>::signed_vote_in(
+            Some(&JOB),
+            &key(3),
+            VoteKind::Prevote,
+            3 + AHEAD_HEIGHTS + 1,
+            0,
+            None,
+        );
+        chain.on_message(far, 0).expect("dropped");
+        assert_eq!(chain.ahead.len(), kept);
     }
 }
