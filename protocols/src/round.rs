@@ -1468,17 +1468,8 @@ impl RoundEngine {
             .filter(|(_, a)| a.digest() == Some(digest))
             .max_by(|(ha, a), (hb, b)| a.authors.len().cmp(&b.authors.len()).then(hb.cmp(ha)))
             .map(|(hash, _)| *hash)?;
-        let (head_round, head_hash) = self.branch_head(round, model_hash)?;
-        if self
-            .decided_targets_tried
-            .contains(&(head_round, head_hash))
-        {
-            return None;
-        }
-        let action = self.resync_to(head_round, head_hash)?;
-        remember_tried(&mut self.decided_targets_tried, (head_round, head_hash));
-        self.resync_pending = true;
-        self.counters.resyncs += 1;
+        let head = self.branch_head(round, model_hash)?;
+        let action = self.resync_once(head, |engine| &mut engine.decided_targets_tried)?;
         self.counters.chain_resyncs += 1;
         Some(action)
     }
@@ -1616,6 +1607,23 @@ impl RoundEngine {
         })
     }
 
+    /// A resync onto the announced model `target` (round, model hash), unless it is in the list
+    /// of targets `tried` picks: each target is tried once. Marks the resync pending.
+    fn resync_once(
+        &mut self,
+        target: (u64, ModelHash),
+        tried: fn(&mut Self) -> &mut Vec<(u64, ModelHash)>,
+    ) -> Option<Action> {
+        if tried(self).contains(&target) {
+            return None;
+        }
+        let action = self.resync_to(target.0, target.1)?;
+        remember_tried(tried(self), target);
+        self.resync_pending = true;
+        self.counters.resyncs += 1;
+        Some(action)
+    }
+
     /// How many contributors announced `model_hash` after `round`, never counting this peer.
     /// Contributors are the last round's and those with a signed commitment for the open round
     /// or the next: an announcement costs nothing to make up, a commitment is signed work.
@@ -1698,12 +1706,10 @@ impl RoundEngine {
         if self.support(round, &model_hash) < own_support {
             return None;
         }
-        let resync = self.resync_to(round, model_hash)?;
-        remember_tried(&mut self.tip_targets_tried, (round, model_hash));
+        let resync =
+            self.resync_once((round, model_hash), |engine| &mut engine.tip_targets_tried)?;
         // The models of this peer's branch from the tip's round on are not the job's.
         self.my_hashes.retain(|r, _| *r < tip_round);
-        self.resync_pending = true;
-        self.counters.resyncs += 1;
         self.counters.ledger_resyncs += 1;
         self.counters.hash_mismatches += 1;
         Some(resync)
@@ -1806,21 +1812,12 @@ impl RoundEngine {
         if now_ms < since + self.settle_ms() {
             return None;
         }
-        let (head_round, head_hash) = self.branch_head(round, best)?;
-        if self
-            .majority_targets_tried
-            .contains(&(head_round, head_hash))
-        {
-            return None;
-        }
-        let resync = self.resync_to(head_round, head_hash)?;
-        remember_tried(&mut self.majority_targets_tried, (head_round, head_hash));
+        let head = self.branch_head(round, best)?;
+        let resync = self.resync_once(head, |engine| &mut engine.majority_targets_tried)?;
         self.majority_elsewhere_since = None;
         // This peer's branch from that round on is abandoned.
         self.my_hashes.retain(|r, _| *r < round);
         self.electorate.retain(|r, _| *r <= round);
-        self.resync_pending = true;
-        self.counters.resyncs += 1;
         self.counters.majority_resyncs += 1;
         Some(resync)
     }

@@ -635,6 +635,24 @@ mod tests {
         }
     }
 
+    /// A prevote by `signer` in the instance `chain` (`None`: the ledger's).
+    fn prevote(
+        chain: Option<&JobId>,
+        signer: u8,
+        height: u64,
+        round: u32,
+        value: Option<BlobHash>,
+    ) -> ConsensusMessage<RoundClose> {
+        ConsensusMessage::signed_vote_in(
+            chain,
+            &key(signer),
+            VoteKind::Prevote,
+            height,
+            round,
+            value,
+        )
+    }
+
     fn members(keys: &[u8]) -> Committee {
         keys.iter()
             .map(|k| key(*k).verifying_key().to_bytes())
@@ -868,38 +886,17 @@ mod tests {
             .collect();
         chain.start(applied.clone(), committee, 0);
         let other_job = [8; 32];
-        let foreign = ConsensusMessage::<RoundClose>::signed_vote_in(
-            Some(&other_job),
-            &key(1),
-            VoteKind::Prevote,
-            1,
-            0,
-            Some(applied.hash()),
-        );
+        let foreign = prevote(Some(&other_job), 1, 1, 0, Some(applied.hash()));
         assert!(matches!(
             chain.on_message(foreign, 0),
             Err(ConsensusError::BadSignature(_))
         ));
-        let ledger = ConsensusMessage::<RoundClose>::signed_vote_in(
-            None,
-            &key(1),
-            VoteKind::Prevote,
-            1,
-            0,
-            Some(applied.hash()),
-        );
+        let ledger = prevote(None, 1, 1, 0, Some(applied.hash()));
         assert!(matches!(
             chain.on_message(ledger, 0),
             Err(ConsensusError::BadSignature(_))
         ));
-        let own = ConsensusMessage::<RoundClose>::signed_vote_in(
-            Some(&JOB),
-            &key(1),
-            VoteKind::Prevote,
-            1,
-            0,
-            Some(applied.hash()),
-        );
+        let own = prevote(Some(&JOB), 1, 1, 0, Some(applied.hash()));
         assert!(chain.on_message(own, 0).is_ok());
     }
 
@@ -971,14 +968,7 @@ mod tests {
         );
         assert!(chain.poll(100).is_empty());
         // A member's vote of height 3: the members moved on, and so does this peer.
-        let vote = ConsensusMessage::<RoundClose>::signed_vote_in(
-            Some(&JOB),
-            &key(1),
-            VoteKind::Prevote,
-            3,
-            0,
-            None,
-        );
+        let vote = prevote(Some(&JOB), 1, 3, 0, None);
         chain.on_message(vote, 200).expect("a member's vote");
         assert_eq!(chain.height(), 3, "height 2 skipped: the members are at 3");
         // More applied rounds than the queue holds: the oldest are dropped, and once height 3
@@ -1113,14 +1103,7 @@ mod tests {
         chain.start(close(2, 0, &[0, 1], 0), members.clone(), 0);
         // The members are at height 3 (this peer never ran their height 2's decision) before
         // this peer applied round 3.
-        let vote = ConsensusMessage::<RoundClose>::signed_vote_in(
-            Some(&JOB),
-            &key(1),
-            VoteKind::Prevote,
-            3,
-            0,
-            None,
-        );
+        let vote = prevote(Some(&JOB), 1, 3, 0, None);
         chain.on_message(vote, 10).expect("kept");
         assert_eq!(chain.height(), 2);
         chain.start(close(3, 0, &[0, 1], 0), members.clone(), 20);
@@ -1130,26 +1113,12 @@ mod tests {
             "no need to wait for height 2 to be given up"
         );
         // A message of a later height from a non-member, or with a bad signature, does not.
-        let mut forged = ConsensusMessage::<RoundClose>::signed_vote_in(
-            Some(&JOB),
-            &key(1),
-            VoteKind::Prevote,
-            4,
-            0,
-            None,
-        );
+        let mut forged = prevote(Some(&JOB), 1, 4, 0, None);
         if let ConsensusMessage::Vote { signature, .. } = &mut forged {
             signature[0] ^= 1;
         }
         chain.on_message(forged, 30).expect("kept");
-        let outsider = ConsensusMessage::<RoundClose>::signed_vote_in(
-            Some(&JOB),
-            &key(9),
-            VoteKind::Prevote,
-            4,
-            0,
-            None,
-        );
+        let outsider = prevote(Some(&JOB), 9, 4, 0, None);
         chain.on_message(outsider, 30).expect("kept");
         chain.start(close(4, 0, &[0, 1], 0), members, 40);
         assert_eq!(chain.height(), 3, "height 3 is still in progress");
@@ -1160,14 +1129,7 @@ mod tests {
         let mut chain = RoundChain::new(key(0), JOB, config());
         // One author's flood before any height started: at most 16 of its messages.
         for round in 0..100u32 {
-            let vote = ConsensusMessage::<RoundClose>::signed_vote_in(
-                Some(&JOB),
-                &key(1),
-                VoteKind::Prevote,
-                2,
-                round,
-                None,
-            );
+            let vote = prevote(Some(&JOB), 1, 2, round, None);
             chain.on_message(vote, 0).expect("kept or dropped");
         }
         assert_eq!(chain.ahead.len(), MAX_AHEAD_PER_AUTHOR);
@@ -1197,14 +1159,7 @@ mod tests {
             .collect();
         chain.start(close(3, 0, &[0, 1], 0), members, 0);
         let kept = chain.ahead.len();
-        let far = ConsensusMessage::<RoundClose>::signed_vote_in(
-            Some(&JOB),
-            &key(3),
-            VoteKind::Prevote,
-            3 + AHEAD_HEIGHTS + 1,
-            0,
-            None,
-        );
+        let far = prevote(Some(&JOB), 3, 3 + AHEAD_HEIGHTS + 1, 0, None);
         chain.on_message(far, 0).expect("dropped");
         assert_eq!(chain.ahead.len(), kept);
     }

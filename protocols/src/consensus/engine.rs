@@ -456,13 +456,7 @@ impl<V: ConsensusValue> ConsensusEngine<V> {
             ) => {
                 let value = BlockValue::new(block);
                 if !self.seen_proposals.contains(&(round, value.hash())) {
-                    let bytes = chain_proposal_bytes(
-                        self.io.config.chain(),
-                        height,
-                        round,
-                        pol_round,
-                        &value.hash(),
-                    );
+                    let bytes = self.proposal_bytes(height, round, pol_round, &value.hash());
                     if !self.io.check(&author, bytes, &signature.0) {
                         return Err(ConsensusError::BadSignature(author));
                     }
@@ -490,6 +484,17 @@ impl<V: ConsensusValue> ConsensusEngine<V> {
         }
         self.replay_pending(validate);
         Ok(self.take_actions())
+    }
+
+    /// The bytes a proposer of this instance signs for (`height`, `round`, `pol_round`, value).
+    fn proposal_bytes(
+        &self,
+        height: u64,
+        round: u32,
+        pol_round: Option<u32>,
+        hash: &BlobHash,
+    ) -> Vec<u8> {
+        chain_proposal_bytes(self.io.config.chain(), height, round, pol_round, hash)
     }
 
     /// Proposals of the current height kept from before it started, validated now with
@@ -725,13 +730,7 @@ impl<V: ConsensusValue> ConsensusEngine<V> {
                 }
                 self.io.remember(
                     signature.0,
-                    chain_proposal_bytes(
-                        self.io.config.chain(),
-                        height,
-                        round,
-                        pol_round,
-                        &value.hash(),
-                    ),
+                    self.proposal_bytes(height, round, pol_round, &value.hash()),
                 );
                 self.apply_proposal(round, pol_round, author, value, signature, valid);
             }
@@ -854,13 +853,7 @@ impl<V: ConsensusValue> ConsensusEngine<V> {
             // Verified when it was kept.
             self.io.remember(
                 signature.0,
-                chain_proposal_bytes(
-                    self.io.config.chain(),
-                    height,
-                    round,
-                    pol_round,
-                    &value.hash(),
-                ),
+                self.proposal_bytes(height, round, pol_round, &value.hash()),
             );
             self.feed_proposal(round, pol_round, proposer, value, signature, validate);
         }
