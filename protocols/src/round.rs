@@ -818,13 +818,7 @@ impl RoundEngine {
             }
             contributions.push((c, signed.clone()));
         }
-        // A contribution this peer first hears of in a close is remembered like a commitment.
-        for (c, _) in &contributions {
-            self.remember_blob(c.blob_hash, c.round, c.author);
-        }
-        contributions.sort_by_key(|(c, _)| c.author);
-        let (contributions, signed): (Vec<Commitment>, Vec<SignedCommitment>) =
-            contributions.into_iter().unzip();
+        let (contributions, signed) = self.take_contributions(contributions);
         if close.refused.len() > self.config.max_contributors
             || close
                 .refused
@@ -1426,6 +1420,20 @@ impl RoundEngine {
         self.poll(now_ms, have)
     }
 
+    /// A close's verified contributions, as this peer takes them: each remembered like a
+    /// commitment (one first heard of in a close included), sorted by author, split into the
+    /// commitments and their signed form.
+    fn take_contributions(
+        &mut self,
+        mut contributions: Vec<(Commitment, SignedCommitment)>,
+    ) -> (Vec<Commitment>, Vec<SignedCommitment>) {
+        for (c, _) in &contributions {
+            self.remember_blob(c.blob_hash, c.round, c.author);
+        }
+        contributions.sort_by_key(|(c, _)| c.author);
+        contributions.into_iter().unzip()
+    }
+
     /// A decided close as this peer's close of the current round: its commitments verified (a
     /// decision needs a quorum that applied it, so contributions this peer refused are taken).
     fn accepted_from_decided(&mut self, close: &RoundClose) -> Option<AcceptedClose> {
@@ -1437,12 +1445,7 @@ impl RoundEngine {
             }
             contributions.push((c, signed.clone()));
         }
-        for (c, _) in &contributions {
-            self.remember_blob(c.blob_hash, c.round, c.author);
-        }
-        contributions.sort_by_key(|(c, _)| c.author);
-        let (contributions, signed): (Vec<Commitment>, Vec<SignedCommitment>) =
-            contributions.into_iter().unzip();
+        let (contributions, signed) = self.take_contributions(contributions);
         Some(AcceptedClose {
             proposer: close.proposer,
             rank: 0,

@@ -653,6 +653,13 @@ mod tests {
         )
     }
 
+    /// The index of the test peer whose key is `peer`.
+    fn index_of(peer: &PeerKey) -> usize {
+        (0..=u8::MAX)
+            .position(|i| key(i).verifying_key().to_bytes() == *peer)
+            .expect("a test peer")
+    }
+
     fn members(keys: &[u8]) -> Committee {
         keys.iter()
             .map(|k| key(*k).verifying_key().to_bytes())
@@ -796,9 +803,7 @@ mod tests {
         let mut net = Net::new(4);
         let applied = close(3, 0, &[0, 1, 2, 3], 0);
         let first = members(&[0, 1, 2, 3]).proposer(3, 0).expect("members");
-        let dead = (0..4u8)
-            .position(|i| key(i).verifying_key().to_bytes() == first)
-            .expect("a member coordinates");
+        let dead = index_of(&first);
         net.up[dead] = false;
         for i in (0..4).filter(|i| *i != dead) {
             net.start(i, applied.clone(), &[0, 1, 2, 3]);
@@ -1024,9 +1029,7 @@ mod tests {
         let mut net = Net::new(4);
         let applied = close(2, 0, &[0, 1, 2, 3], 0);
         let coordinator = members(&[0, 1, 2, 3]).proposer(2, 0).expect("members");
-        let first = (0..4u8)
-            .position(|i| key(i).verifying_key().to_bytes() == coordinator)
-            .expect("a member coordinates");
+        let first = index_of(&coordinator);
         net.start(first, applied.clone(), &[0, 1, 2, 3]);
         // Delivered now, to peers that have started nothing.
         let early: Vec<_> = net.inbox.drain(..).collect();
@@ -1068,9 +1071,7 @@ mod tests {
         net.run(60_000);
         assert!((0..4).all(|i| net.chains[i].decided(1).is_some()));
         net.decided = vec![None; 4];
-        let first = (0..4u8)
-            .position(|i| key(i).verifying_key().to_bytes() == coordinator)
-            .expect("a member coordinates");
+        let first = index_of(&coordinator);
         let applied = close(2, 0, &[0, 1, 2], 0);
         net.start(first, applied.clone(), &[0, 1, 2]);
         let early: Vec<_> = net.inbox.drain(..).collect();
