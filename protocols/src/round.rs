@@ -1392,10 +1392,8 @@ impl RoundEngine {
                 self.counters.chain_overruled += 1;
                 self.decided_off = Some((round, decided_digest(&close)));
             }
-            if self.decided_mine(round) && self.divergence.is_some_and(|(at, _, _)| at == round) {
-                self.divergence = None;
-            }
-            return self.poll(now_ms, have);
+            // A resync onto the decided branch, if needed, comes with the next poll.
+            return Vec::new();
         }
         if round > self.current || self.applying {
             // Checked against the close this peer applies, once applied.
