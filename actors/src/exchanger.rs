@@ -330,6 +330,10 @@ pub struct RoundReport {
     /// The round chain's decisions that came since the report before.
     #[serde(default)]
     pub decisions: Vec<ChainDecision>,
+    /// Replays and copies refused since the report before, for rounds whose report had already
+    /// gone out (their commitment came late): each names its round.
+    #[serde(default)]
+    pub late_refused: Vec<LateRefusal>,
     /// After a resync: the rounds of the loaded model's announced lineage, newest first, with
     /// the model and the accepted-set digest most of their announcers gave. This peer votes for
     /// them on the ledger as it trusted the model.
@@ -350,6 +354,17 @@ impl RoundReport {
             .find(|(author, _)| author == peer)
             .map(|(_, signed)| signed)
     }
+}
+
+/// A contribution refused after its round's report went out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LateRefusal {
+    /// The round it was committed for.
+    pub round: u64,
+    /// Hex key of its author.
+    pub author: String,
+    /// Why it was refused.
+    pub reason: String,
 }
 
 /// A decision of the job's round chain, as this peer learned it.
@@ -818,6 +833,20 @@ impl ExchangerState {
                 // Closed and being applied: its report is still being filled.
                 &mut self.report
             } else {
+                // The round's report is gone: the refusal goes with the next one, naming its
+                // round (bounded like the refusals of a round).
+                let late = &mut self.report.late_refused;
+                if late.len() < self.args.plan.round.max_contributors
+                    && !late
+                        .iter()
+                        .any(|l| l.round == round && l.author == hex(&author))
+                {
+                    late.push(LateRefusal {
+                        round,
+                        author: hex(&author),
+                        reason,
+                    });
+                }
                 continue;
             };
             let author_hex = hex(&author);
@@ -1447,6 +1476,7 @@ impl ExchangerState {
         self.report.audits.clear();
         self.report.adopted.clear();
         self.report.decisions.clear();
+        self.report.late_refused.clear();
         if report.finished {
             self.final_applied_ms = Some(unix_ms());
         }

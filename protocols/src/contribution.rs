@@ -107,10 +107,16 @@ impl SignedCommitment {
         signed.verify()
     }
 
+    /// The commitment as its body claims it, bounds-checked, without checking the signature:
+    /// for comparing commitments already verified ([`SignedCommitment::verify`]).
+    pub fn claimed(&self) -> Result<Commitment, ContributionRejected> {
+        Ok(decode_bounded(&self.body, MAX_COMMITMENT_BYTES)?)
+    }
+
     /// Bounds-checks and verifies an already decoded commitment (e.g. one inside a larger
     /// message, whose own decoding was bounded).
     pub fn verify(&self) -> Result<Commitment, ContributionRejected> {
-        let commitment: Commitment = decode_bounded(&self.body, MAX_COMMITMENT_BYTES)?;
+        let commitment = self.claimed()?;
         let key = VerifyingKey::from_bytes(&commitment.author)
             .map_err(|_| ContributionRejected::BadKey)?;
         let signature = Signature::from_slice(&self.signature)

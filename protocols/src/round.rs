@@ -1276,6 +1276,21 @@ impl RoundEngine {
             }
             self.my_hashes.retain(|r, _| *r <= round);
         }
+        // A decided round the loaded model's announced lineage disagrees with (the resync went
+        // by another rule than the decision): back onto the decided branch.
+        let off = self
+            .decided
+            .keys()
+            .rev()
+            .copied()
+            .filter(|at| *at <= round)
+            .find(|at| self.off_decision(*at));
+        if let Some(at) = off
+            && let Some(decided) = self.decided.get(&at)
+        {
+            self.counters.chain_overruled += 1;
+            self.decided_off = Some((at, decided_digest(decided)));
+        }
     }
 
     /// The resync could not be completed (the snapshot was unavailable or bad).
@@ -1335,6 +1350,29 @@ impl RoundEngine {
             .map_or(0, |keys| self.rank_among(round, peer, keys.iter()))
     }
 
+    /// Whether this peer's model is off the round chain's decision of `round`: it applied
+    /// another close, or it loaded a model whose announcers give another accepted set for that
+    /// round (a resync that went elsewhere before or after the decision came).
+    fn off_decision(&self, round: u64) -> bool {
+        let Some(decided) = self.decided.get(&round) else {
+            return false;
+        };
+        if let Some(applied) = self.applied_closes.get(&round) {
+            return close_content(applied) != close_content(decided);
+        }
+        let Some(lineage) = self
+            .my_hashes
+            .get(&self.current.saturating_sub(1))
+            .map(|head| self.announced_lineage(self.current.saturating_sub(1), *head))
+        else {
+            return false;
+        };
+        lineage
+            .iter()
+            .find(|(at, _, _)| *at == round)
+            .is_some_and(|(_, _, digest)| *digest != decided_digest(decided))
+    }
+
     /// Whether the round chain decided the close this peer applied in `round`.
     fn decided_mine(&self, round: u64) -> bool {
         match (self.decided.get(&round), self.applied_closes.get(&round)) {
@@ -1386,9 +1424,7 @@ impl RoundEngine {
             // The decided close's proposer is the round's: a better-ranked close heard later
             // no longer pulls this peer.
             self.proposers.insert(round, close.proposer);
-            if let Some(applied) = self.applied_closes.get(&round)
-                && close_content(applied) != close_content(&close)
-            {
+            if self.off_decision(round) {
                 self.counters.chain_overruled += 1;
                 self.decided_off = Some((round, decided_digest(&close)));
             }
@@ -3007,6 +3043,58 @@ mod tests {
                 .expect("ignored")
                 .is_empty()
         );
+    }
+
+    /// A peer that loaded a model by another rule (here: a joiner taking the newest state) whose
+    /// announced lineage gives another accepted set for a decided round moves to the decided
+    /// branch, whether the decision came before or after the load.
+    #[test]
+    fn a_loaded_model_off_a_decided_round_is_left_for_the_decided_branch() {
+        let (a, b, c, d) = (key(1), key(2), key(3), key(4));
+        let (pa, pb, pc) = (
+            a.verifying_key().to_bytes(),
+            b.verifying_key().to_bytes(),
+            c.verifying_key().to_bytes(),
+        );
+        let all = |_: &BlobHash| true;
+        let decided = close_of(2, &b, &[&a, &b, &c]);
+        let decided_digest = crate::ledger::accepted_digest([pa, pb, pc].iter());
+        let other_digest = crate::ledger::accepted_digest([pa, pb].iter());
+        for decision_first in [true, false] {
+            let me = d.verifying_key().to_bytes();
+            let mut engine = RoundEngine::new(config(), JOB, me, 0, true);
+            // Round 2's two branches: [20] from {a, b} (announced by b), [30] from {a, b, c}
+            // (announced by c).
+            for (hash, digest, author) in
+                [([20; 32], other_digest, pb), ([30; 32], decided_digest, pc)]
+            {
+                let mut state = model_state(2, hash, hash, 100, author);
+                state.parent_hash = [1; 32];
+                state.accepted_digest = digest;
+                engine.on_state(state, author).expect("valid");
+            }
+            if decision_first {
+                engine.on_decided(decided.clone(), 0, &all);
+            }
+            // Loaded [20] (the rule that chose it does not matter here).
+            engine.resynced(2, [20; 32]);
+            if !decision_first {
+                engine.on_decided(decided.clone(), 0, &all);
+            }
+            match engine.poll(0, &all).as_slice() {
+                [
+                    Action::Resync {
+                        round: 2,
+                        model_hash,
+                        ..
+                    },
+                ] => assert_eq!(*model_hash, [30; 32], "decision first: {decision_first}"),
+                other => panic!("decision first: {decision_first}: {other:?}"),
+            }
+            engine.resynced(2, [30; 32]);
+            assert!(engine.poll(0, &all).is_empty(), "on the decided branch");
+            assert_eq!(engine.counters().chain_resyncs, 1);
+        }
     }
 
     /// Once the round chain decided the close this peer applied, a better-ranked close of the

@@ -103,12 +103,14 @@ pub fn close_is_well_formed(close: &RoundClose) -> bool {
 }
 
 /// What a close aggregates: its accepted (author, blob) pairs, sorted. Two closes of a round
-/// with the same content yield the same model from the same start.
+/// with the same content yield the same model from the same start. The commitments are read as
+/// claimed, not verified again: this compares closes whose signatures were checked
+/// ([`close_is_well_formed`], the round engine).
 pub fn close_content(close: &RoundClose) -> Vec<(PeerKey, BlobHash)> {
     let mut content: Vec<(PeerKey, BlobHash)> = close
         .commitments
         .iter()
-        .filter_map(|signed: &SignedCommitment| signed.verify().ok())
+        .filter_map(|signed: &SignedCommitment| signed.claimed().ok())
         .map(|c| (c.author, c.blob_hash))
         .collect();
     content.sort_unstable();
@@ -204,6 +206,8 @@ pub struct RoundChain {
     job_id: JobId,
     /// The close this peer applied at the height being decided.
     applied: Option<RoundClose>,
+    /// Its content ([`close_content`]), what a valid proposal must aggregate.
+    applied_content: std::sync::Arc<Vec<(PeerKey, BlobHash)>>,
     /// Decided rounds (newest [`DECIDED_ROUNDS`]), with the consensus round they were decided in.
     decided: BTreeMap<u64, u32>,
     /// Coordinators skipped (consensus rounds above 0 started) so far.
@@ -240,6 +244,7 @@ impl RoundChain {
             engine: ConsensusEngine::new(key, config.with_chain(job_id)),
             job_id,
             applied: None,
+            applied_content: Default::default(),
             decided: BTreeMap::new(),
             coordinator_changes: 0,
             proposals: BTreeMap::new(),
@@ -359,6 +364,7 @@ impl RoundChain {
         let round = applied.round;
         self.started_ms = now_ms;
         self.ahead_seen = None;
+        self.applied_content = std::sync::Arc::new(close_content(&applied));
         self.applied = Some(applied);
         self.proposals.clear();
         self.precommits.clear();
@@ -527,10 +533,10 @@ impl RoundChain {
     /// Whether a proposed close is valid here: the one this peer applied at the height, by
     /// content (its accepted authors and blobs).
     fn validity(&self) -> impl FnMut(&RoundClose) -> bool + use<> {
-        let mine = self.applied.as_ref().map(close_content);
+        let mine = self.applied.is_some().then(|| self.applied_content.clone());
         let job_id = self.job_id;
         move |close: &RoundClose| {
-            close.job_id == job_id && mine.as_ref().is_some_and(|m| *m == close_content(close))
+            close.job_id == job_id && mine.as_ref().is_some_and(|m| **m == close_content(close))
         }
     }
 

@@ -980,8 +980,18 @@ pub async fn run(config: ByzantineConfig) -> Result<ByzantineOutcome, ByzantineE
     };
     let mut reasons = BTreeSet::new();
     let misbehaving_from = config.misbehaviour.map_or(u64::MAX, |m| m.first_round());
+    // Refusals of commitments that came after their round's report went out, by round.
+    let mut late_refused: BTreeMap<u64, Vec<&str>> = BTreeMap::new();
+    for late in peers[0].seen.iter().flat_map(|r| r.late_refused.iter()) {
+        late_refused
+            .entry(late.round)
+            .or_default()
+            .push(late.author.as_str());
+    }
     for (&round, report) in reference.iter().filter(|(r, _)| **r > 0) {
-        let refused_authors: Vec<&str> = report.refused.iter().map(|r| r.author.as_str()).collect();
+        let mut refused_authors: Vec<&str> =
+            report.refused.iter().map(|r| r.author.as_str()).collect();
+        refused_authors.extend(late_refused.get(&round).into_iter().flatten());
         outcome.honest_refusals += honest_hex
             .iter()
             .filter(|h| refused_authors.contains(&h.as_str()))
@@ -1472,8 +1482,11 @@ pub fn document(shapes: &[Vec<ByzantineOutcome>], rounds: u64, audit: f64) -> St
          Columns: *detected in its round* counts the rounds in which every byzantine \
          contribution was refused with a reason in that same round (for the forged signature: \
          the forged commitments refused), over the rounds the peer misbehaved in as seen by the \
-         first honest peer (the bar is 80 %: in the other rounds the byzantine commitment \
-         reached that peer only after the round had closed without it); *refused because* groups the reasons given; *byzantine in model* counts \
+         first honest peer, a replay or copy refused after the round's report went out \
+         included (it names its round; the bar is 80 %: in the other rounds the byzantine \
+         commitment reached that peer only after the round had closed without it, and was not \
+         refused as a copy or replay then); *refused because* groups the reasons given; \
+         *byzantine in model* counts \
          rounds where a byzantine update was aggregated; *honest credits* and *byzantine \
          reputation* come from folding, with the ledger's credit rules, every peer's join of the \
          job's committee, each honest peer's vote on each round it applied, and one \
