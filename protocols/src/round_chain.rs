@@ -24,11 +24,15 @@
 //!   peer that has not closed the round yet applies the decided close; other closes of a decided
 //!   round are refused.
 //!
-//! A member starts height `r` once it applied round `r`, so the coordinator has its close at
-//! hand and the height takes one exchange of votes, not a training round. A height still
-//! undecided when the peer applies the next round is left: the fast path's other menders
-//! (majority, ledger tip) remain behind it. Peers outside the committee follow the chain without
-//! voting, and learn its decisions too.
+//! A member starts height `r` once it applied round `r` and the height before is settled, so the
+//! coordinator has its close at hand and the height takes one exchange of votes, not a training
+//! round. Settled means decided, passed by the members (a member's signed message of a later
+//! height this peer applied), or given up after four proposal timeouts; applied rounds wait in a
+//! short queue meanwhile. A height given up leaves the round to the fast path's other menders
+//! (majority, ledger tip). Messages of later heights are kept (bounded) and judged against their
+//! own height's committee when it starts. Peers outside the committee, and members that applied
+//! another close, learn a decision from its proposal and a quorum of precommits, as a catching-up
+//! replica would.
 //!
 //! Votes and proposals are signed with the job id in their domain
 //! ([`crate::ledger::chain_vote_bytes`]): a member's vote in one job, or on the ledger, never
