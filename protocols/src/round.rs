@@ -755,9 +755,11 @@ impl RoundEngine {
         if close.proposer != sender {
             return Err(RoundRejected::BadClose("proposer is not the sender"));
         }
-        // The round chain decided this round: no other close of it is taken.
+        // The round chain decided this round: no other close of it is taken (unless the decided
+        // one lists a contribution this peer refused: it never takes that one).
         if let Some(decided) = self.decided.get(&close.round)
             && close_content(decided) != close_content(&close)
+            && !self.refuses_any(decided)
         {
             return Ok(Vec::new());
         }
@@ -804,16 +806,7 @@ impl RoundEngine {
             }
             // A contribution this peer refused (a replay, a copy) does not make it into the
             // model through a close: the next-ranked proposer's close is taken instead.
-            let refused_here = self
-                .refused
-                .get(&close.round)
-                .is_some_and(|r| r.contains_key(&c.author))
-                || self
-                    .excluded
-                    .get(&c.author)
-                    .is_some_and(|(through, _)| close.round <= *through)
-                || self.prior_blob(&c).is_some();
-            if refused_here {
+            if self.refuses(&c) {
                 return Err(RoundRejected::BadClose("lists a refused contribution"));
             }
             contributions.push((c, signed.clone()));
@@ -1220,6 +1213,7 @@ impl RoundEngine {
             };
             if let Some(decided) = self.decided.get(&round)
                 && close_content(decided) != close_content(&applied)
+                && !self.refuses_any(decided)
             {
                 self.counters.chain_overruled += 1;
                 self.decided_off = Some((round, decided_digest(decided)));
@@ -1357,6 +1351,10 @@ impl RoundEngine {
         let Some(decided) = self.decided.get(&round) else {
             return false;
         };
+        // A decided close listing a contribution this peer refused is not followed.
+        if self.refuses_any(decided) {
+            return false;
+        }
         if let Some(applied) = self.applied_closes.get(&round) {
             return close_content(applied) != close_content(decided);
         }
@@ -1454,6 +1452,28 @@ impl RoundEngine {
         self.poll(now_ms, have)
     }
 
+    /// Whether this peer refused the contribution `c` (a replay, a copy, an excluded author's),
+    /// so that no close, decided or not, brings it into this peer's model.
+    fn refuses(&self, c: &Commitment) -> bool {
+        self.refused
+            .get(&c.round)
+            .is_some_and(|r| r.contains_key(&c.author))
+            || self
+                .excluded
+                .get(&c.author)
+                .is_some_and(|(through, _)| c.round <= *through)
+            || self.prior_blob(c).is_some()
+    }
+
+    /// Whether `close` lists a contribution this peer refused.
+    fn refuses_any(&self, close: &RoundClose) -> bool {
+        close
+            .commitments
+            .iter()
+            .filter_map(|signed| signed.claimed().ok())
+            .any(|c| self.refuses(&c))
+    }
+
     /// A close's verified contributions, as this peer takes them: each remembered like a
     /// commitment (one first heard of in a close included), sorted by author, split into the
     /// commitments and their signed form.
@@ -1468,13 +1488,14 @@ impl RoundEngine {
         contributions.into_iter().unzip()
     }
 
-    /// A decided close as this peer's close of the current round: its commitments verified (a
-    /// decision needs a quorum that applied it, so contributions this peer refused are taken).
+    /// A decided close as this peer's close of the current round: its commitments verified, and
+    /// none this peer refused (a peer that refused a copy or a replay never takes it, decided or
+    /// not: it then stays with the fast path's rules for the round).
     fn accepted_from_decided(&mut self, close: &RoundClose) -> Option<AcceptedClose> {
         let mut contributions = Vec::with_capacity(close.commitments.len());
         for signed in &close.commitments {
             let c = signed.verify().ok()?;
-            if c.job_id != self.job_id || c.round != close.round {
+            if c.job_id != self.job_id || c.round != close.round || self.refuses(&c) {
                 return None;
             }
             contributions.push((c, signed.clone()));
@@ -3043,6 +3064,52 @@ mod tests {
                 .expect("ignored")
                 .is_empty()
         );
+    }
+
+    /// A decided close listing a copy this peer refused is neither taken nor followed: no close,
+    /// decided or not, brings a contribution this peer refused into its model.
+    #[test]
+    fn a_decided_close_listing_a_refused_copy_is_not_taken() {
+        let (a, b, c) = (key(1), key(2), key(3));
+        let pa = a.verifying_key().to_bytes();
+        let all = |_: &BlobHash| true;
+        let mut engine = RoundEngine::new(config(), JOB, pa, 0, true);
+        apply_round(&mut engine, 1, &a, &[&a, &b, &c], [1; 32]);
+        let original = commit(JOB, 2, &b, &[2, 2]);
+        let copy = commit(JOB, 2, &c, &[2, 2]);
+        engine.on_commit(original.clone(), 0).expect("b's own");
+        assert!(
+            engine.on_commit(copy.clone(), 0).is_err(),
+            "refused as a copy"
+        );
+        let mine = commit(JOB, 2, &a, &[2, 1]);
+        let decided = RoundClose {
+            job_id: JOB,
+            round: 2,
+            proposer: c.verifying_key().to_bytes(),
+            commitments: vec![mine.clone(), copy],
+            refused: Vec::new(),
+        };
+        let actions = engine.on_decided(decided, 0, &all);
+        assert!(
+            !actions.iter().any(|a| matches!(a, Action::Apply { .. })),
+            "{actions:?}"
+        );
+        // The fast path's close of the round is still taken, and the decision not followed.
+        let close = RoundClose {
+            job_id: JOB,
+            round: 2,
+            proposer: b.verifying_key().to_bytes(),
+            commitments: vec![mine, original],
+            refused: Vec::new(),
+        };
+        let actions = engine
+            .on_close(close, b.verifying_key().to_bytes(), &all, 0)
+            .expect("valid");
+        assert!(actions.iter().any(|a| matches!(a, Action::Apply { .. })));
+        engine.applied(2, [2; 32]);
+        assert!(engine.poll(0, &all).is_empty());
+        assert_eq!(engine.counters().chain_overruled, 0);
     }
 
     /// A peer that loaded a model by another rule (here: a joiner taking the newest state) whose
