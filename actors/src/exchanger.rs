@@ -1464,13 +1464,7 @@ impl ExchangerState {
         report.ledger_resyncs = counters.ledger_resyncs;
         report.divergences_refused = counters.divergences_refused;
         report.majority_resyncs = counters.majority_resyncs;
-        report.chain_decided = counters.chain_decided;
-        report.chain_overruled = counters.chain_overruled;
-        report.chain_resyncs = counters.chain_resyncs;
-        report.chain_coordinator_changes = self
-            .chain
-            .as_ref()
-            .map_or(0, RoundChain::coordinator_changes);
+        self.chain_counters_into(&mut report);
         report.ledger_round = self.engine.ledger_tip().map(|(round, _)| round);
         report.finished = round >= self.args.plan.rounds;
         self.report.audits.clear();
@@ -1617,6 +1611,18 @@ impl ExchangerState {
         let _ = self.args.reports.try_send(report);
     }
 
+    /// The round chain's counters so far, into `report`.
+    fn chain_counters_into(&self, report: &mut RoundReport) {
+        let counters = self.engine.counters();
+        report.chain_decided = counters.chain_decided;
+        report.chain_overruled = counters.chain_overruled;
+        report.chain_resyncs = counters.chain_resyncs;
+        report.chain_coordinator_changes = self
+            .chain
+            .as_ref()
+            .map_or(0, RoundChain::coordinator_changes);
+    }
+
     /// Once this peer applied `round` with a close: the round chain's height `round` starts,
     /// with the round's committee (the contributors of the round before), when it is known.
     fn start_chain_height(&mut self, myself: &ActorRef<ExchangerMsg>, round: u64) {
@@ -1725,14 +1731,7 @@ impl ExchangerState {
         }
         if let Some(mut report) = self.final_report.take() {
             // The round chain's decisions known by now (the last round's included).
-            let counters = self.engine.counters();
-            report.chain_decided = counters.chain_decided;
-            report.chain_overruled = counters.chain_overruled;
-            report.chain_resyncs = counters.chain_resyncs;
-            report.chain_coordinator_changes = self
-                .chain
-                .as_ref()
-                .map_or(0, RoundChain::coordinator_changes);
+            self.chain_counters_into(&mut report);
             if let Some(consensus_round) = self.chain.as_ref().and_then(|c| c.decided(round)) {
                 report.decided_in_consensus_round = Some(consensus_round);
             }

@@ -444,13 +444,29 @@ pub fn verify_certificate(
     certificate: &QuorumCertificate,
     committee: &BTreeSet<PeerKey>,
 ) -> Result<(), LedgerError> {
-    let hash = block.hash();
-    if certificate.height != block.height || certificate.block_hash != hash {
-        return Err(LedgerError::CertificateMismatch {
-            height: block.height,
-        });
+    verify_certificate_in(None, block.height, &block.hash(), certificate, committee)
+}
+
+/// Checks a certificate of the consensus instance `chain` (`None`: the ledger's) for the value
+/// `value_hash` decided at `height`: it names them, and holds valid precommits of a quorum of
+/// distinct members of `committee`.
+pub fn verify_certificate_in(
+    chain: Option<&BlobHash>,
+    height: u64,
+    value_hash: &BlobHash,
+    certificate: &QuorumCertificate,
+    committee: &BTreeSet<PeerKey>,
+) -> Result<(), LedgerError> {
+    if certificate.height != height || certificate.block_hash != *value_hash {
+        return Err(LedgerError::CertificateMismatch { height });
     }
-    let message = precommit_bytes(block.height, certificate.round, &hash);
+    let message = chain_vote_bytes(
+        chain,
+        VoteKind::Precommit,
+        height,
+        certificate.round,
+        Some(value_hash),
+    );
     let voters: BTreeSet<&PeerKey> = certificate
         .votes
         .iter()
@@ -460,7 +476,7 @@ pub fn verify_certificate(
     let needed = quorum(committee.len());
     if voters.len() < needed {
         return Err(LedgerError::NoQuorum {
-            height: block.height,
+            height,
             valid: voters.len(),
             committee: committee.len(),
             needed,

@@ -50,7 +50,7 @@ use crate::{
     },
     contribution::{BlobHash, SignedCommitment},
     encode,
-    ledger::{QuorumCertificate, VoteKind, chain_vote_bytes},
+    ledger::{QuorumCertificate, VoteKind, verify_certificate_in},
     round::{JobId, MAX_TRAIN_MESSAGE_BYTES, RoundClose},
 };
 
@@ -130,40 +130,15 @@ pub fn certificate_decides(
     certificate: &QuorumCertificate,
     committee: &Committee,
 ) -> bool {
-    let hash = close.hash();
-    if close.job_id != *job_id
-        || certificate.height != close.round
-        || certificate.block_hash != hash
-    {
-        return false;
-    }
-    let message = chain_vote_bytes(
-        Some(job_id),
-        VoteKind::Precommit,
-        close.round,
-        certificate.round,
-        Some(&hash),
-    );
-    let voters: BTreeSet<&PeerKey> = certificate
-        .votes
-        .iter()
-        .filter(|(member, signature)| {
-            committee.contains(member) && verify_signature(member, &message, signature)
-        })
-        .map(|(member, _)| member)
-        .collect();
-    voters.len() >= committee.quorum()
-}
-
-/// ed25519 (strict) verification of `signature` by `key` over `message`.
-fn verify_signature(key: &PeerKey, message: &[u8], signature: &[u8]) -> bool {
-    let (Ok(key), Ok(signature)) = (
-        ed25519_dalek::VerifyingKey::from_bytes(key),
-        ed25519_dalek::Signature::from_slice(signature),
-    ) else {
-        return false;
-    };
-    key.verify_strict(message, &signature).is_ok()
+    close.job_id == *job_id
+        && verify_certificate_in(
+            Some(job_id),
+            close.round,
+            &close.hash(),
+            certificate,
+            &committee.to_set(),
+        )
+        .is_ok()
 }
 
 /// What the host must do for the round chain.
@@ -234,8 +209,8 @@ pub struct RoundChain {
     /// Messages of heights above the one in progress (or of any height before the first
     /// starts), kept unchecked and taken when their height starts, against its committee: the
     /// committee changes from one height to the next, so they cannot be judged before.
-    ahead: Vec<ConsensusMessage<RoundClose>>,
-    /// Encoded bytes of `ahead`.
+    ahead: Vec<(ConsensusMessage<RoundClose>, usize)>,
+    /// Encoded bytes of `ahead` (each message's are kept beside it).
     ahead_bytes: usize,
 }
 
@@ -313,13 +288,13 @@ impl RoundChain {
         }
         // Members' messages of this height that came before it was applied here show the
         // members already run it.
-        let members_there = self.ahead.iter().any(|m| {
+        let members_there = self.ahead.iter().any(|(m, _)| {
             m.height() == round
                 && committee.contains(&m.author())
                 && m.verify_signature(Some(&self.job_id))
         });
         if members_there && round > self.engine.height() {
-            self.ahead_seen = Some(self.ahead_seen.map_or(round, |seen| seen.max(round)));
+            self.members_at(round);
         }
         self.queued.insert(round, (applied, committee));
         while self.queued.len() > QUEUED_HEIGHTS {
@@ -383,11 +358,11 @@ impl RoundChain {
         let mut validate = self.validity();
         let (now_due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.ahead)
             .into_iter()
-            .filter(|m| m.height() >= round)
-            .partition(|m| m.height() == round);
+            .filter(|(m, _)| m.height() >= round)
+            .partition(|(m, _)| m.height() == round);
         self.ahead = later;
-        self.ahead_bytes = self.ahead.iter().map(|m| m.to_bytes().len()).sum();
-        for message in now_due {
+        self.ahead_bytes = self.ahead.iter().map(|(_, bytes)| bytes).sum();
+        for (message, _) in now_due {
             if let Ok(more) = self
                 .engine
                 .handle_message(message.clone(), now_ms, &mut validate)
@@ -427,6 +402,11 @@ impl RoundChain {
         Ok(out)
     }
 
+    /// A member's signed message showed the members at `height`, above the one in progress.
+    fn members_at(&mut self, height: u64) {
+        self.ahead_seen = Some(self.ahead_seen.map_or(height, |seen| seen.max(height)));
+    }
+
     /// Keeps a message of a later height (bounded in all and per author). One signed by a member
     /// of a height this peer applied and queued shows the members moved on to it.
     fn keep_ahead(&mut self, message: ConsensusMessage<RoundClose>) {
@@ -438,8 +418,13 @@ impl RoundChain {
         if too_far
             || self.ahead.len() >= MAX_AHEAD_MESSAGES
             || self.ahead_bytes.saturating_add(bytes) > MAX_AHEAD_BYTES
-            || self.ahead.contains(&message)
-            || self.ahead.iter().filter(|m| m.author() == author).count() >= MAX_AHEAD_PER_AUTHOR
+            || self.ahead.iter().any(|(m, _)| *m == message)
+            || self
+                .ahead
+                .iter()
+                .filter(|(m, _)| m.author() == author)
+                .count()
+                >= MAX_AHEAD_PER_AUTHOR
         {
             return;
         }
@@ -447,10 +432,10 @@ impl RoundChain {
             && committee.contains(&author)
             && message.verify_signature(Some(&self.job_id))
         {
-            self.ahead_seen = Some(self.ahead_seen.map_or(height, |seen| seen.max(height)));
+            self.members_at(height);
         }
         self.ahead_bytes += bytes;
-        self.ahead.push(message);
+        self.ahead.push((message, bytes));
     }
 
     /// Counts a verified message of the current height: a proposal's close, a precommit for a
@@ -670,10 +655,15 @@ mod tests {
             .expect("a test peer")
     }
 
-    fn members(keys: &[u8]) -> Committee {
+    /// The keys of the test peers `keys`.
+    fn member_set(keys: &[u8]) -> BTreeSet<PeerKey> {
         keys.iter()
             .map(|k| key(*k).verifying_key().to_bytes())
             .collect()
+    }
+
+    fn members(keys: &[u8]) -> Committee {
+        member_set(keys).into_iter().collect()
     }
 
     fn config() -> ConsensusConfig {
@@ -748,11 +738,7 @@ mod tests {
         }
 
         fn start(&mut self, i: usize, applied: RoundClose, committee: &[u8]) {
-            let committee = committee
-                .iter()
-                .map(|k| key(*k).verifying_key().to_bytes())
-                .collect();
-            let actions = self.chains[i].start(applied, committee, self.now_ms);
+            let actions = self.chains[i].start(applied, member_set(committee), self.now_ms);
             self.handle(i, actions);
         }
 
@@ -895,10 +881,7 @@ mod tests {
     fn votes_of_another_job_or_the_ledger_do_not_count() {
         let mut chain = RoundChain::new(key(0), JOB, config());
         let applied = close(1, 0, &[0, 1], 0);
-        let committee = [0u8, 1, 2, 3]
-            .iter()
-            .map(|k| key(*k).verifying_key().to_bytes())
-            .collect();
+        let committee = member_set(&[0u8, 1, 2, 3]);
         chain.start(applied.clone(), committee, 0);
         let other_job = [8; 32];
         let foreign = prevote(Some(&other_job), 1, 1, 0, Some(applied.hash()));
@@ -937,10 +920,7 @@ mod tests {
     #[test]
     fn a_second_start_at_or_below_the_height_does_nothing() {
         let mut chain = RoundChain::new(key(0), JOB, config());
-        let committee: BTreeSet<PeerKey> = [0u8, 1]
-            .iter()
-            .map(|k| key(*k).verifying_key().to_bytes())
-            .collect();
+        let committee = member_set(&[0u8, 1]);
         assert!(
             !chain
                 .start(close(3, 0, &[0, 1], 0), committee.clone(), 0)
@@ -966,10 +946,7 @@ mod tests {
 
     #[test]
     fn a_height_waits_for_the_one_in_progress_and_a_peer_left_behind_catches_up() {
-        let members: BTreeSet<PeerKey> = [0u8, 1, 2, 3]
-            .iter()
-            .map(|k| key(*k).verifying_key().to_bytes())
-            .collect();
+        let members = member_set(&[0u8, 1, 2, 3]);
         let mut chain = RoundChain::new(key(0), JOB, config());
         chain.start(close(1, 0, &[0, 1], 0), members.clone(), 0);
         assert_eq!(chain.height(), 1);
@@ -1006,16 +983,7 @@ mod tests {
         let mut net = Net::new(4);
         for round in 1..=3 {
             for i in 0..4 {
-                let applied = close(round, 0, &[0, 1, 2, 3], 0);
-                let actions = net.chains[i].start(
-                    applied,
-                    [0u8, 1, 2, 3]
-                        .iter()
-                        .map(|k| key(*k).verifying_key().to_bytes())
-                        .collect(),
-                    net.now_ms,
-                );
-                net.handle(i, actions);
+                net.start(i, close(round, 0, &[0, 1, 2, 3], 0), &[0, 1, 2, 3]);
             }
         }
         // The rounds were applied faster than height 1 decided: each height starts after the
@@ -1106,10 +1074,7 @@ mod tests {
 
     #[test]
     fn a_members_message_before_the_height_was_applied_here_still_moves_the_peer_on() {
-        let members: BTreeSet<PeerKey> = [0u8, 1, 2, 3]
-            .iter()
-            .map(|k| key(*k).verifying_key().to_bytes())
-            .collect();
+        let members = member_set(&[0u8, 1, 2, 3]);
         let mut chain = RoundChain::new(key(0), JOB, config());
         chain.start(close(2, 0, &[0, 1], 0), members.clone(), 0);
         // The members are at height 3 (this peer never ran their height 2's decision) before
@@ -1164,10 +1129,7 @@ mod tests {
         assert!(chain.ahead_bytes <= MAX_AHEAD_BYTES);
         assert!(chain.ahead.len() <= MAX_AHEAD_MESSAGES);
         // Once a height runs, messages far beyond it are not kept.
-        let members: BTreeSet<PeerKey> = [0u8, 1]
-            .iter()
-            .map(|k| key(*k).verifying_key().to_bytes())
-            .collect();
+        let members = member_set(&[0u8, 1]);
         chain.start(close(3, 0, &[0, 1], 0), members, 0);
         let kept = chain.ahead.len();
         let far = prevote(Some(&JOB), 3, 3 + AHEAD_HEIGHTS + 1, 0, None);
